@@ -1,0 +1,41 @@
+"""What every command shares: turning user-facing errors into one line, no traceback."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import typer
+from rich.console import Console
+
+from stages.errors import RaeError
+
+err_console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Run a command; a RaeError (or a bad path) becomes ``error: <message>`` and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RaeError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            err_console.print("interrupted: run the same command again to resume", highlight=False)
+            sys.exit(130)
+
+    return wrapper
+
+
+def build_config(cls, stage: str, preset: str | None, **options):
+    """Config object for ``stage``: options the user gave (not None) win over the preset's values,
+    which win over the dataclass defaults. Paths become strings (configs are written as JSON)."""
+    from pathlib import Path
+
+    from stages.presets import preset_defaults
+
+    merged = preset_defaults(preset, stage)
+    merged.update({k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None})
+    return cls(**merged)

@@ -1,0 +1,44 @@
+"""Describe any rae artifact (latent store, run, sample store, image folder) from its manifest."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from .common import user_errors
+
+
+@user_errors
+def info(path: Path = typer.Argument(..., help="An artifact directory."),
+         as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON.")):
+    """Describe any rae artifact (latent store, run, sample store, image folder) from its manifest."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stages.manifest import read_manifest
+
+    manifest = read_manifest(path, require_complete=False, what="artifact")
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    table = Table(show_header=False, title=f"{path}", title_justify="left")
+    table.add_row("kind", manifest["kind"])
+    table.add_row("complete", "yes" if manifest.get("complete") else "[red]no (interrupted: run its command again)[/]")
+    for key in ("num_entries", "num_valid", "num_images", "latent_shape", "num_samples", "steps", "content_id", "created"):
+        if key in manifest:
+            table.add_row(key.replace("_", " "), str(manifest[key]))
+    if "encoder" in manifest:
+        e = manifest["encoder"]
+        table.add_row("encoder", f"{e['name']} ({e['timm_name']}, input {e['input_size']}, patch {e['patch_size']}, "
+                                 f"width {e['width']}, weights sha256 {e['weights_sha256'][:16]}…"
+                                 + ("" if e.get("pretrained", True) else ", RANDOM weights") + ")")
+    if manifest.get("class_names"):
+        names = manifest["class_names"]
+        table.add_row("classes", f"{len(names)}: " + ", ".join(names[:8]) + (" …" if len(names) > 8 else ""))
+    if manifest.get("skipped_files"):
+        table.add_row("skipped files", str(len(manifest["skipped_files"])))
+    for name, ref in manifest.get("inputs", {}).items():
+        table.add_row(f"input {name}", f"{ref.get('path')} ({ref.get('kind')})")
+    table.add_row("config", json.dumps(manifest.get("config", {}), indent=1))
+    Console().print(table)

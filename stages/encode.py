@@ -1,0 +1,269 @@
+"""``rae encode``: an image folder -> a Zarr latent store with exact statistics.
+
+Each source image is loaded (robustly: anything PIL can read becomes RGB, the rest is skipped and
+listed), ADM-center-cropped to ``image_size`` and run through the frozen encoder; with ``flip``
+its horizontal mirror is encoded too (an encoded mirror, not a mirrored latent). Work proceeds in
+blocks (see ``stages.store``): resumable, shared between ``torchrun`` ranks, and bit-identical to a
+single-process run.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dist
+from .encoders import build_encoder, encoder_identity, spec_for
+from .errors import ArtifactError, RaeError
+from .images import BadImage, list_images, load_crop
+from .manifest import digest_json, has_manifest, input_ref, new_manifest, read_manifest, write_manifest
+from .progress import console, progress
+from .store import CODECS, LatentStore, remove_store
+
+SOURCES = "sources.txt"
+
+
+@dataclass
+class EncodeConfig:
+    data: str
+    out: str
+    encoder: str = "dinov2-b"
+    encoder_weights: str | None = None   # local checkpoint; None = timm pretrained (cache/download)
+    random_init: bool = False            # random encoder weights from `seed` (tests, demonstration)
+    seed: int = 0
+    image_size: int = 256
+    flip: bool = False
+    limit: int | None = None
+    dtype: str = "float16"
+    codec: str = "blosc-lz4"
+    shard_size: int = 64
+    block_size: int = 1024
+    min_size: int = 16
+    precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
+    # Run settings: they do not change the store, so a resume may change them.
+    batch_size: int = 256
+    num_workers: int = 8
+    device: str = "auto"
+    compile: bool = False
+    overwrite: bool = False
+
+    RUN_ONLY = ("batch_size", "num_workers", "device", "compile", "overwrite", "out")
+
+    def identity(self) -> dict:
+        """The fields that define the store's content (compared on resume)."""
+        from .manifest import jsonable
+
+        return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY}
+
+
+def _validate(cfg: EncodeConfig) -> None:
+    spec_for(cfg.encoder)
+    if cfg.image_size not in (256, 512) and cfg.encoder != "dinov2-demo" and not cfg.random_init:
+        raise RaeError(f"--image-size must be 256 or 512 (got {cfg.image_size})")
+    if cfg.dtype not in ("float16", "float32"):
+        raise RaeError(f"--dtype must be float16 or float32 (got {cfg.dtype})")
+    if cfg.codec not in CODECS:
+        raise RaeError(f"--codec must be one of {', '.join(CODECS)} (got {cfg.codec})")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
+    if cfg.shard_size < 2 or cfg.shard_size % 2 or cfg.block_size % cfg.shard_size:
+        raise RaeError("the shard size must be even and divide the block size")
+    if cfg.batch_size < 1:
+        raise RaeError("--batch-size must be at least 1")
+
+
+class _Images(torch.utils.data.Dataset):
+    """Source image i -> (uint8 [S, S, 3] crop, ok flag, reason). Bad files become a flagged zero crop."""
+
+    def __init__(self, root: Path, files: list[str], image_size: int, min_size: int):
+        self.root, self.files, self.size, self.min_size = root, files, image_size, min_size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            return torch.from_numpy(load_crop(self.root / self.files[i], self.size, self.min_size)), True, ""
+        except BadImage as e:
+            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), False, str(e)
+
+
+def _collate(items):
+    images, ok, reasons = zip(*items)
+    return torch.stack(images), torch.tensor(ok), list(reasons)
+
+
+def _entries(n_images: int, flip: bool):
+    """Entry e of the store -> (source image, mirrored?). With flip: 2i is image i, 2i+1 its mirror."""
+    reps = 2 if flip else 1
+    src = np.repeat(np.arange(n_images, dtype=np.int64), reps)
+    flipped = np.tile(np.array([False, True][:reps]), n_images)
+    return src, flipped
+
+
+def _prepare_store(cfg: EncodeConfig, listing, identity: dict, enc_id: dict) -> str:
+    """Rank 0: create, reuse or refuse the output store. Returns "done", "resume" or "new"."""
+    out = Path(cfg.out)
+    wanted = {"config": identity, "encoder": enc_id, "images": listing.content_id()}
+    if out.exists() and has_manifest(out):
+        manifest = read_manifest(out, require_complete=False, what="output store")
+        same = manifest.get("kind") == "latent-store" and manifest.get("identity") == digest_json(wanted)
+        if same and manifest.get("complete"):
+            return "done"
+        if same:
+            return "resume"
+        if not cfg.overwrite:
+            raise ArtifactError(f"{out} was made with a different configuration or input; "
+                                "pass --overwrite to replace it, or choose another --out")
+    if out.exists():
+        if not cfg.overwrite and any(out.iterdir()):
+            raise ArtifactError(f"{out} exists and is not a rae latent store; choose another --out")
+        remove_store(out)
+    n_images = len(listing.files)
+    src, flipped = _entries(n_images, cfg.flip)
+    labels = np.asarray(listing.labels, dtype=np.int64)[src]
+    spec = spec_for(cfg.encoder)
+    attrs = {"encoder": enc_id, "image_size": cfg.image_size, "crop": "adm-center-crop",
+             "class_names": listing.class_names, "num_classes": len(listing.class_names),
+             "flip": cfg.flip, "raw_encoder_space": True}
+    LatentStore.create(out, len(src), spec.latent_shape(cfg.image_size), cfg.dtype, labels, src, flipped,
+                       attrs, shard_size=cfg.shard_size, block_size=cfg.block_size, codec=cfg.codec)
+    (out / SOURCES).write_text("".join(f + "\n" for f in listing.files))
+    manifest = new_manifest("latent-store", cfg, inputs={"images": {"kind": "image-folder", "path": str(listing.root.resolve()),
+                                                                    "content_id": listing.content_id()}},
+                            identity=digest_json(wanted), encoder=enc_id,
+                            latent_shape=list(spec.latent_shape(cfg.image_size)), num_entries=len(src),
+                            num_images=n_images, class_names=listing.class_names, sources_file=SOURCES,
+                            ignored_files=listing.ignored)
+    write_manifest(out, manifest)
+    return "new"
+
+
+def run(cfg: EncodeConfig) -> dict:
+    _validate(cfg)
+    d = dist.init(cfg.device)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    cfg.precision = precision
+    listing = list_images(cfg.data, cfg.limit)
+    encoder, digest = build_encoder(cfg.encoder, cfg.image_size, weights=cfg.encoder_weights,
+                                    pretrained=not cfg.random_init, seed=cfg.seed)
+    enc_id = encoder_identity(cfg.encoder, cfg.image_size, digest, pretrained=not cfg.random_init)
+    identity = cfg.identity()
+
+    state, error = None, None
+    if d.is_main:
+        try:
+            state = _prepare_store(cfg, listing, identity, enc_id)
+        except RaeError as e:
+            error = str(e)
+    state, error = dist.broadcast_object((state, error))
+    if error:
+        raise ArtifactError(error) if not isinstance(error, RaeError) else error
+    out = Path(cfg.out)
+    if state == "done":
+        if d.is_main:
+            console.print(f"{out} is already complete; nothing to do.")
+        return summary(out)
+
+    store = LatentStore(out, mode="r+")
+    my_blocks = dist.shard(store.pending_blocks(), d.rank, d.world)
+    encoder = encoder.to(d.device)
+    if cfg.compile:
+        encoder = torch.compile(encoder)
+    src = np.asarray(store.source_index[:])
+    flipped = np.asarray(store.flipped[:])
+    reps = 2 if cfg.flip else 1
+
+    # Batches never cross a block boundary, so results do not depend on how blocks are shared out.
+    images_per_batch = max(cfg.batch_size // reps, 1)
+    batches, batch_block = [], []
+    for b in my_blocks:
+        imgs = np.unique(src[store.block_range(b).start: store.block_range(b).stop])
+        for s in range(0, len(imgs), images_per_batch):
+            batches.append(imgs[s: s + images_per_batch].tolist())
+            batch_block.append(b)
+    dataset = _Images(listing.root, listing.files, cfg.image_size, cfg.min_size)
+    workers = cfg.num_workers if len(batches) > 1 else 0
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=_collate, pin_memory=d.device.type == "cuda",
+                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    writer = cf.ThreadPoolExecutor(max_workers=2)
+    pending: list[cf.Future] = []
+    total = sum(len(store.block_range(b)) for b in my_blocks)
+    t0 = time.time()
+    label = "encode" if d.world == 1 else f"encode (rank {d.rank}/{d.world})"
+    block_lat, block_ok, block_skipped, current = [], [], [], None
+
+    def flush(b):
+        lat = np.concatenate(block_lat)
+        ok = np.concatenate(block_ok)
+        info = {"skipped": block_skipped[:]}
+        pending.append(writer.submit(store.write_block, b, lat, ok, info))
+        while len(pending) > 2:  # bound memory: at most a couple of blocks in flight
+            pending.pop(0).result()
+
+    with progress(total, label, unit="img") as advance:
+        for (images, ok, reasons), b, img_ids in zip(loader, batch_block, batches):
+            if current is not None and b != current:
+                flush(current)
+                block_lat, block_ok, block_skipped = [], [], []
+            current = b
+            for i, good, why in zip(img_ids, ok.tolist(), reasons):
+                if not good:
+                    block_skipped.append([listing.files[i], why])
+                    console.print(f"[yellow]warning:[/] skipping {listing.files[i]}: {why}", highlight=False)
+            x = images.to(d.device, non_blocking=True).permute(0, 3, 1, 2)
+            if cfg.flip:  # entries 2i, 2i+1: the image, then its mirror (encoded as an image)
+                x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
+                ok = ok.repeat_interleave(2)
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                z = encoder(x)
+            block_lat.append(z.to(torch.float16 if cfg.dtype == "float16" else torch.float32).cpu().numpy())
+            block_ok.append(ok.numpy())
+            advance(len(x))
+        if current is not None:
+            flush(current)
+        for f in pending:
+            f.result()
+    writer.shutdown()
+    elapsed = time.time() - t0
+    dist.barrier()
+    if d.is_main:
+        _finalize(store, out)
+    dist.barrier()
+    result = summary(out)
+    result["seconds"] = elapsed
+    result["images_per_second"] = total / elapsed if elapsed > 0 else 0.0
+    return result
+
+
+def _finalize(store: LatentStore, out: Path) -> None:
+    missing = store.pending_blocks()
+    if missing:
+        raise ArtifactError(f"{out}: {len(missing)} blocks were not written (a rank failed?); run the command again")
+    skipped = []
+    for b in range(store.num_blocks):
+        skipped += store.block_info(b).get("skipped", [])
+    moments = store.finalize_statistics()
+    store.mark_complete()
+    manifest = read_manifest(out, require_complete=False)
+    manifest["skipped_files"] = skipped
+    manifest["num_valid"] = int(moments.count)
+    manifest["content_id"] = digest_json({"identity": manifest["identity"], "count": moments.count,
+                                          "statistics": hashlib.sha256(moments.mean.tobytes() + moments.var.tobytes()).hexdigest()})
+    manifest["complete"] = True
+    write_manifest(out, manifest)
+
+
+def summary(out: Path) -> dict:
+    manifest = read_manifest(out, kind="latent-store", what="latent store")
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file() and "/latents/" in str(p))
+    return {"store": str(out), "entries": manifest["num_entries"], "valid": manifest["num_valid"],
+            "skipped": manifest["skipped_files"], "latent_shape": manifest["latent_shape"],
+            "bytes_per_entry": size / max(manifest["num_entries"], 1), "encoder": manifest["encoder"]["name"]}

@@ -1,0 +1,130 @@
+"""The frozen representation encoders of RAE, built through timm.
+
+Recipe (PIPELINE.md section 2, and the reference code's ``encode``): the 256x256 crop is resized
+bicubic (no antialiasing, as ``F.interpolate`` in the reference) to the encoder's input size,
+normalised with the encoder's mean/std, the ViT runs, its final LayerNorm is applied *without* its
+affine weight and bias, the prefix tokens (CLS, registers) are dropped, and the remaining tokens
+are laid out as a [C, h, w] grid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import RaeError
+from .weights import create_timm_model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    timm_name: str          # registry name with pretrained tag
+    patch_size: int
+    width: int
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    input_scale: float = 1.0  # encoder input size = image size * input_scale (DINOv2: 224/256)
+    timm_kwargs: dict = field(default_factory=dict)  # architecture overrides (tiny test/demo models)
+
+    def input_size(self, image_size: int) -> int:
+        size = round(image_size * self.input_scale)
+        if size % self.patch_size:
+            raise RaeError(f"image size {image_size} gives encoder input {size}, not a multiple of "
+                           f"the patch size {self.patch_size}")
+        return size
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        g = self.input_size(image_size) // self.patch_size
+        return (self.width, g, g)
+
+
+_DINO = dict(input_scale=224 / 256)
+ENCODERS: dict[str, EncoderSpec] = {
+    # DINOv2 with 4 registers: 256 px images -> 224 input -> 16x16 tokens (512 -> 448 -> 32x32).
+    "dinov2-s": EncoderSpec("vit_small_patch14_reg4_dinov2.lvd142m", 14, 384, **_DINO),
+    "dinov2-b": EncoderSpec("vit_base_patch14_reg4_dinov2.lvd142m", 14, 768, **_DINO),
+    "dinov2-l": EncoderSpec("vit_large_patch14_reg4_dinov2.lvd142m", 14, 1024, **_DINO),
+    # SigLIP2-B/16 at 256 (no CLS token), mean/std 0.5.
+    "siglip2-b": EncoderSpec("vit_base_patch16_siglip_256.v2_webli", 16, 768, mean=HALF, std=HALF),
+    # MAE-B/16 at 256 input (the 224 position embedding resampled to 16x16), no masking.
+    "mae-b": EncoderSpec("vit_base_patch16_224.mae", 16, 768),
+    # The demonstration encoder: the DINOv2-with-registers architecture at a small width, random
+    # weights from a fixed seed. Real code path, not a real representation.
+    "dinov2-demo": EncoderSpec("vit_small_patch14_reg4_dinov2.lvd142m", 14, 96, **_DINO,
+                               timm_kwargs=dict(embed_dim=96, depth=4, num_heads=4)),
+}
+
+
+def spec_for(name: str) -> EncoderSpec:
+    if name not in ENCODERS:
+        raise RaeError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODERS)}")
+    return ENCODERS[name]
+
+
+class Encoder(nn.Module):
+    """A frozen timm ViT turned into an RAE encoder: uint8 or [0, 1] images -> [B, C, h, w] latents."""
+
+    def __init__(self, vit: nn.Module, spec: EncoderSpec, image_size: int):
+        super().__init__()
+        self.spec = spec
+        self.image_size = image_size
+        self.input_size = spec.input_size(image_size)
+        self.grid = self.input_size // spec.patch_size
+        self.vit = vit
+        # The final LayerNorm without its affine: RAE's latents are the normalised features.
+        norm = vit.norm
+        vit.norm = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
+        self.num_prefix = getattr(vit, "num_prefix_tokens", 0)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # always frozen, always in eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
+        x = (x - self.mean) / self.std
+        tokens = self.vit.forward_features(x)[:, self.num_prefix:]
+        b, n, c = tokens.shape
+        g = int(math.isqrt(n))
+        return tokens.transpose(1, 2).reshape(b, c, g, g)
+
+
+def build_encoder(name: str, image_size: int = 256, weights: str | None = None, pretrained: bool = True,
+                  seed: int = 0) -> tuple[Encoder, str]:
+    """Build encoder ``name`` for ``image_size`` images. Returns ``(encoder, weights sha256)``.
+
+    ``weights``: a local checkpoint file; else the timm pretrained weights (cache or download);
+    ``pretrained=False``: random weights from ``seed`` (tests and the demonstration preset).
+    """
+    spec = spec_for(name)
+    kwargs = dict(img_size=spec.input_size(image_size), num_classes=0, **spec.timm_kwargs)
+    if not pretrained and weights is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vit, digest = create_timm_model(spec.timm_name, pretrained=False, **kwargs)
+    else:
+        vit, digest = create_timm_model(spec.timm_name, weights=weights, pretrained=True,
+                                        flag="--encoder-weights", **kwargs)
+    return Encoder(vit, spec, image_size), digest
+
+
+def encoder_identity(name: str, image_size: int, digest: str, pretrained: bool) -> dict:
+    """What a store records about its encoder, and what later stages check against."""
+    spec = spec_for(name)
+    c, h, w = spec.latent_shape(image_size)
+    return dict(name=name, timm_name=spec.timm_name, weights_sha256=digest, pretrained=pretrained,
+                input_size=spec.input_size(image_size), patch_size=spec.patch_size, width=c,
+                latent_shape=[c, h, w], mean=list(spec.mean), std=list(spec.std))

@@ -1,0 +1,132 @@
+"""Image folders in, uint8 crops out: listing, robust loading and the ADM center crop."""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import RaeError
+
+# Decompression-bomb guard stays on, but at a size real photographs never reach.
+Image.MAX_IMAGE_PIXELS = 400_000_000
+
+
+@dataclass
+class ImageList:
+    root: Path
+    files: list[str]           # paths relative to root, sorted
+    labels: list[int]          # class index (sorted folder names, as torchvision's ImageFolder) or -1
+    class_names: list[str]     # empty for a flat folder
+    ignored: list[str]         # files at the root of a class-layout folder (not part of any class)
+
+    def content_id(self) -> str:
+        """Digest of the file list with sizes: a changed folder is detected on resume."""
+        h = hashlib.sha256()
+        for rel in self.files:
+            h.update(f"{rel}\t{os.path.getsize(self.root / rel)}\n".encode())
+        return h.hexdigest()
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+    return sorted(out)
+
+
+def list_images(root: str | os.PathLike, limit: int | None = None) -> ImageList:
+    """List an ImageNet-layout folder (one subfolder per class) or a flat folder (unlabelled).
+
+    Every visible file counts; those that turn out not to be images are skipped at load time with
+    a warning. ``limit`` keeps ``limit`` files evenly spread over the sorted list (so a subset of
+    ImageNet still covers every class).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise RaeError(f"input folder does not exist: {root}")
+    if not root.is_dir():
+        raise RaeError(f"input is not a folder: {root}")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files, labels, ignored = [], [], []
+    if subdirs:
+        class_names = [d.name for d in subdirs]
+        for idx, d in enumerate(subdirs):
+            for f in _visible_files(d):
+                files.append(str(f.relative_to(root)))
+                labels.append(idx)
+        ignored = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    else:
+        class_names = []
+        for f in _visible_files(root):
+            files.append(str(f.relative_to(root)))
+            labels.append(-1)
+    if not files:
+        raise RaeError(f"no files found in {root} (expected images, in class subfolders or flat)")
+    if limit is not None and 0 < limit < len(files):
+        keep = np.unique(np.linspace(0, len(files) - 1, limit).round().astype(np.int64))
+        files = [files[i] for i in keep]
+        labels = [labels[i] for i in keep]
+    return ImageList(root=root, files=files, labels=labels, class_names=class_names, ignored=sorted(ignored))
+
+
+class BadImage(Exception):
+    """A file that cannot be turned into an RGB image; the message says why (one line)."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit and 32-bit integer greyscale are rescaled, not clipped;
+    alpha is dropped (as torchvision's loader does, which the reference pipeline uses)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        img = Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_rgb(path: str | os.PathLike, min_size: int = 16) -> Image.Image:
+    """Open, fully decode and convert one image; raise BadImage (one-line reason) if impossible."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's EXIF / palette chatter
+            with Image.open(path) as im:
+                im.load()
+                img = to_rgb(im)
+    except UnidentifiedImageError:
+        raise BadImage("not an image (or an unsupported format)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadImage(f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if min(img.size) < min_size:
+        raise BadImage(f"too small ({img.size[0]}x{img.size[1]}, need at least {min_size} px per side)")
+    return img
+
+
+def center_crop_arr(img: Image.Image, image_size: int) -> np.ndarray:
+    """The ADM center crop (DiT, ADM and the RAE reference use it): halve with a box filter while
+    the short side is at least twice the target, resize the short side to the target with bicubic,
+    then cut the central square. Returns uint8 [image_size, image_size, 3]."""
+    while min(*img.size) >= 2 * image_size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = image_size / min(*img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size].copy()
+
+
+def load_crop(path: str | os.PathLike, image_size: int, min_size: int = 16) -> np.ndarray:
+    return center_crop_arr(load_rgb(path, min_size=min_size), image_size)

@@ -1,0 +1,108 @@
+"""``manifest.json``: what an artifact is, how it was made, from what, and whether it is finished.
+
+Every artifact directory carries one. It is written atomically (temporary file + rename), and an
+artifact counts as finished only once its manifest says ``"complete": true`` — the last write of a
+stage — so a killed run never leaves something that looks complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+KINDS = ("latent-store", "sample-store", "decoder-run", "diffusion-run", "image-folder", "eval")
+
+
+def jsonable(obj: Any) -> Any:
+    """Dataclasses, paths and tuples -> plain JSON values (configs go into manifests as they are)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    return obj
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def digest_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()
+
+
+def new_manifest(kind: str, config: Any, inputs: dict[str, dict] | None = None, **extra: Any) -> dict:
+    assert kind in KINDS, kind
+    from . import __version__
+
+    return {
+        "kind": kind,
+        "format_version": FORMAT_VERSION,
+        "rae_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+        "config": jsonable(config),
+        "inputs": inputs or {},
+        **jsonable(extra),
+    }
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    atomic_write_json(Path(directory) / MANIFEST, manifest)
+
+
+def has_manifest(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def read_manifest(directory: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
+                  require_complete: bool = True, what: str = "input") -> dict:
+    """Read and check a manifest; every problem is one ArtifactError line naming the path."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.exists():
+        raise ArtifactError(f"{what} not found: {directory}")
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not a rae artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from None
+    if not isinstance(manifest, dict) or "kind" not in manifest:
+        raise ArtifactError(f"{path} is not a rae manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ArtifactError(f"{directory} was written by a newer rae (format {manifest['format_version']}); upgrade rae")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds and manifest["kind"] not in kinds:
+        raise ArtifactError(f"{directory} is a {manifest['kind']}, but this {what} must be a {' or '.join(kinds)}")
+    if require_complete and not manifest.get("complete", False):
+        raise ArtifactError(f"{directory} is unfinished (its stage was interrupted): run the command that made it again to complete it")
+    return manifest
+
+
+def input_ref(directory: str | os.PathLike, manifest: dict) -> dict:
+    """How an artifact names one of its inputs: kind, absolute path and content id."""
+    return {"kind": manifest["kind"], "path": str(Path(directory).resolve()),
+            "content_id": manifest.get("content_id")}

@@ -1,0 +1,237 @@
+"""The latent store: a Zarr v3 group holding latents in raw encoder space, and how it is written.
+
+Layout (PIPELINE.md section 3)::
+
+    STORE.zarr/
+      manifest.json          kind, config, inputs, completion (written last)
+      zarr.json              group attributes: encoder identity, image size, crop rule, class names
+      latents   [N, C, h, w] float16 (or float32), shards of ``shard_size`` samples, one sample per
+                             inner chunk (a random read touches one chunk), Blosc-compressed
+      labels    [N] int64    class index, -1 when unlabelled
+      source_index [N] int64 which source file (index into the manifest's file list)
+      flipped   [N] bool     horizontally mirrored copy of that source
+      valid     [N] bool     False where the source could not be read (listed in the manifest)
+      mean, var [C, h, w] float32   exact statistics over the valid entries (float64 accumulation)
+      .blocks/               per-block completion markers with partial statistics (removed when done)
+
+Work is done in *blocks* of ``block_size`` entries, each written by one process: a block is
+finished exactly when its marker exists, so a killed run resumes at the first missing block and
+``torchrun`` ranks never write the same file. Statistics are accumulated per shard in float64 and
+merged in index order (Chan et al.'s parallel update), so they do not depend on the number of
+processes, the batch size or the order in which blocks were finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArtifactError
+from .manifest import atomic_write_text, has_manifest, read_manifest
+
+CODECS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
+DEFAULT_CODEC = "blosc-lz4"
+
+
+def make_codec(name: str, itemsize: int):
+    """Compressor for the latents. Measured choice (README): Blosc LZ4 with bit-shuffle."""
+    import zarr.codecs as zc
+
+    if name == "blosc-lz4":
+        return zc.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=itemsize)
+    if name == "blosc-zstd":
+        return zc.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=itemsize)
+    if name == "zstd":
+        return zc.ZstdCodec(level=1)
+    if name == "none":
+        return None
+    raise ArtifactError(f"unknown codec '{name}'; choose one of: {', '.join(CODECS)}")
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations, float64 — mergeable exactly and in any grouping."""
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @staticmethod
+    def of(x: np.ndarray) -> "Moments":
+        x = x.astype(np.float64)
+        if len(x) == 0:
+            return Moments(0, np.zeros(x.shape[1:]), np.zeros(x.shape[1:]))
+        mean = x.sum(axis=0) / len(x)
+        return Moments(len(x), mean, ((x - mean) ** 2).sum(axis=0))
+
+    def merge(self, other: "Moments") -> "Moments":
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta ** 2 * (self.count * other.count / n)
+        return Moments(n, mean, m2)
+
+    @property
+    def var(self) -> np.ndarray:  # population variance, as the reference's statistics
+        return self.m2 / max(self.count, 1)
+
+
+class LatentStore:
+    """Open a store directory. ``mode="r"`` for readers, ``"r+"`` for the stage that fills it."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+        import zarr
+
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise ArtifactError(f"{self.path} is not a latent store (no zarr.json)")
+        self.group = zarr.open_group(str(self.path), mode=mode)
+        self.latents = self.group["latents"]
+        self.labels = self.group["labels"]
+        self.source_index = self.group["source_index"]
+        self.flipped = self.group["flipped"]
+        self.valid = self.group["valid"]
+        self.attrs = dict(self.group.attrs)
+        self.block_size = int(self.attrs["block_size"])
+        self.shard_size = int(self.attrs["shard_size"])
+
+    # ---- creation -----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, n: int, latent_shape: tuple[int, int, int], dtype: str,
+               labels: np.ndarray, source_index: np.ndarray, flipped: np.ndarray, attrs: dict,
+               shard_size: int = 64, block_size: int = 1024, codec: str = DEFAULT_CODEC,
+               extra_arrays: dict[str, np.ndarray] | None = None) -> "LatentStore":
+        import zarr
+
+        if block_size % shard_size:
+            raise ArtifactError(f"block size {block_size} must be a multiple of the shard size {shard_size}")
+        path = Path(path)
+        group = zarr.open_group(str(path), mode="w")
+        group.attrs.update({**attrs, "shard_size": shard_size, "block_size": block_size, "complete": False})
+        c, h, w = latent_shape
+        np_dtype = np.dtype(dtype)
+        group.create_array("latents", shape=(n, c, h, w), dtype=np_dtype, chunks=(1, c, h, w),
+                           shards=(shard_size, c, h, w), compressors=make_codec(codec, np_dtype.itemsize),
+                           fill_value=0)
+        per_entry = {"labels": labels.astype(np.int64), "source_index": source_index.astype(np.int64),
+                     "flipped": flipped.astype(bool), **(extra_arrays or {})}
+        for name, values in per_entry.items():
+            arr = group.create_array(name, shape=(n,), dtype=values.dtype, chunks=(max(min(n, 1 << 16), 1),),
+                                     fill_value=0)
+            arr[:] = values
+        # One chunk per block: each block's validity is written by the single process that owns it.
+        group.create_array("valid", shape=(n,), dtype=bool, chunks=(block_size,), fill_value=False)
+        (path / ".blocks").mkdir(exist_ok=True)
+        return cls(path, mode="r+")
+
+    # ---- blocks (the unit of work, resume and distribution) ----------------------------------
+    @property
+    def n(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.latents.shape[1:])
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.n // self.block_size)
+
+    def block_range(self, b: int) -> range:
+        return range(b * self.block_size, min((b + 1) * self.block_size, self.n))
+
+    def _marker(self, b: int) -> Path:
+        return self.path / ".blocks" / f"{b:08d}.json"
+
+    def block_done(self, b: int) -> bool:
+        return self._marker(b).is_file()
+
+    def pending_blocks(self) -> list[int]:
+        return [b for b in range(self.num_blocks) if not self.block_done(b)]
+
+    def write_block(self, b: int, latents: np.ndarray, valid: np.ndarray, info: dict | None = None) -> None:
+        """Write one whole block, then its partial statistics, then its marker (the commit point)."""
+        rng = self.block_range(b)
+        assert latents.shape[0] == len(rng) == len(valid)
+        latents = latents.astype(self.latents.dtype, copy=False)
+        self.latents[rng.start: rng.stop] = latents
+        self.valid[rng.start: rng.stop] = valid
+        # Statistics of what is stored (after the cast to the store's dtype), per shard, in order.
+        moments = Moments.of(latents[:0].reshape(0, *self.latent_shape))
+        for s in range(0, len(rng), self.shard_size):
+            part = latents[s: s + self.shard_size][valid[s: s + self.shard_size]]
+            moments = moments.merge(Moments.of(part))
+        np.savez(self.path / ".blocks" / f"{b:08d}.npz", count=np.int64(moments.count), mean=moments.mean, m2=moments.m2)
+        atomic_write_text(self._marker(b), json.dumps({"block": b, "valid": int(valid.sum()), **(info or {})}))
+
+    def block_info(self, b: int) -> dict:
+        return json.loads(self._marker(b).read_text())
+
+    def finalize_statistics(self) -> Moments:
+        """Merge the blocks' partial statistics in block order into ``mean``/``var`` [C, h, w] float32."""
+        total = Moments(0, np.zeros(self.latent_shape), np.zeros(self.latent_shape))
+        for b in range(self.num_blocks):
+            with np.load(self.path / ".blocks" / f"{b:08d}.npz") as z:
+                total = total.merge(Moments(int(z["count"]), z["mean"], z["m2"]))
+        if total.count == 0:
+            raise ArtifactError(f"{self.path}: no valid entries, statistics undefined")
+        for name, value in (("mean", total.mean), ("var", total.var)):
+            arr = self.group.create_array(name, shape=self.latent_shape, dtype=np.float32,
+                                          chunks=self.latent_shape, overwrite=True)
+            arr[:] = value.astype(np.float32)
+        # Keep the float64 values too: the store can say exactly what it computed.
+        np.savez(self.path / "statistics_float64.npz", count=np.int64(total.count), mean=total.mean, var=total.var)
+        return total
+
+    def mark_complete(self) -> None:
+        self.group.attrs["complete"] = True
+        shutil.rmtree(self.path / ".blocks", ignore_errors=True)
+
+    # ---- reading ------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.group.attrs.get("complete", False))
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        if "mean" not in self.group:
+            raise ArtifactError(f"{self.path} has no statistics (unfinished store)")
+        return np.asarray(self.group["mean"][:]), np.asarray(self.group["var"][:])
+
+    def valid_indices(self) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.valid[:]))
+
+    def read(self, indices) -> np.ndarray:
+        """Latents at ``indices`` (sorted or not), one inner chunk per entry."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) == 0:
+            return np.zeros((0, *self.latent_shape), dtype=self.latents.dtype)
+        if np.all(np.diff(idx) == 1):
+            return np.asarray(self.latents[int(idx[0]): int(idx[-1]) + 1])
+        order = np.argsort(idx, kind="stable")
+        out = np.empty((len(idx), *self.latent_shape), dtype=self.latents.dtype)
+        out[order] = np.asarray(self.latents.get_orthogonal_selection((idx[order],)))
+        return out
+
+
+def remove_store(path: str | os.PathLike) -> None:
+    """Delete a store for ``--overwrite``, refusing anything that is not a rae artifact."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if has_manifest(path) or (path.is_dir() and not any(path.iterdir())):
+        shutil.rmtree(path)
+        return
+    raise ArtifactError(f"refusing to overwrite {path}: it exists and is not a rae artifact")
+
+
+def open_complete_store(path: str | os.PathLike, kind: tuple[str, ...] = ("latent-store", "sample-store")):
+    """For downstream stages: the manifest (checked complete) and the opened store."""
+    manifest = read_manifest(path, kind=kind, what="latent store")
+    return manifest, LatentStore(path, mode="r")

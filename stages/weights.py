@@ -1,0 +1,138 @@
+"""Loading pretrained weights without ever running code from a file.
+
+Every pretrained network rae uses (the representation encoder, the DINO discriminator, the
+LPIPS VGG, the FID Inception) comes through one of two doors:
+
+* a timm registry name, downloaded and cached exactly as timm does (Hugging Face hub cache),
+* an explicit local file (``.safetensors`` or a ``torch.save`` file read with
+  ``weights_only=True``).
+
+When neither works (typically: a machine without network and an empty cache) the caller gets
+a :class:`MissingWeightsError` whose message is one line naming the file and where to put it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import RaeError
+
+
+class MissingWeightsError(RaeError):
+    """Raised when pretrained weights are neither cached nor downloadable nor given as a file."""
+
+
+class WeightsFileError(RaeError):
+    """Raised when a weights file exists but cannot be read (corrupt, truncated, wrong format)."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """Content digest of a state dict (names, dtypes, shapes and bytes), independent of file format."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file or a torch file with ``weights_only=True`` (no code execution).
+
+    Common wrappers (``{"model": ...}``, ``{"state_dict": ...}``, ``{"ema": ...}``) are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, pickled code, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsFileError(f"cannot read weights file {path}: {msg[:200]}") from None
+    for key in ("model", "state_dict", "ema", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsFileError(f"{path} does not hold a flat dictionary of tensors")
+    return state
+
+
+def hf_download_hint(hf_hub_id: str, filename: str = "model.safetensors") -> str:
+    return f"https://huggingface.co/{hf_hub_id}/resolve/main/{filename}"
+
+
+def create_timm_model(timm_name: str, weights: str | os.PathLike | None = None, pretrained: bool = True,
+                      flag: str = "--weights", **timm_kwargs) -> tuple[torch.nn.Module, str | None]:
+    """Build ``timm_name`` and load its pretrained weights; returns ``(model, sha256 of the weights)``.
+
+    ``weights``: a local file (goes through timm's own checkpoint filter, so original DINOv2 /
+    SigLIP / MAE checkpoints and position-embedding resampling work as with a download).
+    ``pretrained=False``: random initialisation (tests, demonstrations); the digest is then of
+    the initialised state dict, so two stores from the same seed still agree.
+    """
+    import timm
+
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise MissingWeightsError(f"weights file not found: {weights}")
+        if weights.suffix != ".safetensors":
+            # timm reads .pth/.bin with weights_only=True itself; check it here for a clear error.
+            load_state_dict_file(weights)
+        try:
+            model = timm.create_model(timm_name, pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=str(weights)), **timm_kwargs)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WeightsFileError(f"cannot load {weights} into timm model {timm_name}: {msg[:300]}") from None
+        return model, sha256_file(weights)
+
+    if not pretrained:
+        model = timm.create_model(timm_name, pretrained=False, **timm_kwargs)
+        return model, sha256_state_dict(model.state_dict())
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+    try:
+        model = timm.create_model(timm_name, pretrained=True, **timm_kwargs)
+    except Exception:
+        where = hf_download_hint(hub_id, filename) if hub_id else f"the timm weights of {timm_name}"
+        raise MissingWeightsError(
+            f"pretrained weights for '{timm_name}' are not cached and cannot be downloaded: fetch {where} "
+            f"and pass it with {flag} FILE (or put it in the Hugging Face cache, $HF_HOME/hub)") from None
+    digest = None
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(hub_id, filename)
+            if isinstance(cached, str) and os.path.isfile(cached):
+                digest = sha256_file(cached)
+        except Exception:
+            digest = None
+    if digest is None:
+        digest = sha256_state_dict(model.state_dict())
+    return model, digest
