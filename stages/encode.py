@@ -156,15 +156,17 @@ def run(cfg: EncodeConfig) -> dict:
     enc_id = encoder_identity(cfg.encoder, cfg.image_size, digest, pretrained=not cfg.random_init)
     identity = cfg.identity()
 
-    state, error = None, None
+    state, error, pending = None, None, []
     if d.is_main:
         try:
             state = _prepare_store(cfg, listing, identity, enc_id)
+            pending = LatentStore(cfg.out).pending_blocks() if state != "done" else []
         except RaeError as e:
             error = str(e)
-    state, error = dist.broadcast_object((state, error))
+    # Rank 0 decides; everyone works from the same list of unfinished blocks.
+    state, error, pending = dist.broadcast_object((state, error, pending))
     if error:
-        raise ArtifactError(error) if not isinstance(error, RaeError) else error
+        raise ArtifactError(error)
     out = Path(cfg.out)
     if state == "done":
         if d.is_main:
@@ -172,7 +174,7 @@ def run(cfg: EncodeConfig) -> dict:
         return summary(out)
 
     store = LatentStore(out, mode="r+")
-    my_blocks = dist.shard(store.pending_blocks(), d.rank, d.world)
+    my_blocks = dist.shard(pending, d.rank, d.world)
     encoder = encoder.to(d.device)
     if cfg.compile:
         encoder = torch.compile(encoder)
@@ -208,30 +210,32 @@ def run(cfg: EncodeConfig) -> dict:
         while len(pending) > 2:  # bound memory: at most a couple of blocks in flight
             pending.pop(0).result()
 
-    with progress(total, label, unit="img") as advance:
-        for (images, ok, reasons), b, img_ids in zip(loader, batch_block, batches):
-            if current is not None and b != current:
+    try:
+        with progress(total, label, unit="img") as advance:
+            for (images, ok, reasons), b, img_ids in zip(loader, batch_block, batches):
+                if current is not None and b != current:
+                    flush(current)
+                    block_lat, block_ok, block_skipped = [], [], []
+                current = b
+                for i, good, why in zip(img_ids, ok.tolist(), reasons):
+                    if not good:
+                        block_skipped.append([listing.files[i], why])
+                        console.print(f"[yellow]warning:[/] skipping {listing.files[i]}: {why}", highlight=False)
+                x = images.to(d.device, non_blocking=True).permute(0, 3, 1, 2)
+                if cfg.flip:  # entries 2i, 2i+1: the image, then its mirror (encoded as an image)
+                    x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
+                    ok = ok.repeat_interleave(2)
+                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    z = encoder(x)
+                block_lat.append(z.to(torch.float16 if cfg.dtype == "float16" else torch.float32).cpu().numpy())
+                block_ok.append(ok.numpy())
+                advance(len(x))
+            if current is not None:
                 flush(current)
-                block_lat, block_ok, block_skipped = [], [], []
-            current = b
-            for i, good, why in zip(img_ids, ok.tolist(), reasons):
-                if not good:
-                    block_skipped.append([listing.files[i], why])
-                    console.print(f"[yellow]warning:[/] skipping {listing.files[i]}: {why}", highlight=False)
-            x = images.to(d.device, non_blocking=True).permute(0, 3, 1, 2)
-            if cfg.flip:  # entries 2i, 2i+1: the image, then its mirror (encoded as an image)
-                x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
-                ok = ok.repeat_interleave(2)
-            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                z = encoder(x)
-            block_lat.append(z.to(torch.float16 if cfg.dtype == "float16" else torch.float32).cpu().numpy())
-            block_ok.append(ok.numpy())
-            advance(len(x))
-        if current is not None:
-            flush(current)
-        for f in pending:
-            f.result()
-    writer.shutdown()
+            for f in pending:
+                f.result()
+    finally:  # on an interruption, let block writes in flight finish or be cancelled
+        writer.shutdown(wait=True, cancel_futures=True)
     elapsed = time.time() - t0
     dist.barrier()
     if d.is_main:

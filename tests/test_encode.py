@@ -1,0 +1,181 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages import store as store_mod
+from stages.encode import EncodeConfig, run
+from stages.errors import ArtifactError, RaeError
+from stages.images import center_crop_arr, load_rgb
+from stages.encoders import build_encoder
+from stages.manifest import read_manifest
+from stages.store import LatentStore, Moments
+from tests.conftest import run_rae
+
+
+def _cfg(data, out, **kw):
+    base = dict(encoder="dinov2-demo", random_init=True, image_size=64, block_size=16, shard_size=8,
+                batch_size=8, num_workers=0, device="cpu")
+    base.update(kw)
+    return EncodeConfig(data=str(data), out=str(out), **base)
+
+
+def _arrays(path):
+    s = LatentStore(path)
+    mean, var = s.statistics()
+    return {"latents": np.asarray(s.latents[:]), "labels": np.asarray(s.labels[:]), "valid": np.asarray(s.valid[:]),
+            "flipped": np.asarray(s.flipped[:]), "source": np.asarray(s.source_index[:]), "mean": mean, "var": var}
+
+
+def test_store_round_trip_and_exact_statistics(demo_images, tmp_path):
+    out = tmp_path / "s.zarr"
+    run(_cfg(demo_images, out, flip=True))
+    manifest = read_manifest(out, kind="latent-store")
+    a = _arrays(out)
+    assert manifest["num_entries"] == 80 and a["latents"].shape == (80, 96, 4, 4)
+    assert a["latents"].dtype == np.float16 and a["valid"].all()
+    assert list(a["flipped"][:4]) == [False, True, False, True] and list(a["source"][:4]) == [0, 0, 1, 1]
+    assert sorted(set(a["labels"].tolist())) == list(range(10))
+    # Statistics equal numpy float64 on the stored data.
+    x = a["latents"].astype(np.float64)
+    np.testing.assert_allclose(a["mean"], x.mean(0).astype(np.float32), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(a["var"], x.var(0).astype(np.float32), rtol=1e-6, atol=1e-7)
+    with np.load(out / "statistics_float64.npz") as f64:
+        np.testing.assert_allclose(f64["mean"], x.mean(0), rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(f64["var"], x.var(0), rtol=1e-11, atol=1e-13)
+    # Round trip: the stored latent of entry 3 is the encoder's output on the mirrored crop of image 1.
+    enc, _ = build_encoder("dinov2-demo", 64, pretrained=False, seed=0)
+    files = (out / "sources.txt").read_text().split()
+    crop = torch.from_numpy(center_crop_arr(load_rgb(demo_images / files[1]), 64)).permute(2, 0, 1)[None]
+    expected = enc(crop.flip(-1)).half().numpy()[0]
+    np.testing.assert_array_equal(a["latents"][3], expected)
+    # Random reads in any order return the right entries.
+    s = LatentStore(out)
+    np.testing.assert_array_equal(s.read([5, 2, 77]), a["latents"][[5, 2, 77]])
+
+
+def test_moments_merge_is_exact_in_any_grouping():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((100, 3)) * 5 + 2
+    m = Moments.of(x[:10]).merge(Moments.of(x[10:55])).merge(Moments.of(x[55:]))
+    np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e-13)
+    np.testing.assert_allclose(m.var, x.var(0), rtol=1e-12)
+
+
+def test_resume_after_crash_equals_uninterrupted_run(demo_images, tmp_path, monkeypatch):
+    full = tmp_path / "full.zarr"
+    run(_cfg(demo_images, full, flip=True))
+    out = tmp_path / "resumed.zarr"
+    real_write = LatentStore.write_block
+    calls = {"n": 0}
+
+    def crashing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(LatentStore, "write_block", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(demo_images, out, flip=True))
+    monkeypatch.setattr(LatentStore, "write_block", real_write)
+    # Interrupted: not complete, and a downstream stage refuses it.
+    assert not read_manifest(out, require_complete=False)["complete"]
+    with pytest.raises(ArtifactError, match="unfinished"):
+        read_manifest(out, kind="latent-store")
+    done_before = 5 - len(LatentStore(out).pending_blocks())
+    assert 1 <= done_before < 5
+    written = []
+    monkeypatch.setattr(LatentStore, "write_block", lambda self, b, *a, **k: (written.append(b), real_write(self, b, *a, **k)))
+    run(_cfg(demo_images, out, flip=True, batch_size=5))  # run settings may change on resume
+    assert len(written) == 5 - done_before  # finished blocks are not recomputed
+    a, b = _arrays(full), _arrays(out)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_changed_configuration_is_refused_unless_overwrite(demo_images, tmp_path):
+    out = tmp_path / "s.zarr"
+    run(_cfg(demo_images, out))
+    with pytest.raises(ArtifactError, match="--overwrite"):
+        run(_cfg(demo_images, out, flip=True))
+    run(_cfg(demo_images, out, flip=True, overwrite=True))
+    assert read_manifest(out)["num_entries"] == 80
+    # A complete store with the same configuration is reused as it is.
+    res = run(_cfg(demo_images, out, flip=True))
+    assert res["entries"] == 80
+    # Never delete something that is not a rae artifact.
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "thesis.tex").write_text("...")
+    with pytest.raises(ArtifactError):
+        run(_cfg(demo_images, other, overwrite=True))
+    assert (other / "thesis.tex").exists()
+
+
+def test_two_process_run_equals_single_process_bit_for_bit(demo_images, tmp_path):
+    common = ["--preset", "demo", "--flip", "--block-size", "16", "--shard-size", "8", "--batch-size", "8",
+              "--num-workers", "0", "--device", "cpu"]
+    run_rae("encode", demo_images, "--out", tmp_path / "one.zarr", *common)
+    run_rae("encode", demo_images, "--out", tmp_path / "two.zarr", *common, nproc=2)
+    a, b = _arrays(tmp_path / "one.zarr"), _arrays(tmp_path / "two.zarr")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert read_manifest(tmp_path / "one.zarr")["content_id"] == read_manifest(tmp_path / "two.zarr")["content_id"]
+
+
+def test_bad_inputs_are_skipped_listed_and_excluded(tmp_path):
+    data = tmp_path / "data"
+    good, bad = data / "good", data / "weird"
+    good.mkdir(parents=True)
+    bad.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (80, 90, 3), dtype=np.uint8)).save(good / f"{i}.png")
+    Image.new("CMYK", (70, 70), (0, 200, 200, 0)).save(bad / "cmyk.jpg")
+    Image.new("L", (70, 70), 90).save(bad / "gray.png")
+    Image.fromarray(np.full((70, 70), 40000, np.uint16)).save(bad / "sixteen.png")
+    Image.new("RGBA", (70, 70), (1, 2, 3, 0)).save(bad / "alpha.png")
+    Image.new("P", (70, 70), 5).save(bad / "palette.png")
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "notes.txt").write_text("hello")
+    (bad / "corrupt.jpg").write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
+    Image.new("RGB", (300, 300), (5, 5, 5)).save(bad / "trunc.jpg", quality=90)
+    raw = (bad / "trunc.jpg").read_bytes()
+    (bad / "trunc.jpg").write_bytes(raw[: len(raw) // 2])
+    Image.new("RGB", (6, 6)).save(bad / "tiny.png")
+    out = tmp_path / "s.zarr"
+    res = run(_cfg(data, out))
+    skipped = {p.split("/")[-1] for p, _ in res["skipped"]}
+    assert skipped == {"zero.jpg", "notes.txt", "corrupt.jpg", "trunc.jpg", "tiny.png"}
+    manifest = read_manifest(out)
+    assert manifest["num_valid"] == 8 and len(manifest["skipped_files"]) == 5
+    a = _arrays(out)
+    files = (out / "sources.txt").read_text().split()
+    valid_files = {files[s].split("/")[-1] for s, v in zip(a["source"], a["valid"]) if v}
+    assert "cmyk.jpg" in valid_files and "sixteen.png" in valid_files and "zero.jpg" not in valid_files
+    x = a["latents"][a["valid"]].astype(np.float64)  # statistics ignore the skipped entries
+    np.testing.assert_allclose(a["mean"], x.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    missing = run_rae("encode", tmp_path / "nope", "--out", tmp_path / "o.zarr", "--preset", "demo", check=False)
+    assert missing.returncode == 1
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    assert "does not exist" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run_rae("encode", tmp_path / "empty", "--out", tmp_path / "o.zarr", "--preset", "demo", check=False)
+    assert empty.returncode == 1 and "no files" in empty.stderr and "Traceback" not in empty.stderr
+    assert not (tmp_path / "o.zarr").exists()  # nothing half-written
+
+
+def test_info_describes_a_store(demo_images, tmp_path):
+    out = tmp_path / "s.zarr"
+    run(_cfg(demo_images, out))
+    text = run_rae("info", out).stdout
+    assert "latent-store" in text and "[96, 4, 4]" in text and "dinov2-demo" in text
+    manifest = json.loads(run_rae("info", out, "--json").stdout)
+    assert manifest["complete"] and manifest["config"]["encoder"] == "dinov2-demo"

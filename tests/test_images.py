@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.errors import RaeError
+from stages.images import BadImage, center_crop_arr, list_images, load_rgb
+
+
+def test_adm_crop_box_halves_large_images_then_bicubic_then_centre():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (512, 768, 3), dtype=np.uint8))
+    out = center_crop_arr(img, 256)
+    # 512 >= 2*256: one box halving to 384x256, then the bicubic resize is the identity scale.
+    half = np.asarray(img.resize((384, 256), resample=Image.BOX))
+    assert out.shape == (256, 256, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, half[:, 64:320])
+
+
+def test_adm_crop_upsamples_small_images_and_keeps_centre():
+    img = Image.new("RGB", (100, 50), (10, 20, 30))
+    img.paste((200, 0, 0), (45, 20, 55, 30))  # a red square in the middle
+    out = center_crop_arr(img, 64)
+    assert out.shape == (64, 64, 3)
+    assert tuple(out[32, 32]) == (200, 0, 0) and tuple(out[2, 2]) == (10, 20, 30)
+
+
+def test_list_imagenet_layout_sorted_classes_and_limit_spreads(tmp_path):
+    for cls in ("b_cls", "a_cls"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.new("RGB", (20, 20)).save(tmp_path / cls / f"{i}.png")
+    listing = list_images(tmp_path)
+    assert listing.class_names == ["a_cls", "b_cls"]
+    assert listing.labels == [0] * 5 + [1] * 5
+    sub = list_images(tmp_path, limit=4)
+    assert len(sub.files) == 4 and set(sub.labels) == {0, 1}
+
+
+def test_list_flat_folder_is_unlabelled(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (20, 20)).save(tmp_path / f"{i}.png")
+    listing = list_images(tmp_path)
+    assert listing.class_names == [] and listing.labels == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "file"])
+def test_missing_or_empty_input_is_one_line_error(tmp_path, make):
+    path = tmp_path / "data"
+    if make == "empty":
+        path.mkdir()
+    if make == "file":
+        path.write_text("x")
+    with pytest.raises(RaeError) as e:
+        list_images(path)
+    assert "\n" not in str(e.value)
+
+
+def test_modes_convert_to_rgb(tmp_path):
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(tmp_path / "g16.png")
+    Image.new("LA", (20, 20), (128, 0)).save(tmp_path / "la.png")
+    p = Image.new("P", (20, 20), 3)
+    p.info["transparency"] = 0
+    p.save(tmp_path / "pal.png")
+    for name in ("cmyk.jpg", "g16.png", "la.png", "pal.png"):
+        img = load_rgb(tmp_path / name)
+        assert img.mode == "RGB" and img.size == (20, 20)
+    assert np.asarray(load_rgb(tmp_path / "g16.png")).min() == 255  # rescaled, not clipped to 255 by accident
+    assert tuple(np.asarray(load_rgb(tmp_path / "cmyk.jpg"))[5, 5])[0] > 200  # CMYK red stays red
+
+
+def test_bad_files_raise_bad_image(tmp_path):
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    Image.new("RGB", (200, 200), (1, 2, 3)).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 3])
+    Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")
+    for name in ("zero.jpg", "text.jpg", "trunc.jpg", "tiny.png"):
+        with pytest.raises(BadImage):
+            load_rgb(tmp_path / name)
