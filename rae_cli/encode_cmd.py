@@ -22,10 +22,11 @@ def encode(
     flip: Optional[bool] = typer.Option(None, "--flip", help="Also encode each image's horizontal mirror."),
     limit: Optional[int] = typer.Option(None, help="Encode N images, evenly spread over the sorted list."),
     dtype: Optional[str] = typer.Option(None, help="Stored latent dtype: float16 (default) or float32."),
-    codec: Optional[str] = typer.Option(None, help="Compressor: blosc-lz4 (default) | blosc-zstd | zstd | none."),
+    codec: Optional[str] = typer.Option(None, help="Compressor: blosc-zstd (default) | blosc-lz4 | none."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."),
+    resize: Optional[str] = typer.Option(None, help="Bicubic step of the crop: auto (gpu on CUDA) | cpu (exact PIL) | gpu."),
     batch_size: Optional[int] = typer.Option(None, help="Images per encoder batch [256]."),
-    num_workers: Optional[int] = typer.Option(None, help="Image decoding processes [8]."),
+    num_workers: Optional[int] = typer.Option(None, help="Image decoding processes [one per core, less two]."),
     block_size: Optional[int] = typer.Option(None, help="Entries per unit of work and resume [1024]."),
     shard_size: Optional[int] = typer.Option(None, help="Entries per Zarr shard file [64]."),
     min_size: Optional[int] = typer.Option(None, help="Skip images whose short side is below this [16]."),
@@ -46,7 +47,7 @@ def encode(
 
     cfg = build_config(EncodeConfig, "encode", preset, data=data, out=out, encoder=encoder,
                        encoder_weights=encoder_weights, random_init=random_init, seed=seed, image_size=image_size,
-                       flip=flip, limit=limit, dtype=dtype, codec=codec, precision=precision, batch_size=batch_size,
+                       flip=flip, limit=limit, dtype=dtype, codec=codec, precision=precision, resize=resize, batch_size=batch_size,
                        num_workers=num_workers, block_size=block_size, shard_size=shard_size, min_size=min_size,
                        device=device, compile=compile, overwrite=overwrite)
     result = run(cfg)

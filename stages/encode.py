@@ -21,10 +21,10 @@ import torch
 from . import dist
 from .encoders import build_encoder, encoder_identity, spec_for
 from .errors import ArtifactError, RaeError
-from .images import BadImage, list_images, load_crop
+from .images import BadImage, bicubic_crop_tensors, box_halve, list_images, load_crop, load_rgb
 from .manifest import digest_json, has_manifest, input_ref, new_manifest, read_manifest, write_manifest
 from .progress import console, progress
-from .store import CODECS, LatentStore, remove_store
+from .store import CODECS, LatentStore, Moments, remove_store
 
 SOURCES = "sources.txt"
 
@@ -41,14 +41,15 @@ class EncodeConfig:
     flip: bool = False
     limit: int | None = None
     dtype: str = "float16"
-    codec: str = "blosc-lz4"
+    codec: str = "blosc-zstd"
     shard_size: int = 64
     block_size: int = 1024
     min_size: int = 16
     precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
+    resize: str = "auto"                 # where the bicubic step of the crop runs: auto (gpu on CUDA) | cpu | gpu
     # Run settings: they do not change the store, so a resume may change them.
     batch_size: int = 256
-    num_workers: int = 8
+    num_workers: int = -1                # -1: one per CPU core, less two
     device: str = "auto"
     compile: bool = False
     overwrite: bool = False
@@ -70,6 +71,8 @@ def _validate(cfg: EncodeConfig) -> None:
         raise RaeError(f"--dtype must be float16 or float32 (got {cfg.dtype})")
     if cfg.codec not in CODECS:
         raise RaeError(f"--codec must be one of {', '.join(CODECS)} (got {cfg.codec})")
+    if cfg.resize not in ("auto", "cpu", "gpu"):
+        raise RaeError(f"--resize must be auto, cpu or gpu (got {cfg.resize})")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
     if cfg.shard_size < 2 or cfg.shard_size % 2 or cfg.block_size % cfg.shard_size:
@@ -79,16 +82,24 @@ def _validate(cfg: EncodeConfig) -> None:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Source image i -> (uint8 [S, S, 3] crop, ok flag, reason). Bad files become a flagged zero crop."""
+    """Source image i -> (uint8 [S, S, 3] crop, ok flag, reason). Bad files become a flagged zero crop.
 
-    def __init__(self, root: Path, files: list[str], image_size: int, min_size: int):
+    With ``crop_on_device`` the worker stops after decoding and box-halving (exact PIL) and the
+    bicubic resize + crop run batched on the GPU: decoding is what the CPU cores can afford.
+    """
+
+    def __init__(self, root: Path, files: list[str], image_size: int, min_size: int, crop_on_device: bool = False):
         self.root, self.files, self.size, self.min_size = root, files, image_size, min_size
+        self.crop_on_device = crop_on_device
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
+            if self.crop_on_device:
+                img = box_halve(load_rgb(self.root / self.files[i], self.min_size), self.size)
+                return torch.from_numpy(np.array(img)), True, ""
             return torch.from_numpy(load_crop(self.root / self.files[i], self.size, self.min_size)), True, ""
         except BadImage as e:
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), False, str(e)
@@ -96,7 +107,8 @@ class _Images(torch.utils.data.Dataset):
 
 def _collate(items):
     images, ok, reasons = zip(*items)
-    return torch.stack(images), torch.tensor(ok), list(reasons)
+    same = all(im.shape == images[0].shape for im in images)
+    return (torch.stack(images) if same else list(images)), torch.tensor(ok), list(reasons)
 
 
 def _entries(n_images: int, flip: bool):
@@ -150,6 +162,9 @@ def run(cfg: EncodeConfig) -> dict:
     d = dist.init(cfg.device)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
     cfg.precision = precision
+    if cfg.resize == "gpu" and d.device.type != "cuda":
+        raise RaeError("--resize gpu needs a CUDA device")
+    cfg.resize = cfg.resize if cfg.resize != "auto" else ("gpu" if d.device.type == "cuda" else "cpu")
     listing = list_images(cfg.data, cfg.limit)
     encoder, digest = build_encoder(cfg.encoder, cfg.image_size, weights=cfg.encoder_weights,
                                     pretrained=not cfg.random_init, seed=cfg.seed)
@@ -190,8 +205,9 @@ def run(cfg: EncodeConfig) -> dict:
         for s in range(0, len(imgs), images_per_batch):
             batches.append(imgs[s: s + images_per_batch].tolist())
             batch_block.append(b)
-    dataset = _Images(listing.root, listing.files, cfg.image_size, cfg.min_size)
-    workers = cfg.num_workers if len(batches) > 1 else 0
+    dataset = _Images(listing.root, listing.files, cfg.image_size, cfg.min_size, crop_on_device=cfg.resize == "gpu")
+    workers = cfg.num_workers if cfg.num_workers >= 0 else max(1, min(32, (os.cpu_count() or 2) - 2))
+    workers = workers if len(batches) > 1 else 0
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          collate_fn=_collate, pin_memory=d.device.type == "cuda",
                                          prefetch_factor=4 if workers else None, persistent_workers=False)
@@ -203,10 +219,12 @@ def run(cfg: EncodeConfig) -> dict:
     block_lat, block_ok, block_skipped, current = [], [], [], None
 
     def flush(b):
-        lat = np.concatenate(block_lat)
+        lat = torch.cat(block_lat)
         ok = np.concatenate(block_ok)
+        # Float64 statistics where the latents are (the GPU): the CPU is busy decoding images.
+        moments = Moments.of_shards(lat, torch.from_numpy(ok).to(lat.device), store.shard_size)
         info = {"skipped": block_skipped[:]}
-        pending.append(writer.submit(store.write_block, b, lat, ok, info))
+        pending.append(writer.submit(store.write_block, b, lat.cpu().numpy(), ok, info, moments))
         while len(pending) > 2:  # bound memory: at most a couple of blocks in flight
             pending.pop(0).result()
 
@@ -221,13 +239,16 @@ def run(cfg: EncodeConfig) -> dict:
                     if not good:
                         block_skipped.append([listing.files[i], why])
                         console.print(f"[yellow]warning:[/] skipping {listing.files[i]}: {why}", highlight=False)
-                x = images.to(d.device, non_blocking=True).permute(0, 3, 1, 2)
+                if cfg.resize == "gpu":
+                    x = bicubic_crop_tensors(list(images), cfg.image_size, d.device)
+                else:
+                    x = images.to(d.device, non_blocking=True).permute(0, 3, 1, 2)
                 if cfg.flip:  # entries 2i, 2i+1: the image, then its mirror (encoded as an image)
                     x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
                     ok = ok.repeat_interleave(2)
                 with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                     z = encoder(x)
-                block_lat.append(z.to(torch.float16 if cfg.dtype == "float16" else torch.float32).cpu().numpy())
+                block_lat.append(z.to(torch.float16 if cfg.dtype == "float16" else torch.float32))
                 block_ok.append(ok.numpy())
                 advance(len(x))
             if current is not None:

@@ -1,0 +1,156 @@
+"""Training checkpoints and weights as safetensors: loading a file never runs code from it.
+
+A checkpoint is any nested structure of dicts, lists, numbers, strings and tensors (model and EMA
+weights, optimiser and scheduler states, RNG states, the data position). Tensors go into the
+safetensors body; the structure goes into its JSON metadata with tensors replaced by references.
+Writes are atomic (temporary file, fsync, rename), and ``latest`` is updated only after the
+checkpoint it names is complete, so a crash while writing leaves the previous one intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ArtifactError
+
+_REF = "__tensor__"
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "t"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {_REF: key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": _flatten(torch.from_numpy(np.ascontiguousarray(obj)), tensors, prefix)}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_key(k), _flatten(v, tensors, f"{prefix}.{k}" if prefix else str(k))] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+
+
+def _key(k):
+    return {"int": k} if isinstance(k, int) else k
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if _REF in obj:
+            return tensors[obj[_REF]]
+        if "__ndarray__" in obj:
+            return _unflatten(obj["__ndarray__"], tensors).numpy()
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {(k["int"] if isinstance(k, dict) else k): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(path: str | os.PathLike, state: Any, metadata: dict | None = None) -> None:
+    """Write a nested state to one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, tensors, "")
+    # safetensors refuses tensors that share memory; checkpoints are small enough to copy.
+    tensors = {k: v.clone() if v.numel() else v for k, v in tensors.items()}
+    meta = {"rae_state": json.dumps(skeleton), **{k: str(v) for k, v in (metadata or {}).items()}}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ArtifactError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if "rae_state" not in meta:
+        raise ArtifactError(f"{path} is not a rae checkpoint")
+    return _unflatten(json.loads(meta["rae_state"]), tensors)
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Plain model weights (what later stages load), atomically, as a flat safetensors file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:
+        raise ArtifactError(f"cannot read weights {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+# ---- run directories: checkpoints/step_XXXXXXXX.safetensors + checkpoints/latest ------------------
+_STEP = re.compile(r"step_(\d+)\.safetensors$")
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Any, keep: int = 2) -> Path:
+    folder = Path(run_dir) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:08d}.safetensors"
+    save_state(path, state, metadata={"step": step})
+    (folder / ".latest.tmp").write_text(path.name)
+    os.replace(folder / ".latest.tmp", folder / "latest")
+    done = sorted((p for p in folder.iterdir() if _STEP.search(p.name)), key=lambda p: p.name)
+    for old in done[:-keep] if keep > 0 else []:
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    folder = Path(run_dir) / "checkpoints"
+    pointer = folder / "latest"
+    if pointer.is_file():
+        path = folder / pointer.read_text().strip()
+        if path.is_file():
+            return path
+    return None
+
+
+# ---- RNG state --------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1],
+             "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+import torch
+
+from stages.checkpoint import (latest_checkpoint, load_state, rng_state, save_checkpoint, save_state,
+                               set_rng_state)
+from stages.errors import ArtifactError
+
+
+def test_nested_training_state_round_trips(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": 7, "pos": (3, 5),
+             "arr": np.arange(5), "name": "x", "none": None}
+    save_state(tmp_path / "c.safetensors", state)
+    back = load_state(tmp_path / "c.safetensors")
+    assert back["step"] == 7 and back["pos"] == (3, 5) and back["name"] == "x" and back["none"] is None
+    np.testing.assert_array_equal(back["arr"], np.arange(5))
+    for k, v in model.state_dict().items():
+        assert torch.equal(back["model"][k], v)
+    opt2 = torch.optim.AdamW(torch.nn.Linear(4, 3).parameters(), lr=1e-3)
+    opt2.load_state_dict(back["opt"])  # integer parameter ids survive as integers
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_rng_state_restores_the_same_draws():
+    s = rng_state()
+    a = (torch.rand(3), np.random.rand(3))
+    set_rng_state(s)
+    b = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_latest_pointer_and_rotation(tmp_path):
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, keep=2)
+    assert latest_checkpoint(tmp_path).name == "step_00000030.safetensors"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [
+        "step_00000020.safetensors", "step_00000030.safetensors"]
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    save_state(tmp_path / "c.safetensors", {"w": torch.ones(1000)})
+    raw = (tmp_path / "c.safetensors").read_bytes()
+    (tmp_path / "c.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ArtifactError) as e:
+        load_state(tmp_path / "c.safetensors")
+    assert "\n" not in str(e.value)
