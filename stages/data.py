@@ -1,0 +1,130 @@
+"""Training data from a latent store: deterministic, resumable, sharded global batches.
+
+The order of samples is a function of (seed, epoch) only. Each optimisation step takes the next
+``global_batch`` valid entries of that order; under ``torchrun`` rank r takes its contiguous
+slice of them. So the global batch does not depend on the number of GPUs, and the data position
+to resume from is just the step number.
+
+Each DataLoader item is a whole per-rank batch, read from the store in one sorted pass (one
+inner chunk per sample), so worker processes scale the read rate.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ArtifactError
+from .store import LatentStore
+
+
+@dataclass
+class BatchPlan:
+    """Which store entries each step reads: step -> global batch -> this rank's slice."""
+    indices: np.ndarray   # valid entries of the store
+    global_batch: int
+    seed: int
+    rank: int = 0
+    world: int = 1
+    drop_last: bool = True
+
+    def __post_init__(self):
+        if self.global_batch % self.world:
+            raise ArtifactError(f"global batch {self.global_batch} is not divisible by {self.world} processes")
+        if len(self.indices) < self.global_batch:
+            raise ArtifactError(f"the store has {len(self.indices)} usable entries, fewer than one batch "
+                                f"({self.global_batch}); lower --batch-size")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.indices) // self.global_batch
+
+    def order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        return self.indices[rng.permutation(len(self.indices))]
+
+    def batch(self, step: int) -> np.ndarray:
+        """This rank's entries for global ``step`` (0-based, counting across epochs)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        glob = self.order(epoch)[k * self.global_batch: (k + 1) * self.global_batch]
+        per = self.global_batch // self.world
+        return glob[self.rank * per: (self.rank + 1) * per]
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Item ``i`` = the batch of step ``start + i``."""
+
+    def __init__(self, plan: BatchPlan, start: int, stop: int, read):
+        self.plan, self.start, self.stop, self.read = plan, start, stop, read
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        return self.read(self.plan.batch(self.start + i))
+
+
+class StoreReader:
+    """Reads batches of (latents, labels[, images]) from a store; picklable for worker processes."""
+
+    def __init__(self, store_path: str | os.PathLike, with_images: bool = False):
+        self.path = str(store_path)
+        self.with_images = with_images
+        self._store = None
+        self._labels = None
+
+    def _open(self):
+        if self._store is None:
+            self._store = LatentStore(self.path)
+            self._labels = np.asarray(self._store.labels[:])
+            if self.with_images:
+                from .manifest import read_manifest
+
+                m = read_manifest(self.path, require_complete=False)
+                self._root = Path(m["inputs"]["images"]["path"])
+                self._files = (Path(self.path) / m["sources_file"]).read_text().splitlines()
+                self._src = np.asarray(self._store.source_index[:])
+                self._flip = np.asarray(self._store.flipped[:])
+                self._size = int(self._store.attrs["image_size"])
+        return self._store
+
+    def __call__(self, idx: np.ndarray):
+        store = self._open()
+        lat = torch.from_numpy(store.read(idx).astype(np.float32))
+        labels = torch.from_numpy(self._labels[idx])
+        if not self.with_images:
+            return lat, labels
+        from .images import load_crop
+
+        imgs = []
+        for i in idx:
+            crop = load_crop(self._root / self._files[self._src[i]], self._size)
+            imgs.append(crop[:, ::-1].copy() if self._flip[i] else crop)  # the mirrored entry's image
+        images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+        return lat, labels, images
+
+
+def batches(plan: BatchPlan, reader: StoreReader, start_step: int, stop_step: int, num_workers: int = 4,
+            pin_memory: bool = False):
+    """Iterate this rank's batches for steps [start_step, stop_step), in order, prefetched by workers."""
+    ds = _Steps(plan, start_step, stop_step, reader)
+    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                                       pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
+                                       persistent_workers=False)
+
+
+def store_statistics(store_path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, var = LatentStore(store_path).statistics()
+    return torch.from_numpy(mean), torch.from_numpy(var)
+
+
+def normalize(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Diffusion runs on (z - mean) / sqrt(var + eps), the store's exact statistics."""
+    return (z - mean) / torch.sqrt(var + eps)
+
+
+def denormalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return x * torch.sqrt(var + eps) + mean
