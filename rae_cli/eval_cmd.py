@@ -1,4 +1,4 @@
-"""``rae eval``: options -> EvalConfig -> ``stages.evaluate.run`` -> a table and eval.json."""
+"""Evaluate images: FID, Inception Score, precision/recall, KID and FD_DINOv2 as the ADM suite computes them, plus PSNR/SSIM with --pairs."""
 from __future__ import annotations
 
 import os
@@ -47,9 +47,10 @@ def eval_cmd(
                                        "or NAME.eval.json beside an .npz)."),
     offline: bool = typer.Option(False, "--offline", help="Never download weights (use caches and files only)."),
 ):
-    """FID, Inception Score, precision/recall, KID, FD_DINOv2 (and PSNR/SSIM with --pairs), as the ADM suite computes them.
+    """Evaluate images: FID, Inception Score, precision/recall, KID and FD_DINOv2 as the ADM suite computes them, plus PSNR/SSIM with --pairs.
 
-    Launch with torchrun to share the images between GPUs.
+    rFID: `rae eval RECONSTRUCTIONS --ref ORIGINALS --pairs` (ImageNet val, 50K, ADM center crop 256).
+    Writes eval.json; under `torchrun --nproc_per_node N` the GPUs share the images.
     """
     from stages import dist
     from stages.evaluate import EvalConfig, run

@@ -138,28 +138,47 @@ def load_crop(path: str | os.PathLike, image_size: int, min_size: int = 16) -> n
     return center_crop_arr(load_rgb(path, min_size=min_size), image_size)
 
 
-def bicubic_crop_tensors(images: list, image_size: int, device) -> "torch.Tensor":
-    """The last two steps of the ADM crop on the GPU, for images already box-halved on the CPU.
+def _box_weights(n_in: int, n_out: int):
+    """PIL's BOX filter as a matrix. PIL samples the box at pixel centres: output pixel i is the
+    mean of the input pixels j with (j + 0.5) in (i*s, (i+1)*s], s = n_in/n_out, searched only in
+    the window [floor(i*s + 0.5), floor((i+1)*s + 0.5))."""
+    import torch
 
-    Bicubic with antialiasing (Keys a = -0.5, support scaled with the factor: PIL's filter) in
-    float, rounded to uint8 like PIL; PIL's 8-bit fixed-point arithmetic can differ by one grey
-    level on some pixels (measured in BENCHMARKS.md). Images of equal size resize as one batch.
-    Takes uint8 [H, W, 3] tensors; returns uint8 [B, 3, S, S] on ``device``.
+    scale = n_in / n_out
+    j = torch.arange(n_in, dtype=torch.float64)[None]
+    i = torch.arange(n_out, dtype=torch.float64)[:, None]
+    centre = (i + 0.5) * scale
+    inside = ((j - centre + 0.5) / scale > -0.5) & ((j - centre + 0.5) / scale <= 0.5)
+    window = (j >= torch.floor(centre - 0.5 * scale + 0.5)) & (j < torch.floor(centre + 0.5 * scale + 0.5))
+    w = (inside & window).double()
+    return (w / w.sum(1, keepdim=True)).float()
+
+
+def adm_crop_tensor(img, image_size: int):
+    """The ADM center crop on a uint8 [3, H, W] tensor (on any device), for GPU-decoded JPEGs.
+
+    Box halving as PIL's BOX filter (one pass per axis, rounded to 8 bits in between, as PIL
+    does), then bicubic with antialiasing (Keys a = -0.5 with the support scaled by the factor,
+    PIL's filter) in float, rounded. PIL's fixed-point arithmetic can differ by a grey level or two
+    on some pixels (measured in BENCHMARKS.md). Returns uint8 [3, S, S].
     """
     import torch
     import torch.nn.functional as F
 
-    out = torch.empty(len(images), 3, image_size, image_size, dtype=torch.uint8, device=device)
-    groups: dict[tuple, list[int]] = {}
-    for i, im in enumerate(images):
-        groups.setdefault(tuple(im.shape[:2]), []).append(i)
-    for (h, w), idx in groups.items():
-        x = torch.stack([images[i] for i in idx]).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        scale = image_size / min(h, w)
-        nh, nw = round(h * scale), round(w * scale)
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        top, left = (nh - image_size) // 2, (nw - image_size) // 2
-        x = x[:, :, top: top + image_size, left: left + image_size]
-        out[torch.tensor(idx, device=device)] = x.round_().clamp_(0, 255).to(torch.uint8)
-    return out
+    x = img.float()
+    h, w = x.shape[-2:]
+    while min(h, w) >= 2 * image_size:
+        nh, nw = h // 2, w // 2
+        x = torch.matmul(x, _box_weights(w, nw).to(x.device).T).add_(0.5).floor_()  # horizontal pass, PIL rounding
+        x = torch.matmul(_box_weights(h, nh).to(x.device), x).add_(0.5).floor_()  # vertical pass
+        h, w = nh, nw
+    scale = image_size / min(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+    top, left = (nh - image_size) // 2, (nw - image_size) // 2
+    return x[:, top: top + image_size, left: left + image_size].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def is_jpeg(head: bytes) -> bool:
+    return head[:3] == b"\xff\xd8\xff"
