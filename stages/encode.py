@@ -21,7 +21,7 @@ import torch
 from . import dist
 from .encoders import build_encoder, encoder_identity, spec_for
 from .errors import ArtifactError, RaeError
-from .images import BadImage, adm_crop_tensor, is_jpeg, list_images, load_crop
+from .images import BadImage, list_images, load_crop
 from .manifest import digest_json, has_manifest, input_ref, new_manifest, read_manifest, write_manifest
 from .progress import console, progress
 from .store import CODECS, LatentStore, Moments, remove_store
@@ -46,7 +46,6 @@ class EncodeConfig:
     block_size: int = 1024
     min_size: int = 16
     precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
-    decode: str = "auto"                 # JPEG decoding + crop: auto (gpu on CUDA) | cpu (exact PIL) | gpu (nvJPEG)
     # Run settings: they do not change the store, so a resume may change them.
     batch_size: int = 256
     num_workers: int = -1                # -1: one per CPU core, less two
@@ -71,8 +70,6 @@ def _validate(cfg: EncodeConfig) -> None:
         raise RaeError(f"--dtype must be float16 or float32 (got {cfg.dtype})")
     if cfg.codec not in CODECS:
         raise RaeError(f"--codec must be one of {', '.join(CODECS)} (got {cfg.codec})")
-    if cfg.decode not in ("auto", "cpu", "gpu"):
-        raise RaeError(f"--decode must be auto, cpu or gpu (got {cfg.decode})")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
     if cfg.shard_size < 2 or cfg.shard_size % 2 or cfg.block_size % cfg.shard_size:
@@ -82,76 +79,24 @@ def _validate(cfg: EncodeConfig) -> None:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Source image i -> (uint8 [S, S, 3] crop, ok flag, reason). Bad files become a flagged zero crop.
+    """Source image i -> (uint8 [S, S, 3] crop, ok flag, reason). Bad files become a flagged zero crop."""
 
-    With ``jpeg_on_device`` a JPEG comes back as its raw bytes (a 1-D uint8 tensor) for batched
-    nvJPEG decoding and cropping on the GPU: decoding is what limits the CPU cores. Other formats
-    are still decoded and cropped here with PIL.
-    """
-
-    def __init__(self, root: Path, files: list[str], image_size: int, min_size: int, jpeg_on_device: bool = False):
+    def __init__(self, root: Path, files: list[str], image_size: int, min_size: int):
         self.root, self.files, self.size, self.min_size = root, files, image_size, min_size
-        self.jpeg_on_device = jpeg_on_device
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        path = self.root / self.files[i]
-        if self.jpeg_on_device:
-            try:
-                raw = path.read_bytes()
-            except OSError as e:
-                return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), False, f"unreadable: {e}"
-            if is_jpeg(raw):
-                return torch.frombuffer(bytearray(raw), dtype=torch.uint8), True, ""
         try:
-            return torch.from_numpy(load_crop(path, self.size, self.min_size)), True, ""
+            return torch.from_numpy(load_crop(self.root / self.files[i], self.size, self.min_size)), True, ""
         except BadImage as e:
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), False, str(e)
 
 
 def _collate(items):
     images, ok, reasons = zip(*items)
-    same = all(im.shape == images[0].shape for im in images)
-    return (torch.stack(images) if same else list(images)), torch.tensor(ok), list(reasons)
-
-
-def _decode_on_device(items, paths, size: int, min_size: int, device) -> tuple[torch.Tensor, list[str]]:
-    """Crops [B, 3, S, S] on ``device`` for a batch mixing raw JPEG bytes (1-D) and CPU crops (3-D).
-
-    JPEGs are decoded as one nvJPEG batch; if that fails (one bad file fails the batch) each is
-    retried alone, and what nvJPEG cannot read goes through PIL, which says why it is bad.
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    out = torch.empty(len(items), 3, size, size, dtype=torch.uint8, device=device)
-    reasons = [""] * len(items)
-    raw = [i for i, t in enumerate(items) if t.dim() == 1]
-    for i, t in enumerate(items):
-        if t.dim() == 3:
-            out[i] = t.to(device, non_blocking=True).permute(2, 0, 1)
-    decoded: dict[int, torch.Tensor] = {}
-    if raw:
-        try:
-            decoded = dict(zip(raw, decode_jpeg([items[i] for i in raw], mode=ImageReadMode.RGB, device=device)))
-        except RuntimeError:
-            for i in raw:
-                try:
-                    decoded[i] = decode_jpeg(items[i], mode=ImageReadMode.RGB, device=device)
-                except RuntimeError:
-                    pass
-    for i in raw:
-        img = decoded.get(i)
-        if img is not None and min(img.shape[-2:]) >= min_size:
-            out[i] = adm_crop_tensor(img, size)
-            continue
-        try:  # let PIL decide: it reads some JPEGs nvJPEG refuses (CMYK, odd markers), or says why not
-            out[i] = torch.from_numpy(load_crop(paths[i], size, min_size)).to(device).permute(2, 0, 1)
-        except BadImage as e:
-            out[i] = 0
-            reasons[i] = str(e)
-    return out, reasons
+    return torch.stack(images), torch.tensor(ok), list(reasons)
 
 
 def _entries(n_images: int, flip: bool):
@@ -205,9 +150,6 @@ def run(cfg: EncodeConfig) -> dict:
     d = dist.init(cfg.device)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
     cfg.precision = precision
-    if cfg.decode == "gpu" and d.device.type != "cuda":
-        raise RaeError("--decode gpu needs a CUDA device")
-    cfg.decode = cfg.decode if cfg.decode != "auto" else ("gpu" if d.device.type == "cuda" else "cpu")
     listing = list_images(cfg.data, cfg.limit)
     encoder, digest = build_encoder(cfg.encoder, cfg.image_size, weights=cfg.encoder_weights,
                                     pretrained=not cfg.random_init, seed=cfg.seed)
@@ -248,7 +190,7 @@ def run(cfg: EncodeConfig) -> dict:
         for s in range(0, len(imgs), images_per_batch):
             batches.append(imgs[s: s + images_per_batch].tolist())
             batch_block.append(b)
-    dataset = _Images(listing.root, listing.files, cfg.image_size, cfg.min_size, jpeg_on_device=cfg.decode == "gpu")
+    dataset = _Images(listing.root, listing.files, cfg.image_size, cfg.min_size)
     workers = cfg.num_workers if cfg.num_workers >= 0 else max(1, min(32, (os.cpu_count() or 2) - 2))
     workers = workers if len(batches) > 1 else 0
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
@@ -278,13 +220,7 @@ def run(cfg: EncodeConfig) -> dict:
                     flush(current)
                     block_lat, block_ok, block_skipped = [], [], []
                 current = b
-                if cfg.decode == "gpu":
-                    x, late = _decode_on_device(list(images), [listing.root / listing.files[i] for i in img_ids],
-                                                cfg.image_size, cfg.min_size, d.device)
-                    reasons = [r or why for r, why in zip(reasons, late)]
-                    ok = ok & torch.tensor([not why for why in late])
-                else:
-                    x = images.to(d.device, non_blocking=True).permute(0, 3, 1, 2)
+                x = images.to(d.device, non_blocking=True).permute(0, 3, 1, 2)
                 for i, good, why in zip(img_ids, ok.tolist(), reasons):
                     if not good:
                         block_skipped.append([listing.files[i], why])

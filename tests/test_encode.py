@@ -180,29 +180,3 @@ def test_info_describes_a_store(demo_images, tmp_path):
     manifest = json.loads(run_rae("info", out, "--json").stdout)
     assert manifest["complete"] and manifest["config"]["encoder"] == "dinov2-demo"
 
-
-def test_device_decode_path_matches_pil_within_a_grey_level_and_handles_bad_files(tmp_path):
-    """The nvJPEG path's logic (batched decode, fallbacks, box + bicubic crop) run on the CPU."""
-    from stages.encode import _decode_on_device, _Images
-
-    rng = np.random.default_rng(0)
-    files = []
-    for i, (w, h) in enumerate([(500, 375), (1100, 700), (375, 500)]):
-        low = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-        Image.fromarray(low).resize((w, h), Image.BICUBIC).save(tmp_path / f"{i}.jpg", quality=90)
-        files.append(f"{i}.jpg")
-    Image.new("CMYK", (300, 300), (0, 200, 200, 0)).save(tmp_path / "cmyk.jpg")
-    raw = (tmp_path / "0.jpg").read_bytes()
-    (tmp_path / "trunc.jpg").write_bytes(raw[: len(raw) // 4])
-    Image.new("RGB", (200, 100), (9, 9, 9)).save(tmp_path / "p.png")
-    files += ["cmyk.jpg", "trunc.jpg", "p.png"]
-    ds = _Images(tmp_path, files, 256, 16, jpeg_on_device=True)
-    items = [ds[i] for i in range(len(files))]
-    assert items[0][0].dim() == 1 and items[5][0].dim() == 3  # JPEG bytes vs a PIL crop
-    crops, reasons = _decode_on_device([it[0] for it in items], [tmp_path / f for f in files], 256, 16, "cpu")
-    for i in range(3):
-        pil = center_crop_arr(load_rgb(tmp_path / files[i]), 256).astype(int)
-        diff = np.abs(crops[i].permute(1, 2, 0).numpy().astype(int) - pil)
-        assert diff.max() <= 2 and diff.mean() < 0.5, (files[i], diff.max(), diff.mean())
-    assert reasons[3] == "" and crops[3].float().mean() > 0      # CMYK: read by a fallback
-    assert reasons[4] != "" and reasons[:4] == ["", "", "", ""]   # truncated: skipped with a reason

@@ -80,16 +80,3 @@ def test_bad_files_raise_bad_image(tmp_path):
         with pytest.raises(BadImage):
             load_rgb(tmp_path / name)
 
-
-@pytest.mark.parametrize("h,w", [(700, 1100), (701, 1101), (1333, 2001)])
-def test_gpu_box_halving_is_bit_exact_with_pil(h, w):
-    import torch
-
-    from stages.images import _box_weights
-
-    a = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    pil = np.asarray(Image.fromarray(a).resize((w // 2, h // 2), Image.BOX))
-    x = torch.from_numpy(a).permute(2, 0, 1).float()
-    x = torch.matmul(x, _box_weights(w, w // 2).T).add(0.5).floor()
-    x = torch.matmul(_box_weights(h, h // 2), x).add(0.5).floor()
-    assert np.array_equal(x.permute(1, 2, 0).numpy().astype(np.uint8), pil)
