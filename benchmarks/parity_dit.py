@@ -1,0 +1,197 @@
+"""Parity of our DiT / DiT^DH and sampler with the authors' implementation (dev script).
+
+    python benchmarks/parity_dit.py --reference /path/to/RAE [--extra-path DIR] [--real]
+
+Builds the reference models (imported from the reference checkout) with random weights (the
+zero-initialised adaLN / output layers are randomised too, otherwise every output is 0), loads
+the same weights into ours through ``from_reference_state_dict``, and compares in float32 on
+CPU: velocities, a one-step sample and a full reference-convention sample (num_steps = 50 time
+points = 49 Euler steps) without guidance, with CFG (guidance interval) and with AutoGuidance.
+Prints max |ours - ref| and that divided by max |ref|; the target is < 1e-5 relative.
+
+The reference needs einops and torchdiffeq (not dependencies of this project): install them
+anywhere, e.g. ``pip install --target /tmp/refdeps einops torchdiffeq``, and pass
+``--extra-path /tmp/refdeps``. Its unused imports of ``transformers`` and ``regex`` are stubbed
+when those are missing. ``--real`` adds DiT^DH-S at [768, 16, 16] (velocity, one step with and without guidance, the
+full 50-point sample without guidance; several minutes on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages import flow  # noqa: E402
+from stages.models.dit import (  # noqa: E402
+    config_from_reference_state_dict, from_reference_state_dict, to_reference_state_dict)
+
+TARGET = 1e-5
+
+
+def import_reference(root: Path, extra_paths: list[str]):
+    for p in extra_paths:
+        sys.path.insert(0, p)
+    sys.path.insert(0, str(root / "src"))
+    for name, attrs in {"transformers": ["SwinModel"], "regex": ["B"]}.items():
+        try:
+            __import__(name)
+        except ImportError:  # imported but unused by the reference model files
+            stub = types.ModuleType(name)
+            for a in attrs:
+                setattr(stub, a, None)
+            sys.modules[name] = stub
+    from stage2.models.DDT import DiTwDDTHead
+    from stage2.models.lightningDiT import LightningDiT
+    from stage2.transport import Sampler, create_transport
+    return DiTwDDTHead, LightningDiT, Sampler, create_transport
+
+
+def randomize_(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Random weights everywhere (fixed sin-cos / Fourier tables kept), so gates are non-zero."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in ("pos_embed", "t_embedder.W"):
+                continue
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "norm_final" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+            elif p.dim() == 1:
+                p.copy_(0.02 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p[0].numel()))
+
+
+def ours_from(ref_model):
+    cls, kwargs = config_from_reference_state_dict(ref_model.state_dict())
+    model = cls(**kwargs)
+    model.load_state_dict(from_reference_state_dict(ref_model.state_dict()), strict=True)
+    return model.eval()
+
+
+def report(rows, name, ours, ref):
+    diff = (ours - ref).abs().max().item()
+    rel = diff / ref.abs().max().item()
+    rows.append(rel)
+    print(f"  {name:<52} max|diff| {diff:.3e}   rel {rel:.3e}   {'ok' if rel < TARGET else 'FAIL'}")
+
+
+@torch.no_grad()
+def compare(label, ref_cls, ref_kwargs, guide_kwargs, Sampler, create_transport, batch, steps_full,
+            seed, rows, guided_full=True):
+    print(f"{label}:")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ref = ref_cls(**ref_kwargs).eval()
+    fresh_state = {k: v.clone() for k, v in ref.state_dict().items()}
+    randomize_(ref, gen)
+    ours = ours_from(ref)
+
+    # Fixed tables computed by our code vs the reference's (fresh models).
+    cls, kwargs = config_from_reference_state_dict(fresh_state)
+    fresh_ours = to_reference_state_dict(cls(**kwargs))
+    for key in sorted(fresh_ours):
+        if key == "pos_embed" or key.endswith(("freqs_cos", "freqs_sin")):
+            report(rows, f"fixed table {key}", fresh_ours[key], fresh_state[key])
+    probe = ref_cls(**ref_kwargs)
+    probe.load_state_dict(to_reference_state_dict(ours), strict=True)  # round trip loads
+
+    C, H = ref_kwargs["in_channels"], ref_kwargs["input_size"]
+    num_classes = ref_kwargs.get("num_classes", 1000)
+    x = torch.randn(batch, C, H, H, generator=gen)
+    t = torch.rand(batch, generator=gen)
+    y = torch.randint(0, num_classes, (batch,), generator=gen)
+    y[-1] = num_classes  # the null label too
+    report(rows, "velocity", ours(x, t, y), ref(x, t, y))
+    if guide_kwargs is None:
+        return
+
+    shift = math.sqrt(196608 / 4096)
+    ref_sampler = Sampler(create_transport("Linear", "velocity", time_dist_shift=shift))
+    noise = torch.randn(batch, C, H, H, generator=gen)
+    y = torch.randint(0, num_classes, (batch,), generator=gen)
+    y_both = torch.cat([y, torch.full_like(y, num_classes)])
+    noise_both = torch.cat([noise, noise])
+
+    torch.manual_seed(seed + 1)
+    guide_ref = ref_cls(**guide_kwargs).eval()
+    randomize_(guide_ref, gen)
+    guide = ours_from(guide_ref)
+
+    cases = {
+        "no guidance": (
+            lambda fn: fn(noise, ref.forward, y=y)[-1],
+            flow.guided_velocity(ours, y)),
+        "CFG 4.0, interval [0, 1]": (
+            lambda fn: fn(noise_both, ref.forward_with_cfg, y=y_both, cfg_scale=4.0,
+                          cfg_interval=(0.0, 1.0))[-1].chunk(2)[0],
+            flow.guided_velocity(ours, y, "cfg", 4.0, (0.0, 1.0))),
+        "CFG 1.5, interval [0.1, 0.8]": (
+            lambda fn: fn(noise_both, ref.forward_with_cfg, y=y_both, cfg_scale=1.5,
+                          cfg_interval=(0.1, 0.8))[-1].chunk(2)[0],
+            flow.guided_velocity(ours, y, "cfg", 1.5, (0.1, 0.8))),
+        "AutoGuidance 1.42": (
+            lambda fn: fn(noise_both, ref.forward_with_autoguidance, y=y_both, cfg_scale=1.42,
+                          additional_model_forward=guide_ref.forward,
+                          cfg_interval=(0.0, 1.0))[-1].chunk(2)[0],
+            flow.guided_velocity(ours, y, "autoguidance", 1.42, guide_model=guide)),
+    }
+    for num_points in (2, steps_full):
+        fn = ref_sampler.sample_ode(sampling_method="euler", num_steps=num_points)
+        for case, (run_ref, velocity) in cases.items():
+            if num_points > 2 and case != "no guidance" and not guided_full:
+                continue
+            start = time.perf_counter()
+            ref_out = run_ref(fn)
+            ours_out = flow.sample(velocity, noise, steps=num_points - 1, shift=shift,
+                                   solver="euler-ref")
+            name = f"sample {num_points} pts ({num_points - 1} steps), {case}"
+            report(rows, name, ours_out, ref_out)
+            print(f"  {'':<52} ({time.perf_counter() - start:.1f}s)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reference", type=Path, required=True, help="reference checkout root")
+    parser.add_argument("--extra-path", action="append", default=[],
+                        help="directory with einops/torchdiffeq for the reference (repeatable)")
+    parser.add_argument("--real", action="store_true", help="also DiT^DH-S at [768, 16, 16]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    DiTwDDTHead, LightningDiT, Sampler, create_transport = import_reference(args.reference,
+                                                                            args.extra_path)
+    rows: list[float] = []
+    common = dict(patch_size=1, mlp_ratio=4.0, num_classes=10)
+    compare("LightningDiT (DiT), tiny: C=32, 8x8, width 64, depth 2, 4 heads", LightningDiT,
+            dict(input_size=8, in_channels=32, hidden_size=64, depth=2, num_heads=4, **common),
+            None, Sampler, create_transport, 4, 50, args.seed, rows)
+    compare("DiTwDDTHead (DiT^DH), tiny: C=32, 8x8, trunk 64x2 (4 heads), head 96x2 (4 heads)",
+            DiTwDDTHead,
+            dict(input_size=8, in_channels=32, hidden_size=[64, 96], depth=[2, 2],
+                 num_heads=[4, 4], **common),
+            dict(input_size=8, in_channels=32, hidden_size=[32, 96], depth=[1, 2],
+                 num_heads=[2, 4], **common),
+            Sampler, create_transport, 4, 50, args.seed, rows)
+    if args.real:
+        real = dict(input_size=16, in_channels=768, patch_size=1, mlp_ratio=4.0, num_classes=1000)
+        compare("DiTwDDTHead real size: DiT^DH-S on [768, 16, 16] (guide: 1-block trunk)",
+                DiTwDDTHead, dict(hidden_size=[384, 2048], depth=[12, 2], num_heads=[6, 16], **real),
+                dict(hidden_size=[384, 2048], depth=[1, 2], num_heads=[6, 16], **real),
+                Sampler, create_transport, 1, 50, args.seed, rows, guided_full=False)
+    worst = max(rows)
+    print(f"worst relative difference {worst:.3e} (target < {TARGET:.0e}): "
+          f"{'PASS' if worst < TARGET else 'FAIL'}")
+    sys.exit(0 if worst < TARGET else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""DiT / DiT^DH: sizes as the reference, adaLN-Zero, labels, RoPE, checkpoint names, compile,
+and the paper's width rule at toy scale."""
+
+import math
+
+import pytest
+import torch
+
+from stages import flow
+from stages.errors import RaeError
+from stages.models.dit import (
+    DiT, DiTDH, PRESETS, RoPE2D, apply_rope, build_model, config_from_reference_state_dict,
+    from_reference_state_dict, swiglu_hidden, to_reference_state_dict, width_rule_warning)
+
+# sum(p.numel() for p in model.parameters()) of the authors' LightningDiT / DiTwDDTHead for a
+# [768, 16, 16] latent and 1000 classes (measured on their code).
+REFERENCE_PARAMS = {
+    "dit-s": 33_649_792,
+    "dit-b": 131_884_288,
+    "dit-l": 459_923_424,
+    "dit-xl": 677_248_384,
+    "ditdh-s": 196_455_764,
+    "ditdh-b": 294_295_892,
+    "ditdh-xl": 838_675_796,
+}
+PAPER_MILLIONS = {"ditdh-s": 196.46, "ditdh-b": 294.30, "ditdh-xl": 838.68}
+
+C, S, K = 16, 4, 10  # tiny latent [16, 4, 4], 10 classes
+
+
+def tiny(kind):
+    torch.manual_seed(0)
+    if kind == "dit":
+        return DiT(in_channels=C, input_size=S, width=32, depth=2, num_heads=2, num_classes=K)
+    return DiTDH(in_channels=C, input_size=S, width=16, depth=2, num_heads=2,
+                 head_width=32, head_depth=2, head_num_heads=2, num_classes=K)
+
+
+def randomized(kind, seed=1):
+    """A tiny model with every weight random (adaLN-Zero layers included) so outputs are non-trivial."""
+    model = tiny(kind)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in ("pos_embed", "t_embedder.W"):
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+    return model.eval()
+
+
+def inputs(batch=3, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, C, S, S, generator=g), torch.rand(batch, generator=g),
+            torch.randint(0, K, (batch,), generator=g))
+
+
+@pytest.mark.parametrize("preset", list(REFERENCE_PARAMS))
+def test_param_count_equals_reference_implementation(preset):
+    with torch.device("meta"):
+        model = build_model(preset, in_channels=768, input_size=16, num_classes=1000)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == REFERENCE_PARAMS[preset]
+    if preset in PAPER_MILLIONS:
+        assert round(count / 1e6, 2) == PAPER_MILLIONS[preset]
+
+
+def test_presets_are_the_papers_sizes():
+    sizes = {name: (kw["width"], kw["depth"], kw["num_heads"]) for name, (_, kw) in PRESETS.items()}
+    assert sizes["dit-xl"] == sizes["ditdh-xl"] == (1152, 28, 16)
+    assert sizes["ditdh-s"] == (384, 12, 6) and sizes["ditdh-b"] == (768, 12, 12)
+    assert sizes["dit-l"] == (1024, 24, 16)
+    for name, (cls, kw) in PRESETS.items():
+        if cls is DiTDH:
+            assert (kw["head_width"], kw["head_depth"], kw["head_num_heads"]) == (2048, 2, 16)
+
+
+def test_build_model_applies_overrides_and_rejects_unknown_names():
+    with torch.device("meta"):
+        model = build_model("ditdh-s", in_channels=32, input_size=8, depth=3, head_width=64)
+    assert model.config["depth"] == 3 and model.config["head_width"] == 64
+    assert len(model.blocks) == 3 + 2
+    with pytest.raises(RaeError, match="ditdh-xl"):
+        build_model("dit-xxl", in_channels=32, input_size=8)
+
+
+def test_swiglu_hidden_width_truncates_like_reference():
+    assert [swiglu_hidden(w, 4.0) for w in (384, 768, 1024, 1152, 2048)] == [1024, 2048, 2730, 3072, 5461]
+    assert tiny("dit").blocks[0].mlp.w3.in_features == swiglu_hidden(32, 4.0)
+
+
+@pytest.mark.parametrize("kind", ["dit", "ditdh"])
+def test_velocity_has_latent_shape(kind):
+    x, t, y = inputs()
+    v = randomized(kind)(x, t, y)
+    assert v.shape == x.shape and v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("kind", ["dit", "ditdh"])
+def test_fresh_model_is_adaln_zero(kind):
+    model = tiny(kind)
+    x, t, y = inputs()
+    # Zero output layer: the fresh model predicts v = 0 exactly ...
+    assert torch.equal(model(x, t, y), torch.zeros_like(x))
+    # ... and every block starts as the identity (zero gates).
+    h = torch.randn(3, S * S, model.blocks[0].norm1.weight.numel())
+    c = torch.randn(3, h.shape[-1])
+    rope_module = model.feat_rope if kind == "dit" else model.enc_feat_rope
+    rope = (rope_module.freqs_cos, rope_module.freqs_sin)
+    assert torch.equal(model.blocks[0](h, c, rope), h)
+
+
+@pytest.mark.parametrize("kind", ["dit", "ditdh"])
+def test_null_label_is_an_extra_class(kind):
+    model = randomized(kind)
+    x, t, _ = inputs()
+    null = torch.full((3,), K)
+    v_null = model(x, t, null)
+    assert torch.isfinite(v_null).all()
+    assert not torch.allclose(v_null, model(x, t, torch.zeros(3, dtype=torch.long)))
+    assert model.y_embedder.embedding_table.num_embeddings == K + 1
+    with pytest.raises(IndexError):
+        model(x, t, torch.full((3,), K + 1))
+
+
+@pytest.mark.parametrize("kind", ["dit", "ditdh"])
+def test_forward_is_deterministic_in_train_mode(kind):
+    # Label dropout lives in the training loop (flow.drop_labels), not in the model.
+    model = randomized(kind).train()
+    x, t, y = inputs()
+    assert torch.equal(model(x, t, y), model(x, t, y))
+
+
+@pytest.mark.parametrize("kind", ["dit", "ditdh"])
+def test_each_sample_is_independent_of_the_rest_of_the_batch(kind):
+    # What batching conditional + unconditional passes for CFG relies on.
+    model = randomized(kind)
+    x, t, y = inputs(batch=4)
+    batched = model(x, t, y)
+    for i in range(4):
+        torch.testing.assert_close(batched[i:i + 1], model(x[i:i + 1], t[i:i + 1], y[i:i + 1]))
+
+
+def test_time_embedding_is_fourier_features_of_raw_t():
+    model = randomized("dit")
+    t = torch.tensor([0.0, 0.25, 1.0])
+    angles = 2 * math.pi * t[:, None] * model.t_embedder.W[None]
+    expected = model.t_embedder.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
+    torch.testing.assert_close(model.t_embedder(t), expected)
+    assert not model.t_embedder.W.requires_grad and not model.pos_embed.requires_grad
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    grid, head_dim = 4, 8
+    rope = RoPE2D(head_dim, grid)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(head_dim, generator=g).expand(1, 1, grid * grid, head_dim)
+    k = torch.randn(head_dim, generator=g).expand(1, 1, grid * grid, head_dim)
+    rq, rk = apply_rope(q, rope.freqs_cos, rope.freqs_sin), apply_rope(k, rope.freqs_cos, rope.freqs_sin)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))  # a rotation
+    scores = (rq[0, 0] @ rk[0, 0].T).reshape(grid, grid, grid, grid)  # [r_q, c_q, r_k, c_k]
+    torch.testing.assert_close(scores[0, 0, 1, 2], scores[2, 1, 3, 3])  # offset (+1, +2)
+    torch.testing.assert_close(scores[3, 0, 1, 0], scores[2, 2, 0, 2])  # offset (-2, 0)
+    assert not torch.allclose(scores[0, 0, 1, 2], scores[0, 0, 2, 1])  # rows and columns differ
+    assert "freqs_cos" not in rope.state_dict()  # recomputed, never checkpointed
+
+
+def test_state_dict_names_are_the_reference_names():
+    block = ["norm1.weight", "norm2.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+             "attn.proj.bias", "mlp.w12.weight", "mlp.w12.bias", "mlp.w3.weight", "mlp.w3.bias",
+             "adaLN_modulation.1.weight", "adaLN_modulation.1.bias"]
+    top = ["pos_embed", "t_embedder.W", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias",
+           "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias", "y_embedder.embedding_table.weight",
+           "final_layer.norm_final.weight", "final_layer.linear.weight", "final_layer.linear.bias",
+           "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
+           "x_embedder.proj.weight", "x_embedder.proj.bias"]
+    dh_top = top + ["s_embedder.proj.weight", "s_embedder.proj.bias", "s_projector.weight",
+                    "s_projector.bias"]
+    dit, ditdh = tiny("dit"), tiny("ditdh")
+    assert set(dit.state_dict()) == set(top) | {f"blocks.{i}.{b}" for i in range(2) for b in block}
+    assert set(ditdh.state_dict()) == set(dh_top) | {f"blocks.{i}.{b}" for i in range(4) for b in block}
+    sd = ditdh.state_dict()
+    assert sd["blocks.1.attn.qkv.weight"].shape == (48, 16)  # trunk
+    assert sd["blocks.2.attn.qkv.weight"].shape == (96, 32)  # head
+    assert sd["x_embedder.proj.weight"].shape == (32, C, 1, 1)  # Conv2d layout of the checkpoints
+
+
+@pytest.mark.parametrize("kind", ["dit", "ditdh"])
+def test_reference_checkpoint_round_trip(kind):
+    model = randomized(kind)
+    ref_sd = to_reference_state_dict(model)
+    rope_keys = {k for k in ref_sd if k.endswith(("freqs_cos", "freqs_sin"))}
+    assert len(rope_keys) == (2 if kind == "dit" else 4)
+    # A training checkpoint of the reference keeps the EMA weights under "ema".
+    cls, kwargs = config_from_reference_state_dict({"ema": ref_sd})
+    assert cls is type(model) and kwargs == model.config
+    loaded = cls(**kwargs).eval()
+    loaded.load_state_dict(from_reference_state_dict({"ema": ref_sd}), strict=True)
+    x, t, y = inputs()
+    assert torch.equal(loaded(x, t, y), model(x, t, y))
+
+
+@pytest.mark.parametrize("kind", ["dit", "ditdh"])
+def test_forward_traces_as_one_graph(kind):
+    model = randomized(kind)
+    x, t, y = inputs()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # fails on any graph break
+    torch.testing.assert_close(compiled(x, t, y), model(x, t, y))
+
+
+@pytest.mark.parametrize("kind", ["dit", "ditdh"])
+def test_bf16_autocast_forward_stays_close_to_fp32(kind):
+    model = randomized(kind)
+    x, t, y = inputs()
+    reference = model(x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, t, y)
+    assert torch.isfinite(low).all()
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_width_rule_warning_only_when_width_below_token_dim():
+    assert width_rule_warning(768, 768) is None
+    assert width_rule_warning(1152, 768) is None
+    message = width_rule_warning(384, 768)
+    assert "384" in message and "768" in message and "width" in message
+    with torch.device("meta"):
+        ditdh_s = build_model("ditdh-s", in_channels=768, input_size=16)
+        dit_s = build_model("dit-s", in_channels=768, input_size=16)
+    # DiT^DH-S has a 384-wide trunk but a 2048-wide head: it satisfies the rule, DiT-S does not.
+    assert width_rule_warning(ditdh_s.output_width, 768) is None
+    assert width_rule_warning(dit_s.output_width, 768) is not None
+
+
+def _overfit_one_latent(width, heads, token_dim=32, steps=250):
+    """Train on a single latent, return the flow-matching loss on fresh (eps, t)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, token_dim, 4, 4, generator=g).expand(32, -1, -1, -1)
+    model = DiT(in_channels=token_dim, input_size=4, width=width, depth=2, num_heads=heads,
+                num_classes=1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3,
+                            weight_decay=0.0)
+    y = torch.zeros(32, dtype=torch.long)
+    for _ in range(steps):
+        eps, t = torch.randn(x.shape, generator=g), flow.sample_t(32, generator=g)
+        loss = flow.loss(model(flow.interpolate(x, eps, t), t, y), flow.target(x, eps))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    g = torch.Generator().manual_seed(1)
+    eps, t = torch.randn(x.shape, generator=g), flow.sample_t(32, generator=g)
+    with torch.no_grad():
+        return flow.loss(model(flow.interpolate(x, eps, t), t, y), flow.target(x, eps)).item()
+
+
+def test_model_narrower_than_tokens_cannot_fit_one_latent():
+    # The paper's width experiment at toy scale: tokens of dimension 32. A width-16 model
+    # squeezes each token through 16 dimensions, so it cannot predict the other half of the
+    # noise (loss >= ~0.5); a width-64 model drives the loss close to 0.
+    narrow = _overfit_one_latent(width=16, heads=2)
+    wide = _overfit_one_latent(width=64, heads=4)
+    assert narrow > 0.5
+    assert wide < 0.2
+    assert narrow > 5 * wide
