@@ -5,8 +5,11 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from . import demo_cmd, encode_cmd, info_cmd
+    from . import decode_cmd, demo_cmd, encode_cmd, eval_cmd, info_cmd, sample_cmd
 
     app.command("encode", help=encode_cmd.__doc__)(encode_cmd.encode)
+    app.command("sample", help=sample_cmd.__doc__)(sample_cmd.sample)
+    app.command("decode", help=decode_cmd.__doc__)(decode_cmd.decode)
+    app.command("eval", help=eval_cmd.__doc__)(eval_cmd.eval_cmd)
     app.command("info", help=info_cmd.__doc__)(info_cmd.info)
     app.command("demo-data", help=demo_cmd.__doc__)(demo_cmd.demo_data)

@@ -1,4 +1,4 @@
-"""Evaluate images: FID, Inception Score, precision/recall, KID and FD_DINOv2 as the ADM suite computes them, plus PSNR/SSIM with --pairs."""
+"""Evaluate images: FID, IS, precision/recall, KID and FD_DINOv2 as the ADM suite computes them; PSNR/SSIM with --pairs."""
 from __future__ import annotations
 
 import os
@@ -24,7 +24,8 @@ _SHOWN = {
 
 @user_errors
 def eval_cmd(
-    images: Path = typer.Argument(..., help="Images to evaluate: a folder of PNGs or an ADM .npz (arr_0: uint8 N x H x W x 3)."),
+    images: Path = typer.Argument(..., help="Images to evaluate: a folder of PNGs or an ADM .npz "
+                                  "(arr_0: uint8 N x H x W x 3)."),
     ref: Optional[Path] = typer.Option(None, "--ref", help="Reference: an ADM reference batch .npz (its mu/sigma are the "
                                        "FID reference, its images the precision/recall one), an image folder or .npz, or a "
                                        "statistics file written by --save-ref."),
@@ -33,7 +34,8 @@ def eval_cmd(
     save_ref: Optional[Path] = typer.Option(None, "--save-ref", help="Write IMAGES' statistics (Inception mu/sigma and pool "
                                             "features, DINOv2 mu/sigma) to this .npz or .safetensors, for later --ref."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="torch-fidelity's Inception file "
-                                                     "(weights-inception-2015-12-05-6726825d.pth); default: the torch hub cache."),
+                                                     "(weights-inception-2015-12-05-6726825d.pth); default: the "
+                                                     "torch hub cache."),
     dinov2_weights: Optional[Path] = typer.Option(None, "--dinov2-weights", help="DINOv2 weights file for FD_DINOv2; "
                                                   "default: the timm / Hugging Face cache."),
     fd_model: str = typer.Option("vit_large_patch14_dinov2.lvd142m", "--fd-model", help="timm DINOv2 model for the FD in "
@@ -47,7 +49,7 @@ def eval_cmd(
                                        "or NAME.eval.json beside an .npz)."),
     offline: bool = typer.Option(False, "--offline", help="Never download weights (use caches and files only)."),
 ):
-    """Evaluate images: FID, Inception Score, precision/recall, KID and FD_DINOv2 as the ADM suite computes them, plus PSNR/SSIM with --pairs.
+    """Evaluate images: FID, IS, precision/recall, KID and FD_DINOv2 as the ADM suite computes them; PSNR/SSIM with --pairs.
 
     rFID: `rae eval RECONSTRUCTIONS --ref ORIGINALS --pairs` (ImageNet val, 50K, ADM center crop 256).
     Writes eval.json; under `torchrun --nproc_per_node N` the GPUs share the images.
@@ -70,18 +72,25 @@ def eval_cmd(
 
 
 def print_result(result: dict, console: Console | None = None) -> None:
+    """The metric table, then one line per reason for the metrics that were skipped."""
     console = console or Console()
-    table = Table(title=f"rae eval: {result['num_images']} images"
-                  + (f" vs {result['num_ref_images']} reference images" if result.get("num_ref_images") else ""))
+    title = f"rae eval: {result['num_images']} images"
+    if result.get("num_ref_images"):
+        title += f" vs {result['num_ref_images']} reference images"
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result["metrics"].items():
         name, fmt = _SHOWN.get(key, (key, "{:.4f}"))
         table.add_row(name, fmt.format(value))
+    console.print(f"[bold]{title}[/]", highlight=False)
+    if result["metrics"]:
+        console.print(table)
+    by_reason: dict[str, list[str]] = {}
     for key, why in result["skipped"].items():
-        table.add_row(f"[dim]{_SHOWN.get(key, (key,))[0] if key != 'pr' else 'Precision / recall'}[/]",
-                      f"[dim]skipped: {why}[/]")
-    console.print(table)
+        by_reason.setdefault(why, []).append("precision/recall" if key == "pr" else _SHOWN.get(key, (key,))[0])
+    for why, names in by_reason.items():
+        console.print(f"[yellow]skipped[/] {', '.join(names)}: {why}", highlight=False, soft_wrap=True)
     if result.get("written"):
         console.print(f"wrote {result['written']}", highlight=False)
     if result.get("saved_ref"):

@@ -11,14 +11,21 @@ from .errors import RaeError
 PRESETS: dict[str, dict[str, dict]] = {
     "imagenet256": {
         "encode": dict(encoder="dinov2-b", image_size=256, random_init=False),
+        # FID-50K protocol: exactly 50 samples of each of the 1000 classes.
+        "sample": dict(per_class=50, solver="euler", steps=50),
+        "decode": dict(batch_size=128),
     },
     "imagenet512": {
         "encode": dict(encoder="dinov2-b", image_size=512, random_init=False),
+        "sample": dict(per_class=50, solver="euler", steps=50),
+        "decode": dict(batch_size=64),
     },
     "demo": {
         # The DINOv2-with-registers architecture at width 96, random weights from seed 0.
         "encode": dict(encoder="dinov2-demo", image_size=64, random_init=True, seed=0, block_size=128,
                        num_workers=2),
+        "sample": dict(per_class=4, steps=10, batch_size=32, block_size=64),
+        "decode": dict(batch_size=32, chunk_size=64),
     },
 }
 

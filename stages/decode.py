@@ -1,0 +1,301 @@
+"""``rae decode``: any complete latent store (encoded images or generated samples) -> PNGs + ADM ``.npz``.
+
+Decoding an encoded store gives reconstructions (rFID), decoding a sample store gives generations
+(gFID): the same command. Output folder::
+
+    IMAGES/000000.png ...   entry i of the store (valid entries only), written atomically
+    IMAGES/samples.npz      ADM evaluation format: arr_0 uint8 [N, H, W, 3] in index order
+                            (+ arr_1 int64 labels when the store is labelled)
+    IMAGES/grid.png         preview: one row per class (labelled stores), else an 8-wide grid
+    IMAGES/manifest.json    kind "image-folder", complete last
+
+Pixels: clamp to [0, 1], times 255, then truncation to uint8, exactly as the reference's
+``sample_ddp.py`` / ``stage1_sample_ddp.py`` (and ADM) do. A killed run resumes: existing PNGs are
+kept, and the ``.npz`` is assembled from the PNGs at the end.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dist
+from .checkpoint import load_weights
+from .errors import ArtifactError, RaeError
+from .manifest import digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
+from .progress import console, progress
+from .store import open_complete_store
+
+NPZ = "samples.npz"
+GRID = "grid.png"
+
+
+@dataclass
+class DecodeConfig:
+    store: str
+    decoder: str
+    out: str
+    ema: bool = True                 # decoder_ema.safetensors (else decoder.safetensors)
+    precision: str = "auto"          # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    grid_classes: int = 16           # preview rows (labelled stores)
+    grid_per_row: int = 8
+    # Run settings: they do not change the images, so a resume may change them.
+    batch_size: int = 128
+    chunk_size: int = 1024           # entries per unit of work shared between ranks
+    device: str = "auto"
+    compile: bool = False
+    overwrite: bool = False
+
+    RUN_ONLY = ("batch_size", "chunk_size", "device", "compile", "overwrite", "out", "grid_classes", "grid_per_row")
+
+    def identity(self) -> dict:
+        return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY}
+
+
+#################################################################################
+#                                 Decoder runs                                  #
+#################################################################################
+
+def _decoder_kwargs(config: dict) -> dict:
+    """ViTDecoder constructor kwargs from a decoder run's config.json: the exact kwargs (under
+    "decoder", "architecture" or "model", directly or as "kwargs"), or a named size plus the rest."""
+    for key in ("decoder", "architecture", "model"):
+        spec = config.get(key)
+        if not isinstance(spec, dict):
+            continue
+        if isinstance(spec.get("kwargs"), dict):
+            return dict(spec["kwargs"])
+        if "in_dim" in spec and "size" not in spec:
+            return dict(spec)
+        if "size" in spec:
+            from .models.decoder import DECODER_SIZES
+
+            if spec["size"] in DECODER_SIZES:
+                return {**DECODER_SIZES[spec["size"]], **{k: v for k, v in spec.items() if k != "size"}}
+    raise ArtifactError("the decoder run's config.json has no decoder architecture (ViTDecoder keyword arguments)")
+
+
+def load_decoder_run(run_dir: str | os.PathLike, device="cpu", ema: bool = True) -> tuple[torch.nn.Module, dict]:
+    """A complete decoder run -> (ViTDecoder in eval mode on ``device``, info).
+
+    info: {"encoder": identity dict, "latent_shape": [C, h, w], "image_size": int, "config": config.json,
+    "manifest": manifest.json}.
+    """
+    from .models.decoder import ViTDecoder
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir, kind="decoder-run", what="decoder run")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"cannot read {run_dir / 'config.json'}: {e}") from None
+    decoder = ViTDecoder(**_decoder_kwargs(config))
+    weights = run_dir / ("decoder_ema.safetensors" if ema else "decoder.safetensors")
+    if not weights.is_file():
+        raise ArtifactError(f"{run_dir} has no {weights.name}")
+    try:
+        decoder.load_state_dict(load_weights(weights))
+    except RuntimeError as e:
+        raise ArtifactError(f"{weights} does not fit its config.json: {str(e).splitlines()[0]}") from None
+    encoder = manifest.get("encoder") or config.get("encoder") or {}
+    latent_shape = manifest.get("latent_shape") or config.get("latent_shape") or [decoder.in_dim, decoder.grid, decoder.grid]
+    info = {"encoder": encoder, "latent_shape": list(latent_shape), "image_size": decoder.image_size,
+            "config": config, "manifest": manifest}
+    return decoder.to(device).eval(), info
+
+
+def check_compatible(store_encoder: dict, store_shape, decoder_info: dict, decoder_path) -> None:
+    """Refuse a decoder trained for another encoder (name, weights sha256, latent shape)."""
+    dec = decoder_info["encoder"]
+    for key, what in (("name", "encoder"), ("weights_sha256", "encoder weights")):
+        if store_encoder.get(key) != dec.get(key):
+            a, b = str(store_encoder.get(key)), str(dec.get(key))
+            raise RaeError(f"decoder {decoder_path} was trained for another {what} ({b[:16]}) than the store's ({a[:16]})")
+    if list(store_shape) != list(decoder_info["latent_shape"]):
+        raise RaeError(f"decoder {decoder_path} expects latents {decoder_info['latent_shape']}, the store has {list(store_shape)}")
+
+
+#################################################################################
+#                                   Images                                      #
+#################################################################################
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]: clamp, x255, truncate (as the reference and ADM)."""
+    return images.float().clamp(0, 1).mul(255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def png_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
+    os.replace(tmp, path)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def write_npz(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray | None) -> None:
+    """ADM ``.npz`` streamed from the PNGs (never all images in memory): arr_0 uint8 [N, H, W, 3]."""
+    first = _read_png(folder / png_name(int(indices[0])))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (len(indices), *first.shape)}
+            np.lib.format.write_array_header_1_0(f, header)
+            with cf.ThreadPoolExecutor(max_workers=8) as pool:
+                for image in pool.map(lambda i: _read_png(folder / png_name(int(i))), indices):
+                    if image.shape != first.shape:
+                        raise ArtifactError(f"{folder}: images of different sizes ({image.shape} vs {first.shape})")
+                    f.write(np.ascontiguousarray(image).tobytes())
+        if labels is not None:
+            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, labels.astype(np.int64))
+    os.replace(tmp, path)
+
+
+def write_grid(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray | None,
+               max_rows: int = 16, per_row: int = 8) -> None:
+    """Preview: one row per class (the first ``max_rows`` classes present) for labelled stores."""
+    from PIL import Image
+
+    if labels is not None and (labels >= 0).all():
+        rows = [indices[labels == c][:per_row] for c in np.unique(labels)[:max_rows]]
+    else:
+        shown = indices[: max_rows * per_row]
+        rows = [shown[r: r + per_row] for r in range(0, len(shown), per_row)]
+    first = _read_png(folder / png_name(int(rows[0][0])))
+    h, w = first.shape[:2]
+    canvas = np.full((len(rows) * h, per_row * w, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, i in enumerate(row):
+            canvas[r * h: (r + 1) * h, c * w: (c + 1) * w] = _read_png(folder / png_name(int(i)))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    Image.fromarray(canvas).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+#################################################################################
+#                                    Stage                                      #
+#################################################################################
+
+def _prepare_folder(cfg: DecodeConfig, store_manifest: dict, decoder_manifest: dict) -> str:
+    out = Path(cfg.out)
+    inputs = {"latents": input_ref(cfg.store, store_manifest), "decoder": input_ref(cfg.decoder, decoder_manifest)}
+    wanted = digest_json({"config": cfg.identity(), "inputs": [v["content_id"] for v in inputs.values()]})
+    if out.exists() and has_manifest(out):
+        manifest = read_manifest(out, require_complete=False, what="output folder")
+        if manifest.get("kind") == "image-folder" and manifest.get("identity") == wanted:
+            return "done" if manifest.get("complete") else "resume"
+        if not cfg.overwrite:
+            raise ArtifactError(f"{out} was made from other latents, decoder or settings; "
+                                "pass --overwrite to replace it, or choose another --out")
+    if out.exists() and any(out.iterdir()):
+        if not (cfg.overwrite and has_manifest(out)):
+            raise ArtifactError(f"{out} exists and is not a rae image folder; choose another --out")
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, new_manifest("image-folder", cfg, inputs=inputs, identity=wanted,
+                                     encoder=store_manifest.get("encoder"), npz=NPZ, grid=GRID))
+    return "new"
+
+
+def run(cfg: DecodeConfig) -> dict:
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
+    if cfg.batch_size < 1 or cfg.chunk_size < 1:
+        raise RaeError("--batch-size must be at least 1")
+    d = dist.init(cfg.device)
+    cfg.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    store_manifest, store = open_complete_store(cfg.store)
+    decoder, info = load_decoder_run(cfg.decoder, device=d.device, ema=cfg.ema)
+    store_encoder = store.attrs.get("encoder") or store_manifest.get("encoder") or {}
+    check_compatible(store_encoder, store.latent_shape, info, cfg.decoder)
+
+    state, error = None, None
+    if d.is_main:
+        try:
+            state = _prepare_folder(cfg, store_manifest, info["manifest"])
+        except RaeError as e:
+            error = str(e)
+    state, error = dist.broadcast_object((state, error))
+    if error:
+        raise ArtifactError(error)
+    out = Path(cfg.out)
+    if state == "done":
+        if d.is_main:
+            console.print(f"{out} is already complete; nothing to do.")
+        return summary(out)
+
+    indices = store.valid_indices()
+    if len(indices) == 0:
+        raise ArtifactError(f"{cfg.store} has no valid entries to decode")
+    # Units of work in index order, shared round-robin; a resume skips PNGs already written.
+    chunks = [indices[s: s + cfg.chunk_size] for s in range(0, len(indices), cfg.chunk_size)]
+    mine = [i for chunk in dist.shard(chunks, d.rank, d.world) for i in chunk if not (out / png_name(int(i))).is_file()]
+    if cfg.compile:
+        decoder = torch.compile(decoder)
+    label = "decode" if d.world == 1 else f"decode (rank {d.rank}/{d.world})"
+    t0 = time.time()
+    writer = cf.ThreadPoolExecutor(max_workers=8)
+    try:
+        with progress(len(mine), label, unit="img") as advance, torch.inference_mode():
+            for s in range(0, len(mine), cfg.batch_size):
+                idx = np.asarray(mine[s: s + cfg.batch_size])
+                z = torch.from_numpy(store.read(idx)).to(d.device, non_blocking=True).float()
+                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    images = decoder(z)
+                pixels = to_uint8(images)
+                list(writer.map(lambda k: _write_png(out / png_name(int(idx[k])), pixels[k]), range(len(idx))))
+                advance(len(idx))
+    finally:
+        writer.shutdown(wait=True, cancel_futures=True)
+    elapsed = time.time() - t0
+    dist.barrier()
+    if d.is_main:
+        _finalize(cfg, out, indices, np.asarray(store.labels[:]))
+    dist.barrier()
+    result = summary(out)
+    result["seconds"] = elapsed
+    result["images_per_second"] = len(mine) / elapsed if elapsed > 0 else 0.0
+    return result
+
+
+def _finalize(cfg: DecodeConfig, out: Path, indices: np.ndarray, all_labels: np.ndarray) -> None:
+    missing = [int(i) for i in indices if not (out / png_name(int(i))).is_file()]
+    if missing:
+        raise ArtifactError(f"{out}: {len(missing)} images were not written (a rank failed?); run the command again")
+    labels = all_labels[indices]
+    labels = labels if (labels >= 0).any() else None
+    write_npz(out / NPZ, out, indices, labels)
+    write_grid(out / GRID, out, indices, labels, cfg.grid_classes, cfg.grid_per_row)
+    first = _read_png(out / png_name(int(indices[0])))
+    manifest = read_manifest(out, require_complete=False)
+    manifest.update(num_images=len(indices), image_shape=list(first.shape), labelled=labels is not None,
+                    files=[png_name(int(indices[0])), png_name(int(indices[-1]))],
+                    content_id=digest_json({"identity": manifest["identity"], "n": len(indices)}), complete=True)
+    write_manifest(out, manifest)
+
+
+def summary(out: Path) -> dict:
+    manifest = read_manifest(out, kind="image-folder", what="image folder")
+    return {"folder": str(out), "images": manifest["num_images"], "image_shape": manifest["image_shape"],
+            "npz": str(Path(out) / NPZ), "grid": str(Path(out) / GRID)}

@@ -1,0 +1,354 @@
+"""``rae sample``: a trained diffusion run -> a sample store of generated latents (raw encoder space).
+
+Sample ``i`` starts from its own noise, drawn on the CPU from ``torch.Generator().manual_seed(seed + i)``,
+and batches never cross a block: the store is the same whatever the batch size or the number of
+``torchrun`` ranks (edm2's per-seed determinism). Work proceeds in blocks of the latent-store layout
+(``stages.store``), so a killed run resumes at the first unfinished block.
+
+Solvers (``stages.flow``): "euler" and "heun" take ``steps`` steps from t = 1 to exactly t = 0;
+"euler-ref" is the authors' sampler: their ``num_steps: 50`` (time points) is
+``--solver euler-ref --steps 49`` here. Guidance: none, classifier-free guidance ("cfg", with an
+interval) or AutoGuidance ("autoguidance": a smaller or earlier run as the bad model; paper:
+DiT^DH-XL guided by DiT^DH-S at scale 1.42).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dist, flow
+from .checkpoint import load_weights
+from .errors import ArtifactError, RaeError
+from .manifest import digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
+from .progress import console, progress
+from .store import CODECS, LatentStore, remove_store
+
+
+@dataclass
+class SampleConfig:
+    model: str
+    out: str
+    # Labels: exactly ``per_class`` samples of each class (FID-50K: 50), or ``num`` random labels
+    # (seeded); ``classes`` restricts either to these class indices.
+    per_class: int | None = None
+    num: int | None = None
+    classes: list[int] | None = None
+    seed: int = 0
+    # Solver: steps = solver steps ("euler-ref" --steps 49 == the reference's 50 time points).
+    solver: str = "euler"
+    steps: int = 50
+    shift: float | None = None                 # None: the shift the run was trained with
+    guidance: str = "none"                     # none | cfg | autoguidance
+    cfg_scale: float = 1.0
+    guide_model: str | None = None
+    ag_scale: float = 1.42
+    guidance_interval: tuple[float, float] = (0.0, 1.0)   # [t_min, t_max], model time (t = 1 noise)
+    ema: bool = True
+    precision: str = "auto"                    # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    dtype: str = "float16"                     # stored latent dtype
+    codec: str = "blosc-zstd"
+    shard_size: int = 64
+    block_size: int = 1024
+    # Run settings: they do not change the store, so a resume may change them.
+    batch_size: int = 256
+    device: str = "auto"
+    compile: bool = False
+    overwrite: bool = False
+
+    RUN_ONLY = ("batch_size", "device", "compile", "overwrite", "out")
+
+    def identity(self) -> dict:
+        return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY}
+
+
+def _validate(cfg: SampleConfig) -> None:
+    if cfg.solver not in flow.SOLVERS:
+        raise RaeError(f"--solver must be one of {', '.join(flow.SOLVERS)} (got {cfg.solver})")
+    if cfg.steps < 1:
+        raise RaeError("--steps must be at least 1")
+    if cfg.guidance not in ("none", "cfg", "autoguidance"):
+        raise RaeError(f"--guidance must be none, cfg or autoguidance (got {cfg.guidance})")
+    if cfg.guidance == "autoguidance" and not cfg.guide_model:
+        raise RaeError("--guidance autoguidance needs --guide-model RUN (a smaller or earlier diffusion run)")
+    if cfg.guide_model and cfg.guidance != "autoguidance":
+        raise RaeError("--guide-model is only used with --guidance autoguidance")
+    t_min, t_max = cfg.guidance_interval
+    if not 0 <= t_min < t_max <= 1:
+        raise RaeError(f"--guidance-interval must be t_min t_max with 0 <= t_min < t_max <= 1 (got {t_min} {t_max})")
+    if (cfg.per_class is None) == (cfg.num is None):
+        raise RaeError("give exactly one of --per-class K (K samples of every class) or --num N (random labels)")
+    if (cfg.per_class or 1) < 1 or (cfg.num or 1) < 1:
+        raise RaeError("--per-class and --num must be at least 1")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
+    if cfg.dtype not in ("float16", "float32"):
+        raise RaeError(f"--dtype must be float16 or float32 (got {cfg.dtype})")
+    if cfg.codec not in CODECS:
+        raise RaeError(f"--codec must be one of {', '.join(CODECS)} (got {cfg.codec})")
+    if cfg.shard_size < 1 or cfg.block_size % cfg.shard_size:
+        raise RaeError("the shard size must divide the block size")
+    if cfg.batch_size < 1:
+        raise RaeError("--batch-size must be at least 1")
+
+
+#################################################################################
+#                               Diffusion runs                                  #
+#################################################################################
+
+@dataclass
+class DiffusionRun:
+    """What sampling needs from a diffusion run directory."""
+    path: Path
+    model: torch.nn.Module
+    manifest: dict
+    config: dict
+    mean: torch.Tensor                        # [C, h, w] latent statistics the model was trained on
+    var: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def latent_shape(self) -> list[int]:
+        return list(self.config["latent_shape"])
+
+    @property
+    def encoder(self) -> dict:
+        return self.config.get("encoder") or self.manifest.get("encoder") or {}
+
+    def to_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised model space -> raw encoder space: x * sqrt(var + eps) + mean (as training's inverse)."""
+        eps = float(self.config.get("eps", 1e-5))
+        mean, var = self.mean.to(x.device), self.var.to(x.device)
+        return x * torch.sqrt(var + eps) + mean
+
+
+def _build_from_config(config: dict) -> torch.nn.Module:
+    from .models import dit
+
+    spec = config["model"]
+    classes = {"DiT": dit.DiT, "DiTDH": dit.DiTDH}
+    if spec.get("class") not in classes:
+        raise ArtifactError(f"unknown model class {spec.get('class')!r} in config.json")
+    return classes[spec["class"]](**spec["kwargs"])
+
+
+def _fallback_load(run_dir: Path, ema: bool, device) -> torch.nn.Module:
+    """Build the model from RUN/config.json and load its weights (used if stages.runs is absent)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    model = _build_from_config(config)
+    weights = run_dir / ("model_ema.safetensors" if ema else "model.safetensors")
+    if not weights.is_file():
+        raise ArtifactError(f"{run_dir} has no {weights.name}")
+    model.load_state_dict(load_weights(weights))
+    return model.to(device).eval()
+
+
+def open_diffusion_run(run_dir: str | Path, ema: bool = True, device="cpu") -> DiffusionRun:
+    """A complete diffusion run: its model (EMA weights by default, eval mode), config and statistics."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir, kind="diffusion-run", what="diffusion run")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"cannot read {run_dir / 'config.json'}: {e}") from None
+    try:
+        from .runs import load_diffusion_run
+    except ImportError:
+        load_diffusion_run = None
+    if load_diffusion_run is not None:
+        model, extra = load_diffusion_run(run_dir, ema=ema, device=device)
+    else:
+        model, extra = _fallback_load(run_dir, ema, device), {}
+    stats = load_weights(run_dir / config.get("statistics", "latent_stats.safetensors"))
+    return DiffusionRun(run_dir, model.eval(), manifest, config, stats["mean"].float(), stats["var"].float(),
+                        extra if isinstance(extra, dict) else {})
+
+
+#################################################################################
+#                                Labels, noise                                  #
+#################################################################################
+
+def sample_labels(cfg: SampleConfig, num_classes: int) -> np.ndarray:
+    """Labels of every sample, in store order: class-sorted for --per-class, seeded random for --num."""
+    classes = np.arange(num_classes) if cfg.classes is None else np.asarray(cfg.classes, dtype=np.int64)
+    if len(classes) == 0 or classes.min() < 0 or classes.max() >= num_classes:
+        raise RaeError(f"--classes must be class indices in [0, {num_classes - 1}]")
+    if cfg.per_class is not None:
+        return np.repeat(classes, cfg.per_class).astype(np.int64)
+    rng = np.random.default_rng(cfg.seed)
+    return classes[rng.integers(0, len(classes), size=cfg.num)].astype(np.int64)
+
+
+def sample_noise(seeds, latent_shape) -> torch.Tensor:
+    """Each sample's starting noise from its own seed, on the CPU: independent of batch and device."""
+    return torch.stack([torch.randn(*latent_shape, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds])
+
+
+#################################################################################
+#                                    Stage                                      #
+#################################################################################
+
+def _sampling_settings(cfg: SampleConfig, shift: float) -> dict:
+    return {"solver": cfg.solver, "steps": cfg.steps, "shift": shift, "guidance": cfg.guidance,
+            "scale": {"none": 1.0, "cfg": cfg.cfg_scale, "autoguidance": cfg.ag_scale}[cfg.guidance],
+            "interval": list(cfg.guidance_interval), "ema": cfg.ema, "precision": cfg.precision,
+            "seed": cfg.seed, "noise": "torch.Generator().manual_seed(seed + index), CPU randn"}
+
+
+def _prepare_store(cfg: SampleConfig, run: DiffusionRun, guide: DiffusionRun | None, settings: dict) -> str:
+    """Rank 0: create, reuse or refuse the output store. Returns "done", "resume" or "new"."""
+    out = Path(cfg.out)
+    inputs = {"model": input_ref(run.path, run.manifest)}
+    if guide is not None:
+        inputs["guide"] = input_ref(guide.path, guide.manifest)
+    wanted = digest_json({"config": cfg.identity(), "inputs": [v["content_id"] for v in inputs.values()]})
+    if out.exists() and has_manifest(out):
+        manifest = read_manifest(out, require_complete=False, what="output store")
+        same = manifest.get("kind") == "sample-store" and manifest.get("identity") == wanted
+        if same:
+            return "done" if manifest.get("complete") else "resume"
+        if not cfg.overwrite:
+            raise ArtifactError(f"{out} was made with different settings or models; "
+                                "pass --overwrite to replace it, or choose another --out")
+    if out.exists():
+        if not cfg.overwrite and any(out.iterdir()):
+            raise ArtifactError(f"{out} exists and is not a rae sample store; choose another --out")
+        remove_store(out)
+    num_classes = int(run.config["num_classes"])
+    labels = sample_labels(cfg, num_classes)
+    n = len(labels)
+    seeds = cfg.seed + np.arange(n, dtype=np.int64)
+    class_names = run.manifest.get("class_names") or run.config.get("class_names")
+    image_size = run.config.get("image_size", run.manifest.get("image_size"))
+    attrs = {"encoder": run.encoder, "image_size": image_size, "class_names": class_names,
+             "num_classes": num_classes, "raw_encoder_space": True, "sampling": settings}
+    LatentStore.create(out, n, tuple(run.latent_shape), cfg.dtype, labels, np.arange(n, dtype=np.int64),
+                       np.zeros(n, dtype=bool), attrs, shard_size=cfg.shard_size, block_size=cfg.block_size,
+                       codec=cfg.codec, extra_arrays={"seeds": seeds})
+    manifest = new_manifest("sample-store", cfg, inputs=inputs, identity=wanted, encoder=run.encoder,
+                            latent_shape=run.latent_shape, num_entries=n, class_names=class_names,
+                            sampling=settings)
+    write_manifest(out, manifest)
+    return "new"
+
+
+def _check_guide(run: DiffusionRun, guide: DiffusionRun) -> None:
+    """The guide must live in the same latent space: same encoder, latent shape and classes."""
+    for what, a, b in (("latent shape", run.latent_shape, guide.latent_shape),
+                       ("encoder", {k: run.encoder.get(k) for k in ("name", "weights_sha256")},
+                        {k: guide.encoder.get(k) for k in ("name", "weights_sha256")}),
+                       ("number of classes", run.config["num_classes"], guide.config["num_classes"])):
+        if a != b:
+            raise RaeError(f"--guide-model {guide.path} has another {what} than --model ({b} vs {a})")
+
+
+def make_velocity(cfg: SampleConfig, model, y: torch.Tensor, null_label: int, guide_model=None):
+    """The solver's velocity for labels ``y`` under the configured guidance."""
+    scale = {"none": 1.0, "cfg": cfg.cfg_scale, "autoguidance": cfg.ag_scale}[cfg.guidance]
+    return flow.guided_velocity(model, y, method=cfg.guidance, scale=scale, interval=tuple(cfg.guidance_interval),
+                                guide_model=guide_model, null_label=null_label)
+
+
+def run(cfg: SampleConfig) -> dict:
+    _validate(cfg)
+    d = dist.init(cfg.device)
+    cfg.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    cfg.guidance_interval = tuple(float(t) for t in cfg.guidance_interval)
+    model_run = open_diffusion_run(cfg.model, ema=cfg.ema, device=d.device)
+    guide_run = open_diffusion_run(cfg.guide_model, ema=cfg.ema, device=d.device) if cfg.guidance == "autoguidance" else None
+    if guide_run is not None:
+        _check_guide(model_run, guide_run)
+    flow_cfg = model_run.config.get("flow", {})
+    shift = cfg.shift if cfg.shift is not None else float(flow_cfg.get("shift", flow.default_shift(model_run.latent_shape)))
+    settings = _sampling_settings(cfg, shift)
+
+    state, error, pending = None, None, []
+    if d.is_main:
+        try:
+            state = _prepare_store(cfg, model_run, guide_run, settings)
+            pending = LatentStore(cfg.out).pending_blocks() if state != "done" else []
+        except RaeError as e:
+            error = str(e)
+    state, error, pending = dist.broadcast_object((state, error, pending))
+    if error:
+        raise ArtifactError(error)
+    out = Path(cfg.out)
+    if state == "done":
+        if d.is_main:
+            console.print(f"{out} is already complete; nothing to do.")
+        return summary(out)
+
+    store = LatentStore(out, mode="r+")
+    labels = np.asarray(store.labels[:])
+    seeds = np.asarray(store.group["seeds"][:])
+    my_blocks = dist.shard(pending, d.rank, d.world)
+    model, guide = model_run.model, guide_run.model if guide_run else None
+    if cfg.compile:
+        model = torch.compile(model)
+        guide = torch.compile(guide) if guide is not None else None
+    null_label = int(model_run.config.get("null_label", model_run.config["num_classes"]))
+    shape = model_run.latent_shape
+
+    total = sum(len(store.block_range(b)) for b in my_blocks)
+    label = "sample" if d.world == 1 else f"sample (rank {d.rank}/{d.world})"
+    t0 = time.time()
+    with progress(total, label, unit="img") as advance:
+        for b in my_blocks:
+            rng = store.block_range(b)
+            parts = []
+            # Batches never cross a block: the result does not depend on how blocks are shared out.
+            for s in range(rng.start, rng.stop, cfg.batch_size):
+                idx = np.arange(s, min(s + cfg.batch_size, rng.stop))
+                x = sample_latents(model_run, model, labels[idx], seeds[idx], cfg, shift, null_label, guide, d.device)
+                parts.append(x.cpu())
+                advance(len(idx))
+            lat = torch.cat(parts).numpy()
+            store.write_block(b, lat, np.ones(len(rng), dtype=bool), {"seconds": time.time() - t0})
+    elapsed = time.time() - t0
+    dist.barrier()
+    if d.is_main:
+        _finalize(store, out)
+    dist.barrier()
+    result = summary(out)
+    result["seconds"] = elapsed
+    result["images_per_second"] = total / elapsed if elapsed > 0 else 0.0
+    return result
+
+
+@torch.inference_mode()
+def sample_latents(model_run: DiffusionRun, model, labels, seeds, cfg: SampleConfig, shift: float,
+                   null_label: int, guide=None, device="cpu") -> torch.Tensor:
+    """One batch: noise from the seeds -> ODE solve (state in float32) -> raw encoder space [B, C, h, w]."""
+    noise = sample_noise(seeds, model_run.latent_shape).to(device)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=noise.device)
+    velocity = make_velocity(cfg, model, y, null_label, guide)
+    dev = torch.device(device).type
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        x = flow.sample(velocity, noise, cfg.steps, shift, cfg.solver)
+    return model_run.to_raw(x.float())
+
+
+def _finalize(store: LatentStore, out: Path) -> None:
+    missing = store.pending_blocks()
+    if missing:
+        raise ArtifactError(f"{out}: {len(missing)} blocks were not written (a rank failed?); run the command again")
+    moments = store.finalize_statistics()
+    store.mark_complete()
+    manifest = read_manifest(out, require_complete=False)
+    manifest["num_valid"] = int(moments.count)
+    manifest["content_id"] = digest_json({"identity": manifest["identity"], "count": moments.count,
+                                          "statistics": hashlib.sha256(moments.mean.tobytes() + moments.var.tobytes()).hexdigest()})
+    manifest["complete"] = True
+    write_manifest(out, manifest)
+
+
+def summary(out: Path) -> dict:
+    manifest = read_manifest(out, kind="sample-store", what="sample store")
+    return {"store": str(out), "entries": manifest["num_entries"], "latent_shape": manifest["latent_shape"],
+            "sampling": manifest["sampling"], "encoder": manifest["encoder"].get("name")}

@@ -1,0 +1,174 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from stages.checkpoint import save_weights
+from stages.decode import DecodeConfig, load_decoder_run, run, to_uint8
+from stages.errors import RaeError
+from stages.manifest import new_manifest, read_manifest, write_manifest
+from stages.models.decoder import ViTDecoder
+from stages.sample import SampleConfig
+from stages.sample import run as sample_run
+from stages.store import LatentStore
+from tests.test_sample import ENCODER, LATENT, make_diffusion_run
+
+DECODER = dict(in_dim=8, grid=4, patch_size=4, width=16, depth=1, heads=2, mlp_dim=32)
+
+
+def make_decoder_run(path, encoder=ENCODER, seed=0):
+    """A complete decoder run: tiny ViTDecoder (latents [8, 4, 4] -> 16x16 images)."""
+    torch.manual_seed(seed)
+    decoder = ViTDecoder(**DECODER)
+    path.mkdir(parents=True)
+    save_weights(path / "decoder_ema.safetensors", decoder.state_dict())
+    config = {"decoder": {"size": "tiny", "kwargs": DECODER}, "encoder": encoder, "latent_shape": list(LATENT),
+              "image_size": 16}
+    (path / "config.json").write_text(json.dumps(config))
+    manifest = new_manifest("decoder-run", {}, encoder=encoder, latent_shape=list(LATENT), content_id=f"dec-{seed}")
+    manifest["complete"] = True
+    write_manifest(path, manifest)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dec")
+    model = make_diffusion_run(root / "run")
+    decoder = make_decoder_run(root / "decoder")
+    store = root / "samples.zarr"
+    sample_run(SampleConfig(model=str(model), out=str(store), per_class=3, steps=2, block_size=4, shard_size=4,
+                            batch_size=4, device="cpu"))
+    return model, decoder, store
+
+
+def _cfg(store, decoder, out, **kw):
+    return DecodeConfig(store=str(store), decoder=str(decoder), out=str(out), device="cpu", batch_size=4,
+                        chunk_size=4, **kw)
+
+
+def test_pngs_npz_and_grid_have_the_right_shapes(setup, tmp_path):
+    model, decoder, store = setup
+    out = tmp_path / "images"
+    run(_cfg(store, decoder, out))
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs if p.name != "grid.png"] == [f"{i:06d}.png" for i in range(9)]
+    with np.load(out / "samples.npz") as z:
+        assert z["arr_0"].shape == (9, 16, 16, 3) and z["arr_0"].dtype == np.uint8
+        assert z["arr_1"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert np.array_equal(z["arr_0"][4], np.asarray(Image.open(out / "000004.png")))
+        arr = z["arr_0"]
+    # The npz holds exactly what the decoder makes of the stored latents (clamp, x255, truncate).
+    dec, _ = load_decoder_run(decoder)
+    with torch.no_grad():
+        expected = to_uint8(dec(torch.from_numpy(np.asarray(LatentStore(store).latents[:])).float()))
+    assert np.abs(arr.astype(int) - expected.astype(int)).max() <= 1
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (3 * 16, 8 * 16, 3)  # one row per class, 8 slots per row
+    assert np.array_equal(grid[16:32, 16:32], arr[4])  # row of class 1, second sample
+    assert read_manifest(out, kind="image-folder")["num_images"] == 9
+
+
+def test_uint8_conversion_truncates_like_the_reference():
+    x = torch.tensor([-0.5, 0.0, 0.5, 0.999, 1.0, 1.7]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]
+
+
+def test_decode_refuses_a_decoder_for_another_encoder(setup, tmp_path):
+    model, decoder, store = setup
+    other = make_decoder_run(tmp_path / "other", encoder={**ENCODER, "weights_sha256": "c" * 64})
+    with pytest.raises(RaeError, match="another encoder weights"):
+        run(_cfg(store, other, tmp_path / "x"))
+    other_name = make_decoder_run(tmp_path / "other2", encoder={**ENCODER, "name": "siglip2-b"})
+    with pytest.raises(RaeError, match="another encoder"):
+        run(_cfg(store, other_name, tmp_path / "y"))
+
+
+def test_resume_keeps_existing_pngs_and_gives_the_same_npz(setup, tmp_path, monkeypatch):
+    model, decoder, store = setup
+    full = tmp_path / "full"
+    run(_cfg(store, decoder, full))
+    out = tmp_path / "cut"
+    import stages.decode as decode_mod
+
+    original, written = decode_mod._write_png, []
+
+    def dying(path, image):
+        if len(written) == 5:
+            raise KeyboardInterrupt
+        written.append(path.name)
+        original(path, image)
+
+    monkeypatch.setattr(decode_mod, "_write_png", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(store, decoder, out))
+    assert not read_manifest(out, require_complete=False)["complete"] and not (out / "samples.npz").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("0*.png")}
+    monkeypatch.setattr(decode_mod, "_write_png", original)
+    run(_cfg(store, decoder, out))
+    assert all((out / name).stat().st_mtime_ns == t for name, t in before.items())  # not redone
+    with np.load(full / "samples.npz") as a, np.load(out / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_end_to_end_cli_sample_then_decode(tmp_path):
+    from rae_cli.decode_cmd import decode
+    from rae_cli.sample_cmd import sample
+
+    app = typer.Typer()
+    app.command("sample")(sample)
+    app.command("decode")(decode)
+    model = make_diffusion_run(tmp_path / "xl", seed=0)
+    guide = make_diffusion_run(tmp_path / "s", seed=1, width=8, head_width=8)
+    decoder = make_decoder_run(tmp_path / "decoder")
+    cli = CliRunner()
+    r = cli.invoke(app, ["sample", "--model", str(tmp_path / "xl"), "--out", str(tmp_path / "s.zarr"), "--num", "5",
+                         "--guidance", "autoguidance", "--guide-model", str(guide), "--solver", "euler-ref",
+                         "--steps", "3", "--guidance-interval", "0.1", "0.9", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "s.zarr", kind="sample-store")
+    assert m["sampling"]["interval"] == [0.1, 0.9] and m["num_entries"] == 5
+    r = cli.invoke(app, ["decode", str(tmp_path / "s.zarr"), "--decoder", str(decoder), "--out", str(tmp_path / "img"),
+                         "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "img" / "samples.npz") as z:
+        assert z["arr_0"].shape == (5, 16, 16, 3) and z["arr_0"].dtype == np.uint8
+    assert (tmp_path / "img" / "grid.png").is_file()
+    # A user mistake is one line, no traceback.
+    other = make_decoder_run(tmp_path / "other", encoder={**ENCODER, "weights_sha256": "d" * 64})
+    r = cli.invoke(app, ["decode", str(tmp_path / "s.zarr"), "--decoder", str(other), "--out", str(tmp_path / "x"),
+                         "--device", "cpu"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert model.exists()
+
+
+_SCRIPT = """
+import sys
+from stages.decode import DecodeConfig, run
+run(DecodeConfig(store=sys.argv[1], decoder=sys.argv[2], out=sys.argv[3], device="cpu", batch_size=3, chunk_size=2))
+"""
+
+
+def test_two_process_decode_equals_one_process(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    model, decoder, store = setup
+    run(_cfg(store, decoder, tmp_path / "one"))
+    script = tmp_path / "decode_script.py"
+    script.write_text(_SCRIPT)
+    env = {**os.environ, "RAE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29500 + os.getpid() % 1000 + 11), str(script), str(store),
+                           str(decoder), str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])

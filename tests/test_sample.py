@@ -1,0 +1,198 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from stages import flow
+from stages.checkpoint import save_weights
+from stages.errors import RaeError
+from stages.manifest import new_manifest, read_manifest, write_manifest
+from stages.models.dit import DiTDH
+from stages.sample import SampleConfig, open_diffusion_run, run
+from stages.store import LatentStore
+from tests.conftest import REPO
+
+LATENT = (8, 4, 4)
+ENCODER = dict(name="dinov2-demo", weights_sha256="a" * 64, latent_shape=list(LATENT), pretrained=False)
+TINY = dict(in_channels=8, input_size=4, patch_size=1, width=16, depth=1, num_heads=2, head_width=16,
+            head_depth=1, head_num_heads=2, num_classes=3)
+
+
+def make_diffusion_run(path, seed=0, encoder=ENCODER, **overrides):
+    """A complete diffusion run per RUN_FORMAT.md: a tiny DiT^DH with non-trivial random weights
+    (adaLN-zero alone would give v = 0), config.json, statistics and manifest."""
+    torch.manual_seed(seed)
+    kwargs = {**TINY, **overrides}
+    model = DiTDH(**kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    path.mkdir(parents=True)
+    save_weights(path / "model_ema.safetensors", model.state_dict())
+    save_weights(path / "model.safetensors", model.state_dict())
+    stats = {"mean": torch.randn(LATENT), "var": torch.rand(LATENT) + 0.5}
+    save_weights(path / "latent_stats.safetensors", stats)
+    config = {"model": {"preset": "tiny", "class": "DiTDH", "kwargs": kwargs}, "latent_shape": list(LATENT),
+              "num_classes": kwargs["num_classes"], "null_label": kwargs["num_classes"],
+              "flow": {"shift": 2.0, "time_dist": "logit_normal"}, "encoder": encoder,
+              "statistics": "latent_stats.safetensors", "eps": 1e-5, "image_size": 16}
+    (path / "config.json").write_text(json.dumps(config))
+    manifest = new_manifest("diffusion-run", {}, encoder=encoder, latent_shape=list(LATENT),
+                            num_classes=kwargs["num_classes"], class_names=["a", "b", "c"][: kwargs["num_classes"]],
+                            content_id=f"run-{seed}", step=1)
+    manifest["complete"] = True
+    write_manifest(path, manifest)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return make_diffusion_run(root / "xl", seed=0), make_diffusion_run(root / "s", seed=1)
+
+
+def _cfg(model, out, **kw):
+    base = dict(num=10, steps=4, block_size=8, shard_size=4, batch_size=8, device="cpu", dtype="float32")
+    base.update(kw)
+    return SampleConfig(model=str(model), out=str(out), **base)
+
+
+def _latents(path):
+    s = LatentStore(path)
+    return np.asarray(s.latents[:])
+
+
+def test_store_layout_raw_space_and_manifest(runs, tmp_path):
+    out = tmp_path / "s.zarr"
+    run(_cfg(runs[0], out, seed=7))
+    m = read_manifest(out, kind="sample-store")
+    s = LatentStore(out)
+    assert s.latents.shape == (10, *LATENT) and s.complete
+    assert list(np.asarray(s.group["seeds"][:])) == list(range(7, 17))
+    assert s.attrs["encoder"] == ENCODER and s.attrs["class_names"] == ["a", "b", "c"]
+    assert m["sampling"]["solver"] == "euler" and m["inputs"]["model"]["content_id"] == "run-0"
+    # Raw encoder space: the stage's output is the model-space ODE result denormalised with the run's stats.
+    r = open_diffusion_run(runs[0])
+    noise = torch.randn(*LATENT, generator=torch.Generator().manual_seed(7))[None]
+    y = torch.as_tensor(np.asarray(s.labels[:1]))
+    with torch.no_grad():
+        x = flow.sample(lambda x, t: r.model(x, t, y), noise, 4, 2.0, "euler")
+    expected = x * torch.sqrt(r.var + 1e-5) + r.mean
+    np.testing.assert_allclose(_latents(out)[:1], expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_same_samples_at_any_batch_size(runs, tmp_path):
+    run(_cfg(runs[0], tmp_path / "a.zarr", batch_size=8))
+    run(_cfg(runs[0], tmp_path / "b.zarr", batch_size=3))
+    a, b = _latents(tmp_path / "a.zarr"), _latents(tmp_path / "b.zarr")
+    # The noise is bit-identical; the model's matmuls may round differently at another batch size.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert np.abs(a[0] - a[1]).max() > 1e-2  # different seeds, different samples
+    from stages.sample import sample_noise
+
+    assert torch.equal(sample_noise([5, 6, 7], LATENT)[1:], sample_noise([6, 7], LATENT))
+
+
+def test_per_class_gives_exactly_k_per_class(runs, tmp_path):
+    out = tmp_path / "p.zarr"
+    run(_cfg(runs[0], out, num=None, per_class=3, steps=1))
+    labels = np.asarray(LatentStore(out).labels[:])
+    assert np.bincount(labels, minlength=3).tolist() == [3, 3, 3]
+    run(_cfg(runs[0], tmp_path / "q.zarr", num=None, per_class=2, classes=[2, 0], steps=1))
+    assert sorted(np.asarray(LatentStore(tmp_path / "q.zarr").labels[:]).tolist()) == [0, 0, 2, 2]
+
+
+def test_random_labels_are_seeded(runs, tmp_path):
+    from stages.sample import sample_labels
+
+    a = sample_labels(_cfg(runs[0], tmp_path / "x", num=50, seed=3), 3)
+    assert (a == sample_labels(_cfg(runs[0], tmp_path / "x", num=50, seed=3), 3)).all()
+    assert set(a.tolist()) == {0, 1, 2}
+    with pytest.raises(RaeError):
+        run(_cfg(runs[0], tmp_path / "y.zarr", num=4, per_class=2))
+
+
+def test_resume_after_interruption_gives_the_same_store(runs, tmp_path, monkeypatch):
+    full = tmp_path / "full.zarr"
+    run(_cfg(runs[0], full, num=20))
+    out = tmp_path / "cut.zarr"
+    original = LatentStore.write_block
+    calls = []
+
+    def dying(self, b, *a, **k):
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed while the second block was being sampled
+        calls.append(b)
+        return original(self, b, *a, **k)
+
+    monkeypatch.setattr(LatentStore, "write_block", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(runs[0], out, num=20))
+    assert not read_manifest(out, require_complete=False)["complete"]
+    monkeypatch.setattr(LatentStore, "write_block", lambda self, b, *a, **k: (calls.append(b), original(self, b, *a, **k)))
+    run(_cfg(runs[0], out, num=20, batch_size=5))  # a resume may change run-only settings
+    assert calls == [0, 1, 2]  # block 0 was not redone
+    np.testing.assert_allclose(_latents(out), _latents(full), rtol=1e-4, atol=1e-4)
+    assert read_manifest(out, kind="sample-store")["complete"]
+
+
+def test_cfg_scale_one_equals_no_guidance(runs, tmp_path):
+    run(_cfg(runs[0], tmp_path / "none.zarr"))
+    run(_cfg(runs[0], tmp_path / "cfg1.zarr", guidance="cfg", cfg_scale=1.0))
+    run(_cfg(runs[0], tmp_path / "cfg3.zarr", guidance="cfg", cfg_scale=3.0))
+    none = _latents(tmp_path / "none.zarr")
+    np.testing.assert_array_equal(_latents(tmp_path / "cfg1.zarr"), none)
+    assert np.abs(_latents(tmp_path / "cfg3.zarr") - none).max() > 1e-3
+
+
+def test_autoguidance_by_the_model_itself_equals_no_guidance(runs, tmp_path):
+    run(_cfg(runs[0], tmp_path / "none.zarr"))
+    run(_cfg(runs[0], tmp_path / "self.zarr", guidance="autoguidance", guide_model=str(runs[0]), ag_scale=1.42))
+    run(_cfg(runs[0], tmp_path / "ag.zarr", guidance="autoguidance", guide_model=str(runs[1]), ag_scale=1.42))
+    none = _latents(tmp_path / "none.zarr")
+    np.testing.assert_allclose(_latents(tmp_path / "self.zarr"), none, rtol=0, atol=1e-6)
+    assert np.abs(_latents(tmp_path / "ag.zarr") - none).max() > 1e-3
+    m = read_manifest(tmp_path / "ag.zarr")
+    assert m["inputs"]["guide"]["content_id"] == "run-1" and m["sampling"]["scale"] == 1.42
+
+
+def test_guide_from_another_latent_space_is_refused(runs, tmp_path):
+    other = make_diffusion_run(tmp_path / "other", encoder={**ENCODER, "weights_sha256": "b" * 64})
+    with pytest.raises(RaeError, match="another encoder"):
+        run(_cfg(runs[0], tmp_path / "x.zarr", guidance="autoguidance", guide_model=str(other)))
+
+
+def test_changed_settings_refuse_to_reuse_the_store(runs, tmp_path):
+    out = tmp_path / "s.zarr"
+    run(_cfg(runs[0], out, num=4))
+    with pytest.raises(RaeError, match="different settings"):
+        run(_cfg(runs[0], out, num=4, steps=5))
+    run(_cfg(runs[0], out, num=4, steps=5, overwrite=True))
+    assert read_manifest(out)["config"]["steps"] == 5
+
+
+_SCRIPT = """
+import sys
+from stages.sample import SampleConfig, run
+run(SampleConfig(model=sys.argv[1], out=sys.argv[2], num=10, steps=4, block_size=4, shard_size=4,
+                 batch_size=int(sys.argv[3]), device="cpu", dtype="float32"))
+"""
+
+
+def test_two_process_run_equals_one_process(runs, tmp_path):
+    script = tmp_path / "sample_script.py"
+    script.write_text(_SCRIPT)
+    env = {**os.environ, "RAE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, str(script), str(runs[0]), str(tmp_path / "one.zarr"), "4"],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29500 + os.getpid() % 1000 + 7), str(script), str(runs[0]),
+                           str(tmp_path / "two.zarr"), "3"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(_latents(tmp_path / "two.zarr"), _latents(tmp_path / "one.zarr"), rtol=1e-4, atol=1e-4)
+    assert read_manifest(tmp_path / "two.zarr")["complete"]
