@@ -24,6 +24,7 @@ def encode(
     dtype: Optional[str] = typer.Option(None, help="Stored latent dtype: float16 (default) or float32."),
     codec: Optional[str] = typer.Option(None, help="Compressor: blosc-zstd (default) | blosc-lz4 | none."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."),
+    resize: Optional[str] = typer.Option(None, help="Crop's bicubic step: auto (gpu on CUDA) | cpu | gpu (bit-identical)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per encoder batch [256]."),
     num_workers: Optional[int] = typer.Option(None, help="Image decoding processes [one per core, less two]."),
     block_size: Optional[int] = typer.Option(None, help="Entries per unit of work and resume [1024]."),
@@ -46,7 +47,7 @@ def encode(
 
     cfg = build_config(EncodeConfig, "encode", preset, data=data, out=out, encoder=encoder,
                        encoder_weights=encoder_weights, random_init=random_init, seed=seed, image_size=image_size,
-                       flip=flip, limit=limit, dtype=dtype, codec=codec, precision=precision, batch_size=batch_size,
+                       flip=flip, limit=limit, dtype=dtype, codec=codec, precision=precision, resize=resize, batch_size=batch_size,
                        num_workers=num_workers, block_size=block_size, shard_size=shard_size, min_size=min_size,
                        device=device, compile=compile, overwrite=overwrite)
     result = run(cfg)

@@ -80,3 +80,17 @@ def test_bad_files_raise_bad_image(tmp_path):
         with pytest.raises(BadImage):
             load_rgb(tmp_path / name)
 
+
+
+@pytest.mark.parametrize("h,w", [(375, 500), (500, 375), (333, 511), (1100, 700), (1333, 2001), (40, 30), (256, 300)])
+def test_tensor_bicubic_crop_is_bit_exact_with_pillow(h, w):
+    import torch
+
+    from stages.images import bicubic_crop_tensor, box_halve
+
+    rng = np.random.default_rng(h * w)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    halved = torch.from_numpy(np.array(box_halve(img, 256)))[None]
+    got = bicubic_crop_tensor(halved, 256)[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(got, center_crop_arr(img, 256))
