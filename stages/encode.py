@@ -250,7 +250,8 @@ def run(cfg: EncodeConfig) -> dict:
         # Float64 statistics where the latents are (the GPU): the CPU is busy decoding images.
         moments = Moments.of_shards(lat, torch.from_numpy(ok).to(lat.device), store.shard_size)
         info = {"skipped": block_skipped[:]}
-        in_flight.append(writer.submit(store.write_block, b, lat.cpu().numpy(), ok, info, moments))
+        # The copy to host memory and the compression happen in the writer thread, off the GPU's critical path.
+        in_flight.append(writer.submit(lambda: store.write_block(b, lat.cpu().numpy(), ok, info, moments)))
         while len(in_flight) > 2:  # bound memory: at most a couple of blocks in flight
             in_flight.pop(0).result()
 

@@ -177,6 +177,16 @@ def pil_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return w
 
 
+@functools.lru_cache(maxsize=512)
+def _crop_matrix(in_size: int, out_size: int, start: int, size: int, device):
+    """The transposed coefficient rows of one crop window, kept on the device (ImageNet has a few
+    hundred distinct image sizes; each matrix is built and uploaded once)."""
+    import torch
+
+    rows = pil_bicubic_matrix(in_size, out_size)[start: start + size]
+    return torch.from_numpy(np.ascontiguousarray(rows.T)).to(device)
+
+
 def _pil_pass(x, weights):
     """One Pillow pass: integer sum with the rounding constant, then clip to 8 bits."""
     import torch
@@ -198,13 +208,11 @@ def bicubic_crop_tensor(images, image_size: int):
     dev = x.device
     # Only the rows and columns inside the crop are computed: each output pixel is independent.
     if nw != w:
-        cols = torch.from_numpy(pil_bicubic_matrix(w, nw)[left: left + image_size]).to(dev)
-        x = _pil_pass(x, cols.T)
+        x = _pil_pass(x, _crop_matrix(w, nw, left, image_size, dev))
     else:
         x = x[..., left: left + image_size]
     if nh != h:
-        rows = torch.from_numpy(pil_bicubic_matrix(h, nh)[top: top + image_size]).to(dev)
-        x = _pil_pass(x.transpose(-1, -2), rows.T).transpose(-1, -2)
+        x = _pil_pass(x.transpose(-1, -2), _crop_matrix(h, nh, top, image_size, dev)).transpose(-1, -2)
     else:
         x = x[..., top: top + image_size, :]
     return x.to(torch.uint8)

@@ -1,0 +1,618 @@
+"""``rae train-diffusion``: a DiT / DiT^DH trained with flow matching on a latent store.
+
+The recipe is the paper's (section 2 of PIPELINE.md), with the released DiT^DH-XL config's
+values as defaults: latents normalised with the store's exact statistics; x_t = (1 - t) x + t eps
+with t logit-normal(0, 1) then shifted by a = sqrt(C*h*w / 4096); the model predicts v = eps - x
+(mean squared error); labels dropped to the null class with probability 0.1 (for CFG); AdamW
+lr 2e-4, betas (0.9, 0.95), no weight decay, batch 1024; the learning rate held for 40 epochs,
+then decayed linearly to 2e-5 at epoch 800; gradient norm clipped to 1; EMA 0.9995.
+
+Every random draw of step s (the times, which labels are dropped, each sample's noise) is a
+function of (seed, s) and of the sample's position in the *global* batch, and the batch itself
+is ``stages.data.BatchPlan``'s. So a run on N processes with gradient accumulation computes the
+same gradients as a single process (to float rounding), and a resumed run is the same run.
+
+Run directory (see notes/RUN_FORMAT.md): manifest.json (complete is written last), config.json
+(how to rebuild the model and its flow settings), latent_stats.safetensors, model.safetensors,
+model_ema.safetensors, checkpoints/, metrics.jsonl, loss.png, samples/step_XXXXXXXX.safetensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import dist, flow
+from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, save_weights
+from .data import BatchPlan, StoreReader, batches, denormalize, normalize
+from .errors import ArtifactError, RaeError
+from .manifest import digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
+from .models.dit import PRESETS as MODEL_PRESETS
+from .models.dit import build_model, width_rule_warning
+from .progress import console, progress
+from .store import open_complete_store, remove_store
+from .weights import sha256_file
+
+NORM_EPS = 1e-5  # latents are normalised as (z - mean) / sqrt(var + eps)
+
+
+@dataclass
+class TrainDiffusionConfig:
+    latents: str
+    out: str
+    model: str = "ditdh-xl"
+    # Architecture overrides for ablations (None: the preset's value).
+    width: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    head_width: int | None = None
+    head_depth: int | None = None
+    head_num_heads: int | None = None
+    # Flow matching.
+    time_dist: str = "logit_normal"      # logit_normal | uniform
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    shift: float | None = None           # None: a = sqrt(C*h*w / shift_base)
+    shift_base: int = 4096
+    use_shift: bool = True               # False (--no-shift): a = 1, for ablations
+    label_dropout: float = 0.1
+    # Optimisation (the released DiT^DH-XL recipe).
+    batch_size: int = 1024               # global: the same for any number of GPUs
+    lr: float = 2e-4
+    final_lr: float = 2e-5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    warmup_epochs: float = 40.0
+    decay_end_epoch: float = 800.0
+    warmup_steps: int | None = None      # in steps instead of epochs (wins when given)
+    decay_end_step: int | None = None
+    warmup_from_zero: bool = False       # the released config holds lr during warm-up; True ramps from 0
+    grad_clip: float = 1.0               # 0: no clipping
+    ema_decay: float = 0.9995
+    precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
+    seed: int = 0
+    # Run settings: they do not change what is learned, so a resume may change them.
+    epochs: float = 800.0
+    steps: int | None = None             # training length in steps (wins over epochs)
+    grad_accum: int = 1                  # micro-batches per step and process (memory, not maths)
+    grad_checkpointing: int = 0          # recompute the activations of the first N blocks (-1: all)
+    compile: bool = False
+    log_every: int = 100
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 2
+    sample_every: int = 10000            # EMA latent samples into RUN/samples/ (0: only at the end)
+    num_samples: int = 8
+    sample_steps: int = 50
+    num_workers: int = -1                # -1: the CPU cores per process, less one (at most 16)
+    device: str = "auto"
+    overwrite: bool = False
+
+    RUN_ONLY = ("latents", "out", "epochs", "steps", "grad_accum", "grad_checkpointing", "compile",
+                "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
+                "sample_steps", "num_workers", "device", "overwrite")
+
+    def identity(self) -> dict:
+        """The fields that define what is learned (compared when a run is resumed)."""
+        return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY}
+
+    def model_overrides(self) -> dict:
+        names = ("width", "depth", "num_heads", "head_width", "head_depth", "head_num_heads")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+def _validate(cfg: TrainDiffusionConfig) -> None:
+    if cfg.model not in MODEL_PRESETS:
+        raise RaeError(f"unknown --model {cfg.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    if cfg.model.startswith("dit-") and any(getattr(cfg, k) is not None for k in ("head_width", "head_depth", "head_num_heads")):
+        raise RaeError(f"{cfg.model} has no wide head: --head-* options need a ditdh model")
+    checks = [
+        (cfg.time_dist in ("logit_normal", "uniform"), f"--time-dist must be logit_normal or uniform (got {cfg.time_dist})"),
+        (cfg.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32 (got {cfg.precision})"),
+        (cfg.t_std > 0, "--t-std must be positive"),
+        (cfg.shift is None or cfg.shift > 0, "--shift must be positive"),
+        (cfg.shift_base > 0, "--shift-base must be positive"),
+        (0 <= cfg.label_dropout < 1, "--label-dropout must be in [0, 1)"),
+        (cfg.batch_size >= 1 and cfg.grad_accum >= 1, "--batch-size and --grad-accum must be at least 1"),
+        (cfg.lr > 0 and cfg.final_lr >= 0, "--lr must be positive and --final-lr non-negative"),
+        (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
+        (cfg.grad_clip >= 0, "--grad-clip must be non-negative (0: no clipping)"),
+        (cfg.epochs > 0 and (cfg.steps is None or cfg.steps > 0), "the training length must be positive"),
+        (cfg.log_every >= 1 and cfg.checkpoint_every >= 1, "--log-every and --checkpoint-every must be at least 1"),
+        (cfg.sample_every >= 0 and cfg.num_samples >= 0 and cfg.sample_steps >= 1, "bad sampling settings"),
+        (cfg.grad_checkpointing >= -1, "--grad-checkpointing must be a number of blocks, or -1 for all"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RaeError(message)
+
+
+#################################################################################
+#                     Learning rate and the random draws of a step              #
+#################################################################################
+
+def learning_rate(step: int, base: float, final: float, warmup: int, decay_end: int,
+                  warmup_from_zero: bool = False) -> float:
+    """The released DiT^DH schedule at optimiser step ``step`` (0-based): ``warmup`` steps at the
+    base rate (or a linear ramp from 0 with ``warmup_from_zero``), a linear decay to ``final``
+    at ``decay_end``, then constant."""
+    if step < warmup:
+        return base * (step + 1) / warmup if warmup_from_zero else base
+    if step >= decay_end:
+        return final
+    progress_ = (step - warmup) / max(decay_end - warmup, 1)
+    return base + (final - base) * progress_
+
+
+@dataclass
+class StepDraws:
+    t: torch.Tensor            # [n] float32, shifted training times
+    drop: torch.Tensor         # [n] bool, labels replaced by the null class
+    noise_seeds: torch.Tensor  # [n] int64, one noise generator seed per sample
+
+
+def step_draws(seed: int, step: int, global_batch: int, lo: int, hi: int, time_dist: str, t_mean: float,
+               t_std: float, shift: float, label_dropout: float) -> StepDraws:
+    """The random draws of global batch positions [lo, hi) at ``step``: drawn for the whole
+    global batch from a generator seeded by (seed, step), then sliced, so they do not depend on
+    how the batch is split over processes and micro-batches."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]))
+    t = flow.sample_t(global_batch, time_dist, t_mean, t_std, shift, generator=g)
+    drop = torch.rand(global_batch, generator=g) < label_dropout
+    seeds = torch.randint(0, 2**62, (global_batch,), generator=g)
+    return StepDraws(t[lo:hi], drop[lo:hi], seeds[lo:hi])
+
+
+#################################################################################
+#                                   The trainer                                 #
+#################################################################################
+
+def enable_grad_checkpointing(model: nn.Module, num_blocks: int) -> None:
+    """Recompute the activations of the first ``num_blocks`` transformer blocks (-1: all) in the
+    backward pass instead of keeping them: memory for compute. The state dict is unchanged."""
+    import torch.utils.checkpoint as ckpt
+
+    blocks = list(model.blocks)
+    for block in blocks if num_blocks < 0 else blocks[:num_blocks]:
+        block.forward = lambda *args, _forward=block.forward: ckpt.checkpoint(_forward, *args, use_reentrant=False)
+
+
+class Trainer:
+    """The model, its EMA, the optimiser and one optimisation step.
+
+    ``step`` takes this process's share of a global batch (normalised latents on the device,
+    labels with dropout applied, times, noise seeds) and returns the loss and gradient norm as
+    device tensors: nothing in it waits for the GPU. The benchmark drives this same class.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainDiffusionConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.model = model.to(device).train()
+        # The EMA starts from the initial weights, as the reference; it is kept in float32.
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        trainable = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        ema_named = dict(self.ema.named_parameters())
+        self.ema_params = [ema_named[name] for name in trainable]
+        # Only trainable parameters: pos_embed and the Fourier frequencies are frozen buffers-as-parameters.
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        self._noise_gen = torch.Generator(device=device)
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(self.model, cfg.grad_checkpointing)
+        self.net = self.model
+        if dist.active():
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                           broadcast_buffers=False, gradient_as_bucket_view=True)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+    def noise(self, seeds: torch.Tensor, shape) -> torch.Tensor:
+        """eps [n, *shape]: sample i from its own generator (seed ``seeds[i]``), on the device."""
+        out = torch.empty(len(seeds), *shape, device=self.device)
+        for row, seed in zip(out, seeds.tolist()):
+            self._noise_gen.manual_seed(seed)
+            torch.randn(tuple(shape), generator=self._noise_gen, device=self.device, out=row)
+        return out
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise_seeds: torch.Tensor,
+             lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        accum = self.cfg.grad_accum
+        if len(x) % accum:
+            raise RaeError(f"the per-process batch {len(x)} is not divisible by --grad-accum {accum}")
+        micro = len(x) // accum
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for m in range(accum):
+            part = slice(m * micro, (m + 1) * micro)
+            x0 = x[part]
+            eps = self.noise(noise_seeds[part], x0.shape[1:])
+            x_t = flow.interpolate(x0, eps, t[part])
+            # Gradients are averaged over processes by DDP only at the last micro-batch.
+            sync = m == accum - 1 or not isinstance(self.net_module, nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.net_module.no_sync():
+                with torch.autocast(**self.autocast):
+                    v = self.net(x_t, t[part], y[part])
+                loss = flow.loss(v, flow.target(x0, eps))
+                (loss / accum).backward()
+            total += loss.detach()
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        with torch.no_grad():  # ema <- ema + (1 - decay) (model - ema)
+            torch._foreach_lerp_(self.ema_params, self.params, 1 - self.cfg.ema_decay)
+        return total / accum, grad_norm
+
+    @property
+    def net_module(self) -> nn.Module:
+        """The DDP wrapper (or the model) under torch.compile's wrapper."""
+        return getattr(self.net, "_orig_mod", self.net)
+
+    def weights_finite(self) -> bool:
+        return bool(torch.stack([p.isfinite().all() for p in self.params + self.ema_params]).all())
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _device_batches(loader, device: torch.device):
+    """Yield (latents on the device, labels on the CPU); on CUDA the next batch is copied on a
+    side stream while the current step runs."""
+    if device.type != "cuda":
+        for lat, labels in loader:
+            yield lat.to(device), labels
+        return
+    stream = torch.cuda.Stream(device)
+    pending = None
+    for lat, labels in loader:
+        with torch.cuda.stream(stream):
+            moved = lat.to(device, non_blocking=True)
+        if pending is not None:
+            yield pending
+        torch.cuda.current_stream(device).wait_stream(stream)
+        moved.record_stream(torch.cuda.current_stream(device))
+        pending = (moved, labels)
+    if pending is not None:
+        yield pending
+
+
+#################################################################################
+#                         Run directory: outputs and resume                     #
+#################################################################################
+
+CONFIG = "config.json"
+STATS = "latent_stats.safetensors"
+METRICS = "metrics.jsonl"
+
+
+def _prepare_run(cfg: TrainDiffusionConfig, identity: str, run_config: dict, manifest: dict,
+                 mean: torch.Tensor, var: torch.Tensor, total_steps: int) -> str:
+    """Rank 0: create, resume or refuse the run directory. Returns "new", "resume" or "done"."""
+    out = Path(cfg.out)
+    if out.exists() and has_manifest(out):
+        old = read_manifest(out, require_complete=False, what="run directory")
+        if old.get("kind") == "diffusion-run" and old.get("identity") == identity:
+            if old.get("complete") and old.get("step", 0) >= total_steps:
+                return "done"
+            return "resume"
+        if not cfg.overwrite:
+            raise ArtifactError(f"{out} holds a run made with a different configuration or latent store; "
+                                "pass --overwrite to replace it, or choose another --out")
+        remove_store(out)
+    elif out.exists() and any(out.iterdir()):
+        raise ArtifactError(f"{out} exists and is not a rae run; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
+    # The store's exact statistics travel with the model: sampling must undo the same normalisation.
+    save_weights(out / STATS, {"mean": mean, "var": var})
+    (out / CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
+    write_manifest(out, manifest)
+    return "new"
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def draw_loss_curve(records: list[dict], path: Path, size: tuple[int, int] = (720, 420)) -> None:
+    """Training loss against step as a PNG (PIL only): the logged points and a smoothed line."""
+    from PIL import Image, ImageDraw
+
+    W, H = size
+    left, right, top, bottom = 70, 20, 30, 45
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    pts = [(r["step"], r["loss"]) for r in records if math.isfinite(r.get("loss", math.nan))]
+    d.text((left, 8), "training loss (flow matching MSE)", fill="black")
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    if not pts:
+        img.save(path)
+        return
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.05 or 0.05
+    y0, y1 = y0 - pad, y1 + pad
+
+    def to_px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (W - left - right),
+                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
+
+    for k in range(5):  # grid and tick labels
+        yv = y0 + (y1 - y0) * k / 4
+        _, py = to_px(x0, yv)
+        d.line([left, py, W - right, py], fill=(225, 225, 225))
+        d.text((5, py - 6), f"{yv:.4g}", fill="black")
+        xv = x0 + (x1 - x0) * k / 4
+        px, _ = to_px(xv, y0)
+        d.text((px - 10, H - bottom + 6), f"{xv:.0f}", fill="black")
+    d.text((W // 2 - 15, H - 20), "step", fill="black")
+    d.line([to_px(x, y) for x, y in pts] if len(pts) > 1 else [to_px(*pts[0])] * 2, fill=(150, 180, 230), width=1)
+    smooth, s = [], ys[0]
+    for y in ys:
+        s = 0.9 * s + 0.1 * y
+        smooth.append(s)
+    if len(pts) > 1:
+        d.line([to_px(x, y) for x, y in zip(xs, smooth)], fill=(20, 60, 160), width=2)
+    img.save(path)
+
+
+@torch.no_grad()
+def ema_samples(ema: nn.Module, n: int, latent_shape, num_classes: int, shift: float, steps: int,
+                mean: torch.Tensor, var: torch.Tensor, autocast: dict) -> dict:
+    """A few EMA samples in raw encoder space, always from the same noise (seeds 0..n-1) and
+    labels (0, 1, 2, ... cycling over the classes), so successive samples show progress."""
+    device = next(ema.parameters()).device
+    seeds = torch.arange(n, dtype=torch.int64)
+    noise = torch.stack([torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    labels = seeds % num_classes if num_classes > 0 else torch.zeros(n, dtype=torch.int64)
+    velocity = flow.guided_velocity(ema, labels.to(device))
+    with torch.autocast(**autocast):
+        x = flow.sample(velocity, noise.to(device), steps=steps, shift=shift, solver="euler")
+    latents = denormalize(x.float().cpu(), mean, var, NORM_EPS)
+    return {"latents": latents, "labels": labels, "seeds": seeds}
+
+
+#################################################################################
+#                                      run                                      #
+#################################################################################
+
+def _resolve_workers(n: int) -> int:
+    if n >= 0:
+        return n
+    per_process = (os.cpu_count() or 2) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(0, min(16, per_process - 1))
+
+
+def run(cfg: TrainDiffusionConfig) -> dict:
+    _validate(cfg)
+    d = dist.init(cfg.device)
+    device = d.device
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":  # the float32 parts (optimizer, EMA, norms) may use TF32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- the store (complete ones only) and what it implies -------------------------------------
+    store_manifest, store = open_complete_store(cfg.latents, kind=("latent-store",))
+    C, h, w = store.latent_shape
+    if h != w:
+        raise ArtifactError(f"{cfg.latents}: latents [{C}, {h}, {w}] are not square; the models need h == w")
+    class_names = list(store.attrs.get("class_names") or [])
+    num_classes = int(store.attrs.get("num_classes", len(class_names)))
+    null_label = num_classes
+    mean_np, var_np = store.statistics()
+    mean, var = torch.from_numpy(mean_np.copy()), torch.from_numpy(var_np.copy())
+    labels_all = np.asarray(store.labels[:])
+    if len(labels_all) and labels_all.max() >= num_classes:
+        raise ArtifactError(f"{cfg.latents}: labels go up to {labels_all.max()} but the store names {num_classes} classes")
+    plan = BatchPlan(store.valid_indices(), cfg.batch_size, cfg.seed, d.rank, d.world)
+    per_rank = cfg.batch_size // d.world
+    if per_rank % cfg.grad_accum:
+        raise RaeError(f"the per-process batch {per_rank} (= {cfg.batch_size} / {d.world} processes) is not "
+                       f"divisible by --grad-accum {cfg.grad_accum}")
+    spe = plan.steps_per_epoch
+    total_steps = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * spe)))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * spe)
+    decay_end = max(cfg.decay_end_step if cfg.decay_end_step is not None else int(cfg.decay_end_epoch * spe), warmup)
+    shift = 1.0 if not cfg.use_shift else (cfg.shift if cfg.shift is not None else flow.default_shift((C, h, w), cfg.shift_base))
+
+    # ---- the model --------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process and in every resume
+    model = build_model(cfg.model, in_channels=C, input_size=h, num_classes=num_classes, **cfg.model_overrides())
+    warning = width_rule_warning(model.output_width, C)
+    if warning and d.is_main:
+        console.print(f"[bold red]{warning}[/]", highlight=False)
+    model_cls = type(model).__name__
+    run_config = {
+        "model": {"preset": cfg.model, "class": model_cls, "kwargs": dict(model.config)},
+        "latent_shape": [C, h, w], "num_classes": num_classes, "null_label": null_label, "class_names": class_names,
+        "flow": {"path": "linear", "prediction": "velocity", "shift": shift, "time_dist": cfg.time_dist,
+                 "t_mean": cfg.t_mean, "t_std": cfg.t_std, "t_max": flow.REFERENCE_T_MAX},
+        "encoder": store_manifest.get("encoder"), "statistics": STATS, "eps": NORM_EPS,
+    }
+    identity = digest_json({"config": cfg.identity(), "store": store_manifest.get("content_id")})
+    out = Path(cfg.out)
+    manifest = new_manifest("diffusion-run", cfg, inputs={"latents": input_ref(cfg.latents, store_manifest)},
+                            identity=identity, encoder=store_manifest.get("encoder"), latent_shape=[C, h, w],
+                            num_classes=num_classes, class_names=class_names, step=0, total_steps=total_steps,
+                            warnings=[warning] if warning else [])
+
+    state, error = None, None
+    if d.is_main:
+        try:
+            state = _prepare_run(cfg, identity, run_config, manifest, mean, var, total_steps)
+        except RaeError as e:
+            error = str(e)
+    state, error = dist.broadcast_object((state, error))
+    if error:
+        raise ArtifactError(error)
+    if state == "done":
+        result = summary(out)
+        if d.is_main:
+            console.print(f"{out} is already trained to step {result['step']}; nothing to do.", highlight=False)
+        return result
+
+    trainer = Trainer(model, cfg, device)
+    start = 0
+    ckpt = latest_checkpoint(out) if state == "resume" else None
+    if ckpt is not None:
+        saved = load_state(ckpt)
+        if saved.get("identity") != identity:
+            raise ArtifactError(f"{ckpt} belongs to another configuration; pass --overwrite to start again")
+        trainer.load_state_dict(saved)
+        start = int(saved["step"])
+        if start > total_steps:
+            raise RaeError(f"{out} is already trained to step {start}, past the requested {total_steps} steps")
+        if d.is_main:
+            console.print(f"resuming {out} from step {start}", highlight=False)
+    if d.is_main:
+        _truncate_metrics(out / METRICS, start)
+        m = read_manifest(out, require_complete=False)
+        m.update(complete=False, total_steps=total_steps, config=jsonable(cfg))
+        write_manifest(out, m)
+    dist.barrier()
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    lo = d.rank * per_rank
+    mean_d, var_d = mean.to(device), var.to(device)
+    loader = batches(plan, StoreReader(cfg.latents), start, total_steps, num_workers=_resolve_workers(cfg.num_workers),
+                     pin_memory=device.type == "cuda")
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss, grad norm) since the last flush
+    records: list[dict] = _read_metrics(out / METRICS) if d.is_main else []
+    clock = {"t": time.time(), "step": start}
+    last_ckpt = start
+
+    def flush(step_done: int, lr: float) -> dict:
+        """Bring the interval's losses to the host (one sync), stop on a non-finite one, log."""
+        steps_ = [s for s, _, _ in pending]
+        vals = torch.stack([torch.stack([l_, g]) for _, l_, g in pending]).float()  # [k, 2]
+        bad = (~vals.isfinite()).any(dim=1).float()
+        dist.all_reduce_sum(vals)
+        dist.all_reduce_sum(bad)
+        vals, bad = vals.cpu(), bad.cpu()
+        pending.clear()
+        if bad.any():
+            first = steps_[int(bad.nonzero()[0])]
+            where = f"checkpoint at step {last_ckpt} in {out / 'checkpoints'} is intact" if last_ckpt > 0 else "no checkpoint was written"
+            raise RaeError(f"training diverged: the loss or gradient became NaN/inf at step {first}; the last good "
+                           f"{where}. Check the latent store for bad values or lower --lr, then run again to resume")
+        now = time.time()
+        rec = {"step": step_done, "epoch": round(step_done / spe, 4), "loss": float(vals[:, 0].mean()) / d.world,
+               "grad_norm": float(vals[:, 1].mean()) / d.world, "lr": lr,
+               "img_per_s": (step_done - clock["step"]) * cfg.batch_size / max(now - clock["t"], 1e-9)}
+        clock.update(t=now, step=step_done)
+        return rec
+
+    def save(step_done: int) -> None:
+        if not trainer.weights_finite():
+            raise RaeError(f"training diverged: non-finite weights at step {step_done}; the last good checkpoint "
+                           f"(step {last_ckpt}) is intact. Lower --lr, then run again to resume")
+        if d.is_main:
+            save_checkpoint(out, step_done, {**trainer.state_dict(), "step": step_done, "identity": identity,
+                                             "data": {"step": step_done, "seed": cfg.seed, "global_batch": cfg.batch_size},
+                                             "rng": rng_state()}, keep=cfg.keep_checkpoints)
+            draw_loss_curve(records, out / "loss.png")
+
+    def samples(step_done: int) -> None:
+        if d.is_main and cfg.num_samples > 0:
+            s = ema_samples(trainer.ema, cfg.num_samples, (C, h, w), num_classes, shift, cfg.sample_steps,
+                            mean, var, trainer.autocast)
+            save_weights(out / "samples" / f"step_{step_done:08d}.safetensors", s,
+                         metadata={"step": step_done, "solver": "euler", "steps": cfg.sample_steps, "shift": shift,
+                                   "space": "raw encoder latents"})
+
+    lr = learning_rate(start, cfg.lr, cfg.final_lr, warmup, decay_end, cfg.warmup_from_zero)
+    t_start = time.time()
+    label = "train-diffusion" if d.world == 1 else f"train-diffusion ({d.world} processes)"
+    with progress(total_steps, label, unit="step", completed=start) as advance:
+        for step, (lat, labels) in zip(range(start, total_steps), _device_batches(loader, device)):
+            draws = step_draws(cfg.seed, step, cfg.batch_size, lo, lo + per_rank, cfg.time_dist, cfg.t_mean,
+                               cfg.t_std, shift, cfg.label_dropout)
+            # Unlabelled entries (label -1) and dropped labels train the unconditional (null) class.
+            y = torch.where(draws.drop | (labels < 0), null_label, labels).to(device, non_blocking=True)
+            t = draws.t.to(device, non_blocking=True)
+            x = normalize(lat, mean_d, var_d, NORM_EPS)
+            lr = learning_rate(step, cfg.lr, cfg.final_lr, warmup, decay_end, cfg.warmup_from_zero)
+            loss, grad_norm = trainer.step(x, y, t, draws.noise_seeds, lr)
+            pending.append((step, loss, grad_norm))
+            done = step + 1
+            is_ckpt = done % cfg.checkpoint_every == 0 or done == total_steps
+            is_sample = cfg.sample_every > 0 and done % cfg.sample_every == 0 and done != total_steps
+            # Checkpoints and samples come after a flush: it stops the run on a non-finite loss first.
+            if done % cfg.log_every == 0 or is_ckpt or is_sample:
+                rec = flush(done, lr)
+                if d.is_main:
+                    records.append(rec)
+                    with open(out / METRICS, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if not console.is_terminal:
+                        console.print(f"step {done}/{total_steps} loss {rec['loss']:.4f} grad_norm {rec['grad_norm']:.3f} "
+                                      f"lr {lr:.3g} {rec['img_per_s']:.0f} img/s", highlight=False)
+                advance(1, loss=rec["loss"], lr=lr)
+            else:
+                advance(1)
+            if is_ckpt:
+                save(done)
+                last_ckpt = done
+            if is_sample:
+                samples(done)
+    elapsed = time.time() - t_start
+
+    # ---- final weights, samples, and the manifest last --------------------------------------------
+    if d.is_main:
+        save_weights(out / "model.safetensors", trainer.model.state_dict(), metadata={"step": total_steps})
+        save_weights(out / "model_ema.safetensors", trainer.ema.state_dict(), metadata={"step": total_steps})
+        samples(total_steps)
+        draw_loss_curve(records, out / "loss.png")
+        m = read_manifest(out, require_complete=False)
+        m.update(step=total_steps, content_id=sha256_file(out / "model_ema.safetensors"), complete=True)
+        write_manifest(out, m)
+    dist.barrier()
+    result = summary(out)
+    result["seconds"] = elapsed
+    result["steps_run"] = total_steps - start
+    result["images_per_second"] = (total_steps - start) * cfg.batch_size / elapsed if elapsed > 0 else 0.0
+    result["warning"] = warning
+    return result
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summary(out: str | os.PathLike) -> dict:
+    out = Path(out)
+    manifest = read_manifest(out, kind="diffusion-run", what="diffusion run")
+    records = _read_metrics(out / METRICS)
+    return {"run": str(out), "step": manifest["step"], "model": manifest["config"]["model"],
+            "latent_shape": manifest["latent_shape"], "num_classes": manifest["num_classes"],
+            "final_loss": records[-1]["loss"] if records else None,
+            "first_loss": records[0]["loss"] if records else None}
