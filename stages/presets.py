@@ -11,12 +11,18 @@ from .errors import RaeError
 PRESETS: dict[str, dict[str, dict]] = {
     "imagenet256": {
         "encode": dict(encoder="dinov2-b", image_size=256, random_init=False),
+        # The paper's decoder recipe (ViT-XL, p_d 16): the TrainDecoderConfig defaults, spelled out.
+        "train_decoder": dict(model="vit-xl", decoder_patch=16, epochs=16, batch_size=512, noise_tau=0.8,
+                              lpips_weight=1.0, gan_weight=0.75, disc_start_epoch=6, gan_start_epoch=8),
         # FID-50K protocol: exactly 50 samples of each of the 1000 classes.
         "sample": dict(per_class=50, solver="euler", steps=50),
         "decode": dict(batch_size=128),
     },
     "imagenet512": {
         "encode": dict(encoder="dinov2-b", image_size=512, random_init=False),
+        # 448 px encoder input -> 32x32 tokens; ViT-XL with p_d 16 decodes them to 512x512.
+        "train_decoder": dict(model="vit-xl", decoder_patch=16, epochs=16, batch_size=512, noise_tau=0.8,
+                              lpips_weight=1.0, gan_weight=0.75, disc_start_epoch=6, gan_start_epoch=8),
         "sample": dict(per_class=50, solver="euler", steps=50),
         "decode": dict(batch_size=64),
     },
@@ -24,6 +30,15 @@ PRESETS: dict[str, dict[str, dict]] = {
         # The DINOv2-with-registers architecture at width 96, random weights from seed 0.
         "encode": dict(encoder="dinov2-demo", image_size=64, random_init=True, seed=0, block_size=128,
                        num_workers=2),
+        # A 0.4M-parameter decoder for [96, 4, 4] latents (p_d 16 -> 64 px). LPIPS-VGG16 dominates the
+        # CPU cost (~0.1 s per image), so the demo is 100 steps of 8 (one epoch of the 800 flipped entries),
+        # with the recipe's order kept: LPIPS throughout, D from step 40, the GAN term from step 60.
+        # Random-weight LPIPS and discriminator (timm's small test ViT as its backbone): offline, CPU-sized.
+        "train_decoder": dict(model="vit-b", width=96, depth=3, heads=4, mlp_dim=384, decoder_patch=16,
+                              steps=100, batch_size=8, warmup_steps=10, lr=1e-3, final_lr=1e-4, disc_lr=1e-3,
+                              disc_final_lr=1e-4, ema_decay=0.95, disc_start_step=40, gan_start_step=60,
+                              random_loss_nets=True, disc_backbone="test_vit", seed=0, log_every=5,
+                              preview_every=50, checkpoint_every=50, num_workers=2),
         "sample": dict(per_class=4, steps=10, batch_size=32, block_size=64),
         "decode": dict(batch_size=32, chunk_size=64),
     },

@@ -19,7 +19,7 @@ from stages.losses import GanSchedule, adaptive_gan_weight, generator_loss
 from stages.manifest import read_manifest
 from stages.models.decoder import ViTDecoder
 from stages.train_decoder import (DecoderTraining, Schedule, TrainDecoderConfig, _Reader, gan_lambda,
-                                  learning_rate, noise_augment, read_metrics, run, seeded_random_loss_nets)
+                                  build_loss_networks, learning_rate, noise_augment, read_metrics, run)
 from tests.conftest import run_rae
 
 TINY = dict(model="vit-b", width=32, depth=1, heads=2, mlp_dim=64, batch_size=4, warmup_steps=1, lr=1e-3,
@@ -102,7 +102,7 @@ def test_decoder_gradients_equal_the_single_loss_formulation():
     """The step pushes d(loss)/d(image) through the decoder once; the gradients must equal those of
     the reference's L1 + w_L * LPIPS + w_G * lambda * GAN backpropagated as one loss."""
     cfg = TrainDecoderConfig(latents="", out="", **{**TINY, "noise_tau": 0.0, "disc_aug_prob": 0.0})
-    lpips, disc = seeded_random_loss_nets(0, "test_vit", aug_prob=0.0)
+    lpips, disc, _ = build_loss_networks(cfg)
     arch = dict(in_dim=8, grid=2, patch_size=16, width=32, depth=1, heads=2, mlp_dim=64)
     schedule = Schedule(total=10, warmup=1, steps_per_epoch=10, losses=GanSchedule(disc_start=0, gan_start=0))
     training = DecoderTraining(cfg, arch, schedule, Dist(0, 1, 0, torch.device("cpu")), lpips, disc, "fp32")
@@ -125,6 +125,29 @@ def test_decoder_gradients_equal_the_single_loss_formulation():
     assert grads.keys() == expected.keys()
     for name in expected:
         assert torch.allclose(grads[name], expected[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_loss_networks_load_weight_files_through_the_real_path(tmp_path):
+    import timm
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from stages.weights import MissingWeightsError, sha256_file
+
+    torch.manual_seed(1)
+    vgg = make_layers(cfgs["D"])  # torchvision's own VGG16 layout, random weights
+    torch.save({f"features.{k}": v for k, v in vgg.state_dict().items()}, tmp_path / "vgg16.pth")
+    backbone = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    torch.save(backbone.state_dict(), tmp_path / "disc_backbone.pth")
+    cfg = TrainDecoderConfig(latents="", out="", lpips_vgg_weights=str(tmp_path / "vgg16.pth"),
+                             disc_weights=str(tmp_path / "disc_backbone.pth"), disc_backbone="test_vit")
+    lpips, disc, record = build_loss_networks(cfg)
+    assert torch.equal(lpips.vgg[28].weight, vgg[28].weight)
+    assert (lpips.lins[0].weight >= 0).all() and lpips.lins[0].weight.abs().sum() > 0  # the lpips package's layers
+    assert torch.equal(disc.backbone.blocks[2].attn.qkv.weight, backbone.blocks[2].attn.qkv.weight)
+    assert record["discriminator"]["backbone_sha256"] == sha256_file(tmp_path / "disc_backbone.pth")
+    with pytest.raises(MissingWeightsError) as info:
+        build_loss_networks(TrainDecoderConfig(latents="", out="", lpips_weight=0.0, disc_weights=str(tmp_path / "nope.pth")))
+    assert "\n" not in str(info.value) and "nope.pth" in str(info.value)
 
 
 def test_learning_rate_warms_up_from_zero_then_decays_to_final():

@@ -1,0 +1,749 @@
+"""``rae train-decoder``: train the RAE pixel decoder on a latent store (the encoder never runs).
+
+The decoder maps the frozen encoder's latents, as stored (raw encoder space), back to pixels. Its
+loss (paper Sec. 3, reference ``train_stage1.py``) is
+
+    L1 + w_L * LPIPS + w_G * lambda * GAN,    lambda = ||grad_W rec|| / ||grad_W GAN|| at the last layer W,
+
+with noise augmentation of the input latents (z + sigma * eps, sigma ~ tau * U(0, 1)). Each step
+follows the reference's order of operations:
+
+1. decoder step, discriminator in eval mode: reconstruct the noised latents; L1 and LPIPS against
+   the source image; once the GAN term is on, D's logits on the (DiffAug-ed) reconstruction and the
+   adaptive lambda; one AdamW step; EMA update.
+2. discriminator step, once D is on: a fresh reconstruction by the updated decoder from the clean
+   latents (no gradient), rounded to 8-bit like a stored image; hinge loss of D on real vs fake.
+
+Everything a step draws is a function of (seed, step) (DiffAug's also of the rank), so a resumed
+run continues exactly where the interrupted one stopped; the batches, the latent noise and lambda
+do not depend on the number of GPUs.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import dist
+from .checkpoint import latest_checkpoint, load_state, save_checkpoint, save_weights
+from .data import BatchPlan, StoreReader, batches
+from .errors import ArtifactError, RaeError
+from .losses import LPIPS, GanSchedule, generator_loss, hinge_d_loss
+from .manifest import atomic_write_json, digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
+from .models.decoder import DECODER_SIZES, ViTDecoder, add_noise
+from .models.discriminator import DINO_TIMM_NAME, DinoDiscriminator, round_to_8bit
+from .progress import console, progress
+from .store import open_complete_store, remove_store
+from .weights import sha256_file
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+EMA_WEIGHTS = "decoder_ema.safetensors"
+WEIGHTS = "decoder.safetensors"
+LATENT_STATS = "latent_stats.safetensors"
+
+
+@dataclass
+class TrainDecoderConfig:
+    latents: str
+    out: str
+    # Decoder: a named size of DECODER_SIZES (vit-b | vit-l | vit-xl); the four overrides give tiny
+    # decoders for tests and the demonstration.
+    model: str = "vit-xl"
+    decoder_patch: int = 16              # p_d; 2 * p_e upsamples (256 px tokens -> 512 px images)
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    mlp_dim: int | None = None
+    # Loss (reference recipe).
+    noise_tau: float = 0.8
+    lpips_weight: float = 1.0            # w_L
+    gan_weight: float = 0.75             # w_G
+    max_gan_lambda: float = 1e4
+    lpips_start_epoch: float = 0
+    disc_start_epoch: float = 6          # discriminator updates from here ...
+    gan_start_epoch: float = 8           # ... the GAN term joins the decoder loss from here
+    lpips_start_step: int | None = None  # the same three in steps (win over the epochs)
+    disc_start_step: int | None = None
+    gan_start_step: int | None = None
+    # Loss networks: pretrained weights through timm / torch hub, or local files.
+    disc_backbone: str = DINO_TIMM_NAME  # timm name of the frozen discriminator backbone
+    disc_weights: str | None = None
+    lpips_vgg_weights: str | None = None
+    lpips_lin_weights: str | None = None
+    random_loss_nets: bool = False       # seeded random LPIPS-VGG and discriminator backbone (demo only)
+    disc_aug_prob: float = 1.0           # DiffAug probability and cutout (reference: 1.0, 0.0)
+    disc_cutout: float = 0.0
+    # Optimisation (reference recipe: 16 epochs, batch 512, AdamW, 1 warm-up epoch, cosine to 2e-5).
+    epochs: float = 16
+    steps: int | None = None             # total steps (wins over epochs)
+    batch_size: int = 512                # global batch, whatever the number of GPUs
+    lr: float = 2e-4
+    final_lr: float = 2e-5
+    disc_lr: float = 2e-4
+    disc_final_lr: float = 2e-5
+    warmup_epochs: float = 1
+    warmup_steps: int | None = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9978
+    clip_grad: float | None = None       # max gradient norm of the decoder (reference: off)
+    precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 0
+    # Run settings: they do not change the result, so a resume may change them.
+    checkpoint_every: int | None = None  # steps; default once per epoch
+    keep_checkpoints: int = 2
+    preview_every: int | None = None     # steps between reconstruction grids; default once per epoch
+    preview_count: int = 8
+    log_every: int = 10
+    stop_after: int | None = None        # end this invocation after this many steps (resumable), e.g. wall-time limits
+    num_workers: int = -1                # -1: per rank, the CPU cores / ranks, less one, at most 8
+    device: str = "auto"
+    compile: bool = False
+    overwrite: bool = False
+
+    RUN_ONLY = ("latents", "out", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count",
+                "log_every", "stop_after", "num_workers", "device", "compile", "overwrite")
+
+    def identity(self) -> dict:
+        """The fields that define the trained decoder (compared on resume)."""
+        return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY}
+
+
+def _validate(cfg: TrainDecoderConfig) -> None:
+    if cfg.model not in DECODER_SIZES:
+        raise RaeError(f"unknown decoder --model '{cfg.model}'; choose one of: {', '.join(DECODER_SIZES)}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
+    if cfg.batch_size < 1 or cfg.decoder_patch < 1:
+        raise RaeError("--batch-size and --decoder-patch must be at least 1")
+    if min(cfg.noise_tau, cfg.lpips_weight, cfg.gan_weight) < 0:
+        raise RaeError("--noise-tau, --lpips-weight and --gan-weight must not be negative")
+    if not 0 <= cfg.ema_decay < 1:
+        raise RaeError(f"--ema-decay must be in [0, 1) (got {cfg.ema_decay})")
+    if cfg.steps is not None and cfg.steps < 1 or cfg.epochs <= 0:
+        raise RaeError("--steps and --epochs must be positive")
+    if cfg.log_every < 1 or any(v is not None and v < 1 for v in (cfg.checkpoint_every, cfg.preview_every)):
+        raise RaeError("--log-every, --checkpoint-every and --preview-every must be at least 1")
+    if cfg.random_loss_nets and (cfg.disc_weights or cfg.lpips_vgg_weights or cfg.lpips_lin_weights):
+        raise RaeError("--random-loss-nets and weight files for LPIPS or the discriminator exclude each other")
+    size = decoder_size(cfg)
+    if size["width"] % size["heads"] or size["width"] % 4:
+        raise RaeError(f"decoder width {size['width']} must be divisible by 4 and by its {size['heads']} heads")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def decoder_size(cfg: TrainDecoderConfig) -> dict:
+    """The named size from DECODER_SIZES with any of width/depth/heads/mlp_dim overridden."""
+    size = dict(DECODER_SIZES[cfg.model])
+    size.update({k: getattr(cfg, k) for k in ("width", "depth", "heads", "mlp_dim") if getattr(cfg, k) is not None})
+    return size
+
+
+def decoder_architecture(cfg: TrainDecoderConfig, encoder: dict, latent_shape) -> dict:
+    """``ViTDecoder`` keyword arguments for the store's latents: what config.json records and
+    ``rae decode`` rebuilds. The decoder undoes the encoder's own input normalisation."""
+    c, h, w = (int(s) for s in latent_shape)
+    if h != w:
+        raise ArtifactError(f"the decoder needs a square token grid, the store's latents are [{c}, {h}, {w}]")
+    return dict(in_dim=c, grid=h, patch_size=cfg.decoder_patch, **decoder_size(cfg),
+                image_mean=[float(v) for v in encoder["mean"]], image_std=[float(v) for v in encoder["std"]])
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step counts of a run: its length, the learning-rate warm-up and when each loss term is on."""
+    total: int
+    warmup: int
+    steps_per_epoch: int
+    losses: GanSchedule
+
+    @classmethod
+    def of(cls, cfg: TrainDecoderConfig, steps_per_epoch: int) -> "Schedule":
+        def steps(given: int | None, epochs: float) -> int:
+            return int(given) if given is not None else round(epochs * steps_per_epoch)
+
+        losses = GanSchedule(disc_start=steps(cfg.disc_start_step, cfg.disc_start_epoch),
+                             gan_start=steps(cfg.gan_start_step, cfg.gan_start_epoch),
+                             lpips_start=steps(cfg.lpips_start_step, cfg.lpips_start_epoch))
+        return cls(total=steps(cfg.steps, cfg.epochs), warmup=steps(cfg.warmup_steps, cfg.warmup_epochs),
+                   steps_per_epoch=steps_per_epoch, losses=losses)
+
+
+def learning_rate(step: int, base: float, final: float, warmup: int, total: int) -> float:
+    """Linear warm-up from zero over ``warmup`` steps, then cosine decay from ``base`` to ``final``
+    at ``total`` (the reference's "cosine, warmup_from_zero" schedule)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if step >= total:
+        return final
+    progress_ = (step - warmup) / max(total - warmup, 1)
+    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * progress_))
+
+
+def _seed(*keys: int) -> int:
+    """A 64-bit seed from integers (numpy's SeedSequence hashing): streams keyed by (seed, step, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
+
+
+def noise_augment(z: torch.Tensor, tau: float, seed: int, step: int, first: int) -> torch.Tensor:
+    """``add_noise`` sample by sample, each from its own stream keyed by (seed, step, position in the
+    global batch): a sample gets the same noise on any number of GPUs, and again after a resume."""
+    if tau <= 0:
+        return z
+    g = torch.Generator(z.device)
+    out = torch.empty_like(z)
+    for i in range(len(z)):
+        g.manual_seed(_seed(seed, 0, step, first + i))
+        out[i: i + 1] = add_noise(z[i: i + 1], tau, generator=g)
+    return out
+
+
+def gan_lambda(x_hat: torch.Tensor, grad_rec: torch.Tensor, grad_gan: torch.Tensor, last_layer: torch.Tensor,
+               world: int = 1, max_weight: float = 1e4, eps: float = 1e-6) -> torch.Tensor:
+    """The adaptive GAN weight of ``losses.adaptive_gan_weight``, from the losses' gradients at the image.
+
+    ``grad_rec`` and ``grad_gan`` are d(loss)/d(x_hat); pulled back through the decoder's output layer
+    (a short path: the head and the un-patchify) they are the gradients at its last layer W. Under
+    DDP each rank holds the gradient of its share of the batch, so they are averaged over ranks
+    first: lambda is the global batch's, the same on every rank and for any number of GPUs (the
+    reference uses each rank's own).
+    """
+    g_rec, g_gan = (torch.autograd.grad(x_hat, last_layer, grad_outputs=g, retain_graph=True)[0]
+                    for g in (grad_rec, grad_gan))
+    g = dist.all_reduce_sum(torch.stack([g_rec, g_gan]).float()) / world
+    return (g[0].norm() / (g[1].norm() + eps)).clamp(0.0, max_weight)
+
+
+def random_lpips() -> LPIPS:
+    """LPIPS with random weights from the current RNG, for the demonstration (offline, no VGG16 file).
+
+    Learned LPIPS linear layers are non-negative; random ones are made so too, so that the value is
+    still a distance (zero for equal images, growing with feature differences). Not a perceptual loss.
+    """
+    lpips = LPIPS(pretrained=False)
+    with torch.no_grad():
+        for lin in lpips.lins:
+            lin.weight.abs_()
+    return lpips
+
+
+def build_loss_networks(cfg: TrainDecoderConfig) -> tuple[LPIPS | None, DinoDiscriminator | None, dict]:
+    """LPIPS (when w_L > 0) and the discriminator (when w_G > 0), and a record of their weights.
+
+    Pretrained weights come from the files given, else from the torch hub cache (VGG16) and timm /
+    the Hugging Face cache (DINO ViT-S/8), downloaded on first use; offline with neither, a one-line
+    error says what to fetch. ``random_loss_nets`` (the demonstration) gives both random weights.
+    The discriminator heads (and any random weights) are initialised from ``seed``.
+    """
+    lpips = disc = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        if cfg.lpips_weight > 0:
+            lpips = random_lpips() if cfg.random_loss_nets else LPIPS(vgg_weights=cfg.lpips_vgg_weights,
+                                                                        lin_weights=cfg.lpips_lin_weights)
+        if cfg.gan_weight > 0:
+            disc = DinoDiscriminator(weights=cfg.disc_weights, pretrained=not cfg.random_loss_nets,
+                                     timm_name=cfg.disc_backbone, aug_prob=cfg.disc_aug_prob, cutout=cfg.disc_cutout)
+    record = {"random_init": cfg.random_loss_nets,
+              "lpips": {"vgg_weights": cfg.lpips_vgg_weights, "lin_weights": cfg.lpips_lin_weights} if lpips else None,
+              "discriminator": {"backbone": cfg.disc_backbone, "weights": cfg.disc_weights,
+                                "backbone_sha256": disc.backbone_sha256} if disc else None}
+    return lpips, disc, record
+
+
+class _RealFake(nn.Module):
+    """D on the fakes and on the reals in one forward: one DDP forward per backward."""
+
+    def __init__(self, disc: nn.Module):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.disc(fake, augment=True), self.disc(real, augment=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step
+
+
+class DecoderTraining:
+    """The decoder, its EMA, the loss networks and both optimisers; ``step()`` is one training step.
+
+    Under ``torchrun`` the decoder and the discriminator heads are wrapped in DDP (gradient sync);
+    the step itself is the same code on one GPU, several, or the CPU.
+    """
+
+    def __init__(self, cfg: TrainDecoderConfig, arch: dict, schedule: Schedule, d: dist.Dist,
+                 lpips: LPIPS | None, disc: DinoDiscriminator | None, precision: str):
+        self.cfg, self.schedule, self.device = cfg, schedule, d.device
+        self.rank, self.world = d.rank, d.world
+        self.autocast = dict(device_type=d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        # The same initial weights on every rank (DDP would broadcast rank 0's anyway).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.decoder = ViTDecoder(**arch).to(d.device)
+        self.ema = copy.deepcopy(self.decoder).requires_grad_(False).eval()
+        self.lpips = lpips.to(d.device) if lpips is not None else None
+        self.disc = disc.to(d.device).eval() if disc is not None else None
+
+        fused = dict(fused=True) if d.device.type == "cuda" else {}
+        params = [p for p in self.decoder.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fused)
+        self.opt_d = (torch.optim.AdamW(self.disc.heads.parameters(), lr=cfg.disc_lr, betas=tuple(cfg.betas),
+                                        weight_decay=cfg.weight_decay, **fused) if self.disc is not None else None)
+        if cfg.compile:
+            self._compile()
+        wrap = _ddp if d.world > 1 else (lambda m: m)
+        self.train_forward = wrap(self.decoder)  # the decoder step: gradients synced across ranks
+        self.disc_pair = wrap(_RealFake(self.disc)) if self.disc is not None else None
+
+    def _compile(self) -> None:
+        """Compile the transformer blocks and LPIPS in place ("regional" compilation). The decoder's
+        output layer stays outside any compiled graph, so lambda's gradients at its last layer cost a
+        pass through the head alone; a whole-model graph would replay the full backward for each."""
+        for block in self.decoder.blocks:
+            block.compile()
+        if self.disc is not None:
+            for block in self.disc.backbone.blocks:
+                block.compile()
+        if self.lpips is not None:
+            self.lpips.compile()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def lpips_on(self, step: int) -> bool:
+        return self.lpips is not None and self.schedule.losses.lpips_active(step)
+
+    def gan_on(self, step: int) -> bool:
+        return self.disc is not None and self.schedule.losses.gan_active(step)
+
+    def disc_on(self, step: int) -> bool:
+        return self.disc is not None and self.schedule.losses.disc_active(step)
+
+    def step(self, step: int, z: torch.Tensor, images: torch.Tensor, first: int = 0) -> dict[str, torch.Tensor]:
+        """One decoder step, then (once active) one discriminator step, for global step ``step``.
+
+        ``z``: this rank's latents [B, C, h, w] (raw encoder space); ``images``: the matching uint8
+        images; ``first``: the position of this rank's first sample in the global batch.
+        Returns this step's metrics: detached tensors (no device sync) and the learning rates.
+        """
+        cfg, s = self.cfg, self.schedule
+        # DiffAug's draws: a stream per (seed, step, rank), so a resumed run draws what it would have.
+        torch.manual_seed(_seed(cfg.seed, 1, step, self.rank))
+        x = images.float() / 255.0
+        lr = learning_rate(step, cfg.lr, cfg.final_lr, s.warmup, s.total)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        metrics = {"lr": lr}
+
+        # 1. Decoder. The losses see a detached copy of the reconstruction; their gradients at the
+        # image are pushed through the decoder in one backward. (The reference backpropagates the LPIPS
+        # and D graphs twice, once for lambda and once for the loss: the same gradients, at more cost.)
+        z_noisy = noise_augment(z, cfg.noise_tau, cfg.seed, step, first)
+        with torch.autocast(**self.autocast):
+            x_hat = self.train_forward(z_noisy).float()
+        image = x_hat.detach().requires_grad_(True)
+        with torch.autocast(**self.autocast):
+            l1 = (image - x).abs().mean()
+            rec = l1
+            if self.lpips_on(step):
+                metrics["lpips"] = self.lpips(image, x).mean()
+                rec = l1 + cfg.lpips_weight * metrics["lpips"]
+            if self.gan_on(step):
+                metrics["gan"] = generator_loss(self.disc(image, augment=True))  # D in eval mode
+        grad = torch.autograd.grad(rec, image)[0]
+        total = rec.detach()
+        if self.gan_on(step):
+            grad_gan = torch.autograd.grad(metrics["gan"], image)[0]
+            lam = gan_lambda(x_hat, grad, grad_gan, self.decoder.last_layer_weight, self.world, cfg.max_gan_lambda)
+            grad = grad + cfg.gan_weight * lam * grad_gan
+            total = total + cfg.gan_weight * lam * metrics["gan"].detach()
+            metrics["lambda"] = lam
+        self.opt.zero_grad(set_to_none=True)
+        x_hat.backward(grad)
+        if cfg.clip_grad:
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), cfg.clip_grad)
+        self.opt.step()
+        self.update_ema()
+        metrics.update(l1=l1.detach(), loss=total)
+
+        # 2. Discriminator: real images vs the updated decoder's clean reconstructions, as 8-bit images.
+        if self.disc_on(step):
+            d_lr = learning_rate(step - s.losses.disc_start, cfg.disc_lr, cfg.disc_final_lr, s.warmup, s.total)
+            for group in self.opt_d.param_groups:
+                group["lr"] = d_lr
+            with torch.no_grad(), torch.autocast(**self.autocast):
+                fake = round_to_8bit(self.decoder(z).float())
+            self.disc.train()
+            with torch.autocast(**self.autocast):
+                logits_fake, logits_real = self.disc_pair(fake, x)
+                d_loss = hinge_d_loss(logits_real.float(), logits_fake.float())
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            self.disc.eval()
+            metrics.update(d_loss=d_loss.detach(), d_lr=d_lr,
+                           d_accuracy=(logits_real > logits_fake).float().mean().detach(),
+                           logits_real=logits_real.detach().float().mean(),
+                           logits_fake=logits_fake.detach().float().mean())
+        return {k: v.detach().float() if torch.is_tensor(v) else v for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        ema = [p for p in self.ema.parameters()]
+        model = [p.detach() for p in self.decoder.parameters()]
+        torch._foreach_lerp_(ema, model, 1.0 - self.cfg.ema_decay)  # ema <- decay * ema + (1 - decay) * model
+
+    @torch.no_grad()
+    def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
+        """EMA decoder on clean latents -> images in [0, 1] (clamped)."""
+        with torch.autocast(**self.autocast):
+            return self.ema(z.to(self.device)).float().clamp(0, 1)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"decoder": self.decoder.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict()}
+        if self.disc is not None:
+            state.update(disc_heads=self.disc.heads.state_dict(), opt_d=self.opt_d.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decoder.load_state_dict(state["decoder"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        if self.disc is not None:
+            self.disc.heads.load_state_dict(state["disc_heads"])
+            self.opt_d.load_state_dict(state["opt_d"])
+
+
+def _ddp(module: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = next(module.parameters()).device
+    return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
+               gradient_as_bucket_view=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: inputs, resume, the loop, outputs
+
+
+class _Reader(StoreReader):
+    """Store batches with source images cropped at the decoder's output size. Usually the store's
+    own size; an upsampling decoder (p_d = 2 p_e) learns 512 px images from the latents of 256 px ones."""
+
+    def __init__(self, path: str, image_size: int):
+        super().__init__(path, with_images=True)
+        self.image_size = image_size
+
+    def _open(self):
+        store = super()._open()
+        self._size = self.image_size
+        return store
+
+
+def _short(encoder: dict) -> str:
+    return f"'{encoder.get('name')}' (weights {str(encoder.get('weights_sha256'))[:12]})"
+
+
+def _prepare_run(cfg: TrainDecoderConfig, out: Path, wanted: dict, store_manifest: dict) -> str:
+    """Rank 0: create, resume or refuse the run directory. Returns "done", "resume" or "new"."""
+    if out.exists() and has_manifest(out):
+        old = read_manifest(out, require_complete=False, what="run")
+        if old.get("kind") != "decoder-run":
+            raise ArtifactError(f"{out} is a {old.get('kind')}, not a decoder run; choose another --out")
+        if old.get("identity") == digest_json(wanted):
+            return "done" if old.get("complete") else "resume"
+        if not cfg.overwrite:
+            if old.get("encoder") != wanted["encoder"]:
+                raise ArtifactError(f"{out} was trained on latents of encoder {_short(old.get('encoder') or {})}, but "
+                                    f"{cfg.latents} holds latents of encoder {_short(wanted['encoder'])}; pass the "
+                                    "store it was trained on, or --overwrite to start a new run there")
+            if old.get("inputs", {}).get("latents", {}).get("content_id") != wanted["store"]:
+                raise ArtifactError(f"{out} was trained on another latent store than {cfg.latents} (same encoder, "
+                                    "other content); pass the store it was trained on, or --overwrite to start over")
+            changed = sorted(k for k in set(wanted["config"]) | set(old.get("config", {}))
+                             if k not in cfg.RUN_ONLY and old.get("config", {}).get(k) != wanted["config"].get(k))
+            raise ArtifactError(f"{out} was made with a different configuration ({', '.join(changed) or 'format'}); "
+                                "pass --overwrite to replace it, or choose another --out")
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise ArtifactError(f"{out} exists and is not a rae run; choose another --out")
+        remove_store(out)  # refuses anything that is not a rae artifact
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = new_manifest("decoder-run", cfg, inputs={"latents": input_ref(cfg.latents, store_manifest)},
+                            identity=digest_json(wanted), **{k: v for k, v in wanted.items() if k not in ("config", "store")})
+    write_manifest(out, manifest)
+    return "new"
+
+
+def _decoder_config(arch: dict, cfg: TrainDecoderConfig, store_manifest: dict, stats_sha: str) -> dict:
+    """config.json: everything ``rae decode`` needs to rebuild the decoder and check its input."""
+    return {"architecture": "ViTDecoder", "model": cfg.model, "decoder": arch,
+            "image_size": arch["grid"] * arch["patch_size"], "weights": EMA_WEIGHTS,
+            "encoder": store_manifest["encoder"], "latent_shape": store_manifest["latent_shape"],
+            "latent_space": "raw encoder space (as stored; not normalised)",
+            "latent_statistics": {"file": LATENT_STATS, "sha256": stats_sha,
+                                  "store_content_id": store_manifest.get("content_id")},
+            "noise_tau": cfg.noise_tau}
+
+
+class _Metrics:
+    """Per-step metrics summed on the device and written as interval means to metrics.jsonl (rank 0).
+
+    Losses are averaged over ranks (the global batch's values). ``step`` counts the steps done."""
+
+    def __init__(self, path: Path | None, global_batch: int):
+        self.path, self.global_batch = path, global_batch
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.counts: dict[str, int] = {}
+        self.steps, self.t0 = 0, time.time()
+        self.records: list[dict] = []
+
+    def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.steps += 1
+
+    def flush(self, step: int, world: int) -> dict | None:
+        if not self.steps:
+            return None
+        keys = sorted(self.sums)
+        values = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device="cpu") for k in keys])
+        values = dist.all_reduce_sum(values) / world
+        elapsed = max(time.time() - self.t0, 1e-9)
+        record = {"step": step, **{k: float(v) / self.counts[k] for k, v in zip(keys, values.tolist())},
+                  "img_per_s": self.steps * self.global_batch / elapsed}
+        self.sums, self.counts, self.steps, self.t0 = {}, {}, 0, time.time()
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.records.append(record)
+        return record
+
+
+def read_metrics(run: str | os.PathLike) -> list[dict]:
+    path = Path(run) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _truncate_metrics(path: Path, step: int) -> list[dict]:
+    """Drop records past ``step`` (written after the checkpoint a resume starts from)."""
+    kept = [r for r in read_metrics(path.parent) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def save_recon_grid(path: Path, originals: torch.Tensor, recons: torch.Tensor, per_row: int = 4) -> None:
+    """PNG of (original | reconstruction) pairs, ``per_row`` pairs per row, 2 px gaps."""
+    from PIL import Image
+
+    n, _, h, w = recons.shape
+    originals = torch.nn.functional.interpolate(originals.float(), size=(h, w), mode="nearest") \
+        if originals.shape[-1] != w else originals.float()
+    per_row = min(per_row, n)
+    rows, gap = math.ceil(n / per_row), 2
+    canvas = np.full((rows * (h + gap) + gap, per_row * (2 * w + 3 * gap) + gap, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        y, x = gap + r * (h + gap), gap + c * (2 * w + 3 * gap)
+        for k, img in enumerate((originals[i], recons[i] * 255)):
+            pixels = img.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            canvas[y: y + h, x + k * (w + gap): x + k * (w + gap) + w] = pixels
+    Image.fromarray(canvas).save(path)
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    """A small-multiples loss plot (one panel per metric, own y range) drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    keys = [k for k in ("l1", "lpips", "gan", "lambda", "d_loss", "d_accuracy", "lr") if any(k in r for r in records)]
+    if not records or not keys:
+        return
+    pw, ph, pad = 360, 180, 36
+    cols = 2
+    rows = math.ceil(len(keys) / cols)
+    img = Image.new("RGB", (cols * pw, rows * ph), "white")
+    draw = ImageDraw.Draw(img)
+    steps = [r["step"] for r in records]
+    s0, s1 = min(steps), max(max(steps), min(steps) + 1)
+    for n, key in enumerate(keys):
+        ox, oy = (n % cols) * pw, (n // cols) * ph
+        pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+        left, top, right, bottom = ox + pad + 20, oy + 22, ox + pw - 10, oy + ph - pad + 10
+        draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+        draw.text((ox + 8, oy + 4), key, fill="black")
+        if not pts:
+            continue
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        hi = hi if hi > lo else lo + 1e-12 + abs(lo) * 0.01
+        xy = [(left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top)) for s, v in pts]
+        if len(xy) > 1:
+            draw.line(xy, fill=(31, 119, 180), width=2)
+        else:
+            draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(31, 119, 180))
+        draw.text((ox + 4, top - 2), f"{hi:.3g}", fill=(90, 90, 90))
+        draw.text((ox + 4, bottom - 10), f"{lo:.3g}", fill=(90, 90, 90))
+        draw.text((left, bottom + 4), f"step {s0}", fill=(90, 90, 90))
+        draw.text((right - draw.textlength(str(s1)), bottom + 4), str(s1), fill=(90, 90, 90))
+    img.save(path)
+
+
+def run(cfg: TrainDecoderConfig) -> dict:
+    _validate(cfg)
+    d = dist.init(cfg.device)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    cfg.precision = precision
+    out = Path(cfg.out)
+    store_manifest, store = open_complete_store(cfg.latents, kind=("latent-store",))
+    encoder = store_manifest["encoder"]
+    arch = decoder_architecture(cfg, encoder, store.latent_shape)
+    image_size = arch["grid"] * arch["patch_size"]
+    plan = BatchPlan(store.valid_indices(), cfg.batch_size, cfg.seed, d.rank, d.world)
+    schedule = Schedule.of(cfg, plan.steps_per_epoch)
+    mean, var = store.statistics()
+    stats_sha = hashlib.sha256(mean.tobytes() + var.tobytes()).hexdigest()
+    wanted = {"config": cfg.identity(), "encoder": encoder, "store": store_manifest.get("content_id"),
+              "latent_shape": store_manifest["latent_shape"], "decoder": arch, "image_size": image_size,
+              "latent_statistics": {"sha256": stats_sha, "store_content_id": store_manifest.get("content_id")},
+              "steps": schedule.total, "steps_per_epoch": schedule.steps_per_epoch}
+
+    state, error = None, None
+    if d.is_main:
+        try:
+            state = _prepare_run(cfg, out, wanted, store_manifest)
+        except RaeError as e:
+            error = str(e)
+    state, error = dist.broadcast_object((state, error))
+    if error:
+        raise ArtifactError(error)
+    if state == "done":
+        if d.is_main:
+            console.print(f"{out} is already complete; nothing to do.")
+        return summary(out)
+
+    lpips, disc, loss_nets = build_loss_networks(cfg)
+    training = DecoderTraining(cfg, arch, schedule, d, lpips, disc, precision)
+    start = 0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        saved = load_state(ckpt)
+        if saved.get("identity") != digest_json(wanted):
+            raise ArtifactError(f"{ckpt} belongs to another configuration than {out}/manifest.json; remove it or --overwrite")
+        training.load_state_dict(saved["training"])
+        start = int(saved["step"])
+    stop = min(schedule.total, cfg.stop_after) if cfg.stop_after is not None else schedule.total
+    every_epoch = max(schedule.steps_per_epoch, 1)
+    ckpt_every = cfg.checkpoint_every or every_epoch
+    preview_every = cfg.preview_every or every_epoch
+
+    metrics = _Metrics(out / METRICS if d.is_main else None, cfg.batch_size)
+    previews = None
+    if d.is_main:  # (re)written on every start: the same content, and a kill right after creation loses nothing
+        save_weights(out / LATENT_STATS, {"mean": torch.from_numpy(mean), "var": torch.from_numpy(var)})
+        atomic_write_json(out / CONFIG, _decoder_config(arch, cfg, store_manifest, stats_sha))
+        manifest = read_manifest(out, require_complete=False)
+        manifest["loss_networks"] = loss_nets
+        write_manifest(out, manifest)
+        metrics.records = _truncate_metrics(out / METRICS, start)
+        (out / "previews").mkdir(exist_ok=True)
+        valid = store.valid_indices()  # fixed entries spread over the store (its classes are in order)
+        fixed = valid[np.linspace(0, len(valid) - 1, min(cfg.preview_count, len(valid))).round().astype(int)]
+        z_fixed, _, img_fixed = _Reader(cfg.latents, image_size)(fixed)
+        previews = (z_fixed, img_fixed)
+        _announce(cfg, d, arch, schedule, start, loss_nets)
+
+    per_rank = cfg.batch_size // d.world
+    workers = cfg.num_workers if cfg.num_workers >= 0 else max(1, min(8, (os.cpu_count() or 2) // d.world - 1))
+    loader = batches(plan, _Reader(cfg.latents, image_size), start, stop, num_workers=workers,
+                     pin_memory=d.device.type == "cuda")
+    t0, done = time.time(), 0
+    step = start
+    with progress(stop * cfg.batch_size, "train-decoder", unit="img", completed=start * cfg.batch_size) as advance:
+        for z, _, images in loader:
+            z = z.to(d.device, non_blocking=True)
+            images = images.to(d.device, non_blocking=True)
+            metrics.add(training.step(step, z, images, first=d.rank * per_rank))
+            step += 1
+            done += 1
+            info = {}
+            if step % cfg.log_every == 0 or step == stop:
+                record = metrics.flush(step, d.world)
+                info = {k: record[k] for k in ("l1", "lpips", "gan", "d_loss") if k in record}
+            advance(cfg.batch_size, **info)
+            if d.is_main and (step % preview_every == 0 or step == schedule.total):
+                _preview(training, previews, out / "previews" / f"step_{step:08d}.png")
+                plot_losses(metrics.records, out / "losses.png")
+            if step % ckpt_every == 0 or step == stop:
+                if d.is_main:
+                    save_checkpoint(out, step, {"step": step, "identity": digest_json(wanted),
+                                                "training": training.state_dict()}, keep=cfg.keep_checkpoints)
+                dist.barrier()
+    elapsed = time.time() - t0
+    if step < schedule.total:  # stopped early on purpose (--stop-after): resumable
+        result = {"run": str(out), "step": step, "steps": schedule.total, "complete": False}
+    else:
+        if d.is_main:
+            _finalize(training, previews, out, metrics.records)
+        dist.barrier()
+        result = summary(out)
+    result["images_per_second"] = done * cfg.batch_size / elapsed if elapsed > 0 and done else 0.0
+    return result
+
+
+def _announce(cfg, d, arch, schedule: Schedule, start: int, loss_nets: dict) -> None:
+    n_params = sum(math.prod(p) for p in _param_shapes(arch))
+    what = "resuming at step %d" % start if start else "starting"
+    console.print(f"train-decoder: {cfg.model} decoder ({n_params / 1e6:.2f}M parameters, p_d={arch['patch_size']}, "
+                  f"{arch['grid'] * arch['patch_size']} px), {schedule.total} steps of {cfg.batch_size} "
+                  f"({schedule.steps_per_epoch} per epoch) on {d.world} process(es), {cfg.precision}; {what}",
+                  highlight=False)
+    console.print(f"  LPIPS from step {schedule.losses.lpips_start}, D updates from step {schedule.losses.disc_start}, "
+                  f"GAN term from step {schedule.losses.gan_start}", highlight=False)
+    if cfg.random_loss_nets and (loss_nets["lpips"] or loss_nets["discriminator"]):
+        console.print("[bold yellow]warning:[/] LPIPS (VGG16) and the discriminator backbone "
+                      f"({cfg.disc_backbone}) have RANDOM weights (demonstration): the perceptual and GAN terms "
+                      "are not the real ones and this decoder is not a real RAE decoder", highlight=False)
+
+
+def _param_shapes(arch: dict):
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in ViTDecoder(**arch).parameters()]
+
+
+def _preview(training: DecoderTraining, previews, path: Path) -> None:
+    z, images = previews
+    save_recon_grid(path, images, training.reconstruct(z).cpu())
+
+
+def _finalize(training: DecoderTraining, previews, out: Path, records: list[dict]) -> None:
+    """Rank 0: final weights, grids, plot, and the manifest marked complete (the last write)."""
+    save_weights(out / WEIGHTS, training.decoder.state_dict())
+    save_weights(out / EMA_WEIGHTS, training.ema.state_dict())
+    _preview(training, previews, out / "reconstructions.png")
+    plot_losses(records, out / "losses.png")
+    manifest = read_manifest(out, require_complete=False)
+    manifest["content_id"] = sha256_file(out / EMA_WEIGHTS)
+    manifest["final_metrics"] = records[-1] if records else {}
+    manifest["complete"] = True
+    write_manifest(out, manifest)
+
+
+def summary(out: Path) -> dict:
+    manifest = read_manifest(out, kind="decoder-run", what="decoder run")
+    return {"run": str(out), "step": manifest["steps"], "steps": manifest["steps"], "complete": True,
+            "weights": str(Path(out) / EMA_WEIGHTS), "content_id": manifest["content_id"],
+            "final_metrics": manifest.get("final_metrics", {}), "encoder": manifest["encoder"]["name"]}
