@@ -46,8 +46,9 @@ class EncodeConfig:
     block_size: int = 1024
     min_size: int = 16
     precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
-    resize: str = "auto"                 # where the crop's bicubic step runs: auto (gpu on CUDA) | cpu | gpu;
-                                         # bit-identical either way, so not part of the store's identity
+    resize: str = "cpu"                  # where the crop's bicubic step runs: cpu (workers) | gpu (main
+                                         # process; measured slower so far, see BENCHMARKS.md); bit-identical
+                                         # either way, so not part of the store's identity
     # Run settings: they do not change the store, so a resume may change them.
     batch_size: int = 256
     num_workers: int = -1                # -1: one per CPU core, less two
@@ -72,8 +73,8 @@ def _validate(cfg: EncodeConfig) -> None:
         raise RaeError(f"--dtype must be float16 or float32 (got {cfg.dtype})")
     if cfg.codec not in CODECS:
         raise RaeError(f"--codec must be one of {', '.join(CODECS)} (got {cfg.codec})")
-    if cfg.resize not in ("auto", "cpu", "gpu"):
-        raise RaeError(f"--resize must be auto, cpu or gpu (got {cfg.resize})")
+    if cfg.resize not in ("cpu", "gpu"):
+        raise RaeError(f"--resize must be cpu or gpu (got {cfg.resize})")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
     if cfg.shard_size < 2 or cfg.shard_size % 2 or cfg.block_size % cfg.shard_size:
@@ -190,7 +191,7 @@ def run(cfg: EncodeConfig) -> dict:
     d = dist.init(cfg.device)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
     cfg.precision = precision
-    resize_on_device = cfg.resize == "gpu" or (cfg.resize == "auto" and d.device.type == "cuda")
+    resize_on_device = cfg.resize == "gpu"
     listing = list_images(cfg.data, cfg.limit)
     encoder, digest = build_encoder(cfg.encoder, cfg.image_size, weights=cfg.encoder_weights,
                                     pretrained=not cfg.random_init, seed=cfg.seed)
