@@ -41,6 +41,9 @@ def eval_cmd(
     fd_model: str = typer.Option("vit_large_patch14_dinov2.lvd142m", "--fd-model", help="timm DINOv2 model for the FD in "
                                  "representation space (the default is EDM2's FD_DINOv2; e.g. "
                                  "vit_base_patch14_reg4_dinov2.lvd142m for the RAE encoder's own network)."),
+    fd_encoder: Optional[Path] = typer.Option(None, "--fd-encoder", help="A latent store: compute the FD in its RAE "
+                                              "encoder's space (mean-pooled latent tokens) instead of DINOv2-L; "
+                                              "needs no downloaded weights when the store's encoder is local."),
     metrics: str = typer.Option("fid,is,pr,kid,fd_dinov2", "--metrics", help=METRICS_HELP),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass (per GPU)."),
     num_workers: int = typer.Option(4, "--num-workers", help="Image-decoding processes per GPU."),
@@ -61,7 +64,7 @@ def eval_cmd(
         images=str(images), ref=str(ref) if ref else None, pairs=pairs, save_ref=str(save_ref) if save_ref else None,
         out=str(out) if out else None, metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
         inception_weights=str(inception_weights) if inception_weights else None,
-        dinov2_weights=str(dinov2_weights) if dinov2_weights else None, fd_model=fd_model, offline=offline,
+        dinov2_weights=str(dinov2_weights) if dinov2_weights else None, fd_model=fd_model, fd_encoder=str(fd_encoder) if fd_encoder else None, offline=offline,
         batch_size=batch_size, num_workers=num_workers, device=device)
     try:
         result = run(cfg)

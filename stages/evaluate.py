@@ -73,6 +73,8 @@ class EvalConfig:
     inception_weights: str | None = None         # torch-fidelity Inception file; None = torch hub cache
     dinov2_weights: str | None = None            # DINOv2 file; None = timm / Hugging Face cache
     fd_model: str = DINOV2_DEFAULT               # timm DINOv2 name for the FD in representation space
+    fd_encoder: str | None = None                # a latent store: FD in its RAE encoder's space instead
+                                                 # (mean-pooled tokens; needs no downloaded weights)
     offline: bool = False                        # never download weights
     # Protocol constants (ADM / torch-fidelity defaults).
     is_split_size: int = 5000
@@ -510,6 +512,37 @@ def load_dinov2(timm_name: str = DINOV2_DEFAULT, weights: str | os.PathLike | No
     return DINOv2(vit224, identity).to(device).eval()
 
 
+class EncoderFeatures(nn.Module):
+    """FD in the RAE encoder's own space: the encoder of a latent store (rebuilt exactly as the store
+    recorded it, weights digest checked) on the image, its latent tokens mean-pooled to [C]."""
+
+    def __init__(self, encoder: nn.Module, identity: dict):
+        super().__init__()
+        self.encoder, self.identity = encoder, identity
+        self.dim = encoder.spec.width
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x).float().mean(dim=(2, 3))
+
+
+def load_store_encoder(store: str | os.PathLike, device: torch.device | str = "cpu") -> EncoderFeatures:
+    from .encoders import build_encoder
+    from .manifest import read_manifest
+
+    manifest = read_manifest(store, kind="latent-store", what="--fd-encoder store")
+    cfg, enc = manifest["config"], manifest["encoder"]
+    encoder, digest = build_encoder(enc["name"], cfg["image_size"], weights=cfg.get("encoder_weights"),
+                                    pretrained=enc.get("pretrained", True), seed=cfg.get("seed", 0))
+    if digest != enc["weights_sha256"]:
+        raise ArtifactError(f"the encoder weights found now (sha256 {digest[:12]}…) are not those of {store} "
+                            f"({enc['weights_sha256'][:12]}…)")
+    identity = {"name": f"RAE encoder {enc['name']} of {store}, mean-pooled latent tokens",
+                "weights": cfg.get("encoder_weights") or ("random init" if not enc.get("pretrained", True) else "timm"),
+                "weights_sha256": digest}
+    return EncoderFeatures(encoder, identity).to(device).eval()
+
+
 # ----------------------------------------------------------------------------------------------
 # One pass over aligned image sets
 
@@ -712,7 +745,7 @@ def _run(cfg: EvalConfig, d) -> dict:
     ref = open_reference(cfg.ref) if cfg.ref else None
     wanted = [m for m in METRICS if m in cfg.metrics]
     skipped: dict[str, str] = {}
-    fdk = fd_key(cfg.fd_model)
+    fdk = "fd_rae" if cfg.fd_encoder else fd_key(cfg.fd_model)
 
     if cfg.pairs:
         if ref.images is None:
@@ -762,7 +795,8 @@ def _run(cfg: EvalConfig, d) -> dict:
                      "the numbers are not comparable with published ones")
     if need_dinov2:
         try:
-            dinov2 = _rank0_first(d, lambda: load_dinov2(cfg.fd_model, cfg.dinov2_weights, cfg.offline, d.device))
+            dinov2 = _rank0_first(d, lambda: load_store_encoder(cfg.fd_encoder, d.device) if cfg.fd_encoder
+                                  else load_dinov2(cfg.fd_model, cfg.dinov2_weights, cfg.offline, d.device))
         except MissingWeightsError as e:
             if cfg.dinov2_weights:
                 raise
