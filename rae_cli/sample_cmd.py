@@ -20,7 +20,7 @@ def sample(
     seed: Optional[int] = typer.Option(None, help="Base seed: sample i starts from the noise of seed + i [0]."),
     solver: Optional[str] = typer.Option(None, help="euler (default) | heun | euler-ref (the authors' sampler: "
                                                    "their 50 time points = --solver euler-ref --steps 49)."),
-    steps: Optional[int] = typer.Option(None, help="Solver steps [50] (Heun: 2 model passes per step)."),
+    steps: Optional[int] = typer.Option(None, help="Solver steps [50] (Heun: 2 model passes per step; 0 = no denoising: the pure-noise baseline)."),
     shift: Optional[float] = typer.Option(None, help="Time shift [the one the run was trained with]."),
     guidance: Optional[str] = typer.Option(None, help="none (default) | cfg | autoguidance."),
     cfg_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance scale [1.0 = none]."),

@@ -70,8 +70,8 @@ class SampleConfig:
 def _validate(cfg: SampleConfig) -> None:
     if cfg.solver not in flow.SOLVERS:
         raise RaeError(f"--solver must be one of {', '.join(flow.SOLVERS)} (got {cfg.solver})")
-    if cfg.steps < 1:
-        raise RaeError("--steps must be at least 1")
+    if cfg.steps < 0:
+        raise RaeError("--steps must be 0 (the pure-noise baseline) or more")
     if cfg.guidance not in ("none", "cfg", "autoguidance"):
         raise RaeError(f"--guidance must be none, cfg or autoguidance (got {cfg.guidance})")
     if cfg.guidance == "autoguidance" and not cfg.guide_model:

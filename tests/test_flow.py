@@ -282,3 +282,12 @@ def test_guided_sampling_is_deterministic_given_the_noise(setup):
     a = flow.sample(velocity, noise, 5, 2.0, "heun")
     b = flow.sample(velocity, noise.clone(), 5, 2.0, "heun")
     assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_zero_steps_return_the_starting_noise_for_the_baseline():
+    from stages import flow as F
+
+    noise = torch.randn(3, 4, 2, 2)
+    calls = []
+    out = F.sample(lambda x, t: calls.append(1) or x, noise, 0, 2.0, "euler")
+    assert torch.equal(out, noise) and not calls
