@@ -14,3 +14,4 @@ def register(app: typer.Typer) -> None:
     app.command("eval", help=eval_cmd.__doc__)(eval_cmd.eval_cmd)
     app.command("info", help=info_cmd.__doc__)(info_cmd.info)
     app.command("demo-data", help=demo_cmd.__doc__)(demo_cmd.demo_data)
+    app.command("demo-report", help=demo_cmd.demo_report.__doc__)(demo_cmd.demo_report)

@@ -20,3 +20,28 @@ def demo_data(out: Path = typer.Argument(..., help="Output folder (one subfolder
     generate(out, per_class=per_class, size=size, seed=seed)
     console.print(f"demonstration data: {len(CLASSES)} classes x {per_class} images of {size}x{size} in {out}",
                   highlight=False)
+
+
+@user_errors
+def demo_report(out: Path = typer.Argument(..., help="The demo output folder of `make all`.")):
+    """Evaluate the demonstration chain against its pure-noise baselines and show where to look."""
+    from rich.table import Table
+
+    from stages.demo_report import run
+    from stages.progress import console
+
+    report = run(out)
+    table = Table(title="rae demonstration: results", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in report["rows"]:
+        table.add_row(name, f"{value:.3f}")
+    console.print(table)
+    for what, path in report["pictures"]:
+        console.print(f"  {what}: {path}", highlight=False)
+    verdict = ("[green]samples are far closer to the data than decoded noise, and reconstructions beat the noise "
+               "baseline[/]" if report["ok"] else "[red]the demo models did not beat the noise baselines clearly[/]")
+    console.print(verdict)
+    console.print(f"[yellow]note:[/] {report['note']}", highlight=False)
+    if not report["ok"]:
+        raise typer.Exit(1)

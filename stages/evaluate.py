@@ -182,6 +182,10 @@ class ImageSet:
         if self.path.is_dir():
             self.kind = "folder"
             self.files = _list_image_files(self.path)
+            if (self.path / "manifest.json").is_file():  # a `rae decode` folder: its numbered PNGs, not grid.png
+                import re
+
+                self.files = [f for f in self.files if re.fullmatch(r"\d+\.png", f)]
             if not self.files:
                 raise ArtifactError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {self.path}")
             self.n = len(self.files)
