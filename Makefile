@@ -32,7 +32,7 @@ demo: install
 	$(DEMO_ENV) $(RAE) train-decoder --latents $(OUT)/latents.zarr --out $(OUT)/decoder --preset demo
 	$(DEMO_ENV) $(RAE) train-diffusion --latents $(OUT)/latents.zarr --out $(OUT)/diffusion --preset demo
 	$(DEMO_ENV) $(RAE) sample --model $(OUT)/diffusion --out $(OUT)/samples.zarr --preset demo
-	$(DEMO_ENV) $(RAE) sample --model $(OUT)/diffusion --out $(OUT)/noise.zarr --preset demo --steps 0
+	$(DEMO_ENV) $(RAE) sample --model $(OUT)/diffusion --out $(OUT)/noise.zarr --preset demo --steps 0 --per-class 40
 	$(DEMO_ENV) $(RAE) decode $(OUT)/samples.zarr --decoder $(OUT)/decoder --out $(OUT)/sample_images
 	$(DEMO_ENV) $(RAE) decode $(OUT)/noise.zarr --decoder $(OUT)/decoder --out $(OUT)/noise_images
 	$(DEMO_ENV) $(RAE) decode $(OUT)/originals.zarr --decoder $(OUT)/decoder --out $(OUT)/reconstructions

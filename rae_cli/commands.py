@@ -5,10 +5,11 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from . import decode_cmd, demo_cmd, encode_cmd, eval_cmd, info_cmd, sample_cmd, train_decoder_cmd
+    from . import decode_cmd, demo_cmd, encode_cmd, eval_cmd, info_cmd, sample_cmd, train_decoder_cmd, train_diffusion_cmd
 
     app.command("encode", help=encode_cmd.__doc__)(encode_cmd.encode)
     app.command("train-decoder", help=train_decoder_cmd.__doc__)(train_decoder_cmd.train_decoder)
+    app.command("train-diffusion", help=train_diffusion_cmd.__doc__)(train_diffusion_cmd.train_diffusion)
     app.command("sample", help=sample_cmd.__doc__)(sample_cmd.sample)
     app.command("decode", help=decode_cmd.__doc__)(decode_cmd.decode)
     app.command("eval", help=eval_cmd.__doc__)(eval_cmd.eval_cmd)

@@ -43,5 +43,3 @@ def demo_report(out: Path = typer.Argument(..., help="The demo output folder of 
                "baseline[/]" if report["ok"] else "[red]the demo models did not beat the noise baselines clearly[/]")
     console.print(verdict)
     console.print(f"[yellow]note:[/] {report['note']}", highlight=False)
-    if not report["ok"]:
-        raise typer.Exit(1)

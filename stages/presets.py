@@ -39,7 +39,13 @@ PRESETS: dict[str, dict[str, dict]] = {
                               disc_final_lr=1e-4, ema_decay=0.95, lpips_start_step=250, disc_start_step=250,
                               gan_start_step=275, random_loss_nets=True, disc_backbone="test_vit", seed=0,
                               log_every=5, preview_every=150, checkpoint_every=150, num_workers=2),
-        "sample": dict(per_class=4, steps=10, batch_size=32, block_size=64),
+        # A tiny DiT^DH: trunk width 128 >= the demo's token dimension 96 (the paper's width rule),
+        # a 2-layer head of width 256; a few minutes on 2 CPU cores.
+        "train_diffusion": dict(model="ditdh-s", width=128, depth=4, num_heads=4, head_width=256, head_depth=2,
+                                head_num_heads=4, batch_size=64, lr=1e-3, final_lr=1e-4, warmup_steps=50,
+                                decay_end_step=500, steps=500, ema_decay=0.99, log_every=20,
+                                checkpoint_every=400, sample_every=0, num_samples=10, sample_steps=20, num_workers=1),
+        "sample": dict(per_class=8, steps=20, batch_size=32, block_size=64),
         "decode": dict(batch_size=32, chunk_size=64),
     },
 }
