@@ -24,7 +24,7 @@ def train_diffusion(
     time_dist: Optional[str] = typer.Option(None, help="Training time distribution: logit_normal (default) | uniform."),
     t_mean: Optional[float] = typer.Option(None, help="Logit-normal mean [0]."),
     t_std: Optional[float] = typer.Option(None, help="Logit-normal standard deviation [1]."),
-    shift: Optional[float] = typer.Option(None, help="Time shift a [sqrt(C*h*w / shift-base)]."),
+    shift: Optional[float] = typer.Option(None, help="Time shift a (default: sqrt(C*h*w / shift-base), sqrt(48) for [768, 16, 16] latents)."),
     shift_base: Optional[int] = typer.Option(None, help="Base dimension n of the shift a = sqrt(m / n) [4096]."),
     no_shift: bool = typer.Option(False, "--no-shift", help="No time shift (a = 1), for ablations."),
     label_dropout: Optional[float] = typer.Option(None, help="Probability of training a label as the null class [0.1]."),
@@ -54,7 +54,7 @@ def train_diffusion(
     sample_every: Optional[int] = typer.Option(None, help="Steps between EMA latent samples in RUN/samples (0: only at the end) [10000]."),
     num_samples: Optional[int] = typer.Option(None, help="EMA samples each time [8]."),
     sample_steps: Optional[int] = typer.Option(None, help="Euler steps of those samples [50]."),
-    num_workers: Optional[int] = typer.Option(None, help="Data loading processes per GPU [CPU cores per GPU, less one]."),
+    num_workers: Optional[int] = typer.Option(None, help="Data loading processes per GPU (default: the CPU cores per GPU, less one)."),
     device: Optional[str] = typer.Option(None, help="auto | cuda | cpu."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a run made with another configuration."),
 ):

@@ -189,13 +189,16 @@ def enable_grad_checkpointing(model: nn.Module, num_blocks: int) -> None:
 class Trainer:
     """The model, its EMA, the optimiser and one optimisation step.
 
-    ``step`` takes this process's share of a global batch (normalised latents on the device,
-    labels with dropout applied, times, noise seeds) and returns the loss and gradient norm as
-    device tensors: nothing in it waits for the GPU. The benchmark drives this same class.
+    ``train_step(step, x, labels, lr)`` takes this process's share of the global batch of
+    ``step`` (normalised latents on the device, labels on the CPU), draws its times, label
+    dropout and noise, and returns the loss and gradient norm as device tensors: nothing in it
+    waits for the GPU. The benchmark drives this same class.
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainDiffusionConfig, device: torch.device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, model: nn.Module, cfg: TrainDiffusionConfig, device: torch.device, shift: float,
+                 null_label: int, rank: int = 0, world: int = 1):
+        self.cfg, self.device, self.shift, self.null_label = cfg, device, shift, null_label
+        self.lo, self.hi = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world
         self.model = model.to(device).train()
         # The EMA starts from the initial weights, as the reference; it is kept in float32.
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -211,13 +214,26 @@ class Trainer:
         if cfg.grad_checkpointing:
             enable_grad_checkpointing(self.model, cfg.grad_checkpointing)
         self.net = self.model
-        if dist.active():
+        if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.net = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
                            broadcast_buffers=False, gradient_as_bucket_view=True)
         if cfg.compile:
             self.net = torch.compile(self.net)
+
+    def train_step(self, step: int, x: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        draws = step_draws(cfg.seed, step, cfg.batch_size, self.lo, self.hi, cfg.time_dist, cfg.t_mean, cfg.t_std,
+                           self.shift, cfg.label_dropout)
+        # Unlabelled entries (label -1) and dropped labels train the unconditional (null) class.
+        y = torch.where(draws.drop | (labels < 0), self.null_label, labels)
+        return self.step(x, self._to_device(y), self._to_device(draws.t), draws.noise_seeds, lr)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned, so the copy does not wait for the GPU
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def noise(self, seeds: torch.Tensor, shape) -> torch.Tensor:
         """eps [n, *shape]: sample i from its own generator (seed ``seeds[i]``), on the device."""
@@ -478,7 +494,7 @@ def run(cfg: TrainDiffusionConfig) -> dict:
             console.print(f"{out} is already trained to step {result['step']}; nothing to do.", highlight=False)
         return result
 
-    trainer = Trainer(model, cfg, device)
+    trainer = Trainer(model, cfg, device, shift, null_label, d.rank, d.world)
     start = 0
     ckpt = latest_checkpoint(out) if state == "resume" else None
     if ckpt is not None:
@@ -499,7 +515,6 @@ def run(cfg: TrainDiffusionConfig) -> dict:
     dist.barrier()
 
     # ---- the loop ---------------------------------------------------------------------------------
-    lo = d.rank * per_rank
     mean_d, var_d = mean.to(device), var.to(device)
     loader = batches(plan, StoreReader(cfg.latents), start, total_steps, num_workers=_resolve_workers(cfg.num_workers),
                      pin_memory=device.type == "cuda")
@@ -519,9 +534,10 @@ def run(cfg: TrainDiffusionConfig) -> dict:
         pending.clear()
         if bad.any():
             first = steps_[int(bad.nonzero()[0])]
-            where = f"checkpoint at step {last_ckpt} in {out / 'checkpoints'} is intact" if last_ckpt > 0 else "no checkpoint was written"
-            raise RaeError(f"training diverged: the loss or gradient became NaN/inf at step {first}; the last good "
-                           f"{where}. Check the latent store for bad values or lower --lr, then run again to resume")
+            kept = (f"the last good checkpoint (step {last_ckpt}) in {out / 'checkpoints'} is intact" if last_ckpt > 0
+                    else "no checkpoint had been written yet")
+            raise RaeError(f"training diverged: the loss or gradient became NaN/inf at step {first}; {kept}. "
+                           "Check the latent store for bad values or lower --lr, then run the command again")
         now = time.time()
         rec = {"step": step_done, "epoch": round(step_done / spe, 4), "loss": float(vals[:, 0].mean()) / d.world,
                "grad_norm": float(vals[:, 1].mean()) / d.world, "lr": lr,
@@ -532,7 +548,7 @@ def run(cfg: TrainDiffusionConfig) -> dict:
     def save(step_done: int) -> None:
         if not trainer.weights_finite():
             raise RaeError(f"training diverged: non-finite weights at step {step_done}; the last good checkpoint "
-                           f"(step {last_ckpt}) is intact. Lower --lr, then run again to resume")
+                           f"(step {last_ckpt}) is intact. Lower --lr, then run the command again")
         if d.is_main:
             save_checkpoint(out, step_done, {**trainer.state_dict(), "step": step_done, "identity": identity,
                                              "data": {"step": step_done, "seed": cfg.seed, "global_batch": cfg.batch_size},
@@ -552,14 +568,8 @@ def run(cfg: TrainDiffusionConfig) -> dict:
     label = "train-diffusion" if d.world == 1 else f"train-diffusion ({d.world} processes)"
     with progress(total_steps, label, unit="step", completed=start) as advance:
         for step, (lat, labels) in zip(range(start, total_steps), _device_batches(loader, device)):
-            draws = step_draws(cfg.seed, step, cfg.batch_size, lo, lo + per_rank, cfg.time_dist, cfg.t_mean,
-                               cfg.t_std, shift, cfg.label_dropout)
-            # Unlabelled entries (label -1) and dropped labels train the unconditional (null) class.
-            y = torch.where(draws.drop | (labels < 0), null_label, labels).to(device, non_blocking=True)
-            t = draws.t.to(device, non_blocking=True)
-            x = normalize(lat, mean_d, var_d, NORM_EPS)
             lr = learning_rate(step, cfg.lr, cfg.final_lr, warmup, decay_end, cfg.warmup_from_zero)
-            loss, grad_norm = trainer.step(x, y, t, draws.noise_seeds, lr)
+            loss, grad_norm = trainer.train_step(step, normalize(lat, mean_d, var_d, NORM_EPS), labels, lr)
             pending.append((step, loss, grad_norm))
             done = step + 1
             is_ckpt = done % cfg.checkpoint_every == 0 or done == total_steps
