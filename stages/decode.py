@@ -230,15 +230,7 @@ def run(cfg: DecodeConfig) -> dict:
     store_encoder = store.attrs.get("encoder") or store_manifest.get("encoder") or {}
     check_compatible(store_encoder, store.latent_shape, info, cfg.decoder)
 
-    state, error = None, None
-    if d.is_main:
-        try:
-            state = _prepare_folder(cfg, store_manifest, info["manifest"])
-        except RaeError as e:
-            error = str(e)
-    state, error = dist.broadcast_object((state, error))
-    if error:
-        raise ArtifactError(error)
+    state = dist.main_decides(lambda: _prepare_folder(cfg, store_manifest, info["manifest"]))
     out = Path(cfg.out)
     if state == "done":
         if d.is_main:

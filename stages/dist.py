@@ -66,6 +66,23 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def main_decides(decide):
+    """Run ``decide()`` on rank 0 only and return its result on every rank. A user error (RaeError)
+    raised there is raised on every rank, so no rank is left waiting at the next collective."""
+    from .errors import ArtifactError, RaeError
+
+    result, error = None, None
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            result = decide()
+        except RaeError as e:
+            error = str(e)
+    result, error = broadcast_object((result, error))
+    if error:
+        raise ArtifactError(error)
+    return result
+
+
 def all_gather_object(obj) -> list:
     if not active():
         return [obj]

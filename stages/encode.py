@@ -22,7 +22,7 @@ from . import dist
 from .encoders import build_encoder, encoder_identity, spec_for
 from .errors import ArtifactError, RaeError
 from .images import BadImage, bicubic_crop_tensor, box_halve, list_images, load_crop, load_rgb
-from .manifest import digest_json, has_manifest, input_ref, new_manifest, read_manifest, write_manifest
+from .manifest import digest_json, has_manifest, new_manifest, read_manifest, write_manifest
 from .progress import console, progress
 from .store import CODECS, LatentStore, Moments, remove_store
 
@@ -198,17 +198,12 @@ def run(cfg: EncodeConfig) -> dict:
     enc_id = encoder_identity(cfg.encoder, cfg.image_size, digest, pretrained=not cfg.random_init)
     identity = cfg.identity()
 
-    state, error, pending = None, None, []
-    if d.is_main:
-        try:
-            state = _prepare_store(cfg, listing, identity, enc_id)
-            pending = LatentStore(cfg.out).pending_blocks() if state != "done" else []
-        except RaeError as e:
-            error = str(e)
+    def decide():
+        state = _prepare_store(cfg, listing, identity, enc_id)
+        return state, (LatentStore(cfg.out).pending_blocks() if state != "done" else [])
+
     # Rank 0 decides; everyone works from the same list of unfinished blocks.
-    state, error, pending = dist.broadcast_object((state, error, pending))
-    if error:
-        raise ArtifactError(error)
+    state, pending = dist.main_decides(decide)
     out = Path(cfg.out)
     if state == "done":
         if d.is_main:
@@ -221,7 +216,6 @@ def run(cfg: EncodeConfig) -> dict:
     if cfg.compile:
         encoder = torch.compile(encoder)
     src = np.asarray(store.source_index[:])
-    flipped = np.asarray(store.flipped[:])
     reps = 2 if cfg.flip else 1
 
     # Batches never cross a block boundary, so results do not depend on how blocks are shared out.

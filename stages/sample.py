@@ -268,16 +268,11 @@ def run(cfg: SampleConfig) -> dict:
     shift = cfg.shift if cfg.shift is not None else float(flow_cfg.get("shift", flow.default_shift(model_run.latent_shape)))
     settings = _sampling_settings(cfg, shift)
 
-    state, error, pending = None, None, []
-    if d.is_main:
-        try:
-            state = _prepare_store(cfg, model_run, guide_run, settings)
-            pending = LatentStore(cfg.out).pending_blocks() if state != "done" else []
-        except RaeError as e:
-            error = str(e)
-    state, error, pending = dist.broadcast_object((state, error, pending))
-    if error:
-        raise ArtifactError(error)
+    def decide():
+        state = _prepare_store(cfg, model_run, guide_run, settings)
+        return state, (LatentStore(cfg.out).pending_blocks() if state != "done" else [])
+
+    state, pending = dist.main_decides(decide)
     out = Path(cfg.out)
     if state == "done":
         if d.is_main:
@@ -293,7 +288,6 @@ def run(cfg: SampleConfig) -> dict:
         model = torch.compile(model)
         guide = torch.compile(guide) if guide is not None else None
     null_label = int(model_run.config.get("null_label", model_run.config["num_classes"]))
-    shape = model_run.latent_shape
 
     total = sum(len(store.block_range(b)) for b in my_blocks)
     label = "sample" if d.world == 1 else f"sample (rank {d.rank}/{d.world})"

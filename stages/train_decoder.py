@@ -621,15 +621,7 @@ def run(cfg: TrainDecoderConfig) -> dict:
               "latent_statistics": {"sha256": stats_sha, "store_content_id": store_manifest.get("content_id")},
               "steps": schedule.total, "steps_per_epoch": schedule.steps_per_epoch}
 
-    state, error = None, None
-    if d.is_main:
-        try:
-            state = _prepare_run(cfg, out, wanted, store_manifest)
-        except RaeError as e:
-            error = str(e)
-    state, error = dist.broadcast_object((state, error))
-    if error:
-        raise ArtifactError(error)
+    state = dist.main_decides(lambda: _prepare_run(cfg, out, wanted, store_manifest))
     if state == "done":
         if d.is_main:
             console.print(f"{out} is already complete; nothing to do.")

@@ -479,15 +479,7 @@ def run(cfg: TrainDiffusionConfig) -> dict:
                             num_classes=num_classes, class_names=class_names, step=0, total_steps=total_steps,
                             warnings=[warning] if warning else [])
 
-    state, error = None, None
-    if d.is_main:
-        try:
-            state = _prepare_run(cfg, identity, run_config, manifest, mean, var, total_steps)
-        except RaeError as e:
-            error = str(e)
-    state, error = dist.broadcast_object((state, error))
-    if error:
-        raise ArtifactError(error)
+    state = dist.main_decides(lambda: _prepare_run(cfg, identity, run_config, manifest, mean, var, total_steps))
     if state == "done":
         result = summary(out)
         if d.is_main:
