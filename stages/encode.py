@@ -24,7 +24,7 @@ from .errors import ArtifactError, RaeError
 from .images import BadImage, bicubic_crop_tensor, box_halve, list_images, load_crop, load_rgb
 from .manifest import digest_json, has_manifest, new_manifest, read_manifest, write_manifest
 from .progress import console, progress
-from .store import CODECS, LatentStore, Moments, remove_store
+from .store import CODECS, LatentStore, Moments, claim_blocks, remove_store
 
 SOURCES = "sources.txt"
 
@@ -198,20 +198,10 @@ def run(cfg: EncodeConfig) -> dict:
     enc_id = encoder_identity(cfg.encoder, cfg.image_size, digest, pretrained=not cfg.random_init)
     identity = cfg.identity()
 
-    def decide():
-        state = _prepare_store(cfg, listing, identity, enc_id)
-        return state, (LatentStore(cfg.out).pending_blocks() if state != "done" else [])
-
-    # Rank 0 decides; everyone works from the same list of unfinished blocks.
-    state, pending = dist.main_decides(decide)
     out = Path(cfg.out)
+    state, store, my_blocks = claim_blocks(out, lambda: _prepare_store(cfg, listing, identity, enc_id), d)
     if state == "done":
-        if d.is_main:
-            console.print(f"{out} is already complete; nothing to do.")
         return summary(out)
-
-    store = LatentStore(out, mode="r+")
-    my_blocks = dist.shard(pending, d.rank, d.world)
     encoder = encoder.to(d.device)
     if cfg.compile:
         encoder = torch.compile(encoder)

@@ -26,8 +26,8 @@ from . import dist, flow
 from .checkpoint import load_weights
 from .errors import ArtifactError, RaeError
 from .manifest import digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
-from .progress import console, progress
-from .store import CODECS, LatentStore, remove_store
+from .progress import progress
+from .store import CODECS, LatentStore, claim_blocks, remove_store
 
 
 @dataclass
@@ -268,21 +268,12 @@ def run(cfg: SampleConfig) -> dict:
     shift = cfg.shift if cfg.shift is not None else float(flow_cfg.get("shift", flow.default_shift(model_run.latent_shape)))
     settings = _sampling_settings(cfg, shift)
 
-    def decide():
-        state = _prepare_store(cfg, model_run, guide_run, settings)
-        return state, (LatentStore(cfg.out).pending_blocks() if state != "done" else [])
-
-    state, pending = dist.main_decides(decide)
     out = Path(cfg.out)
+    state, store, my_blocks = claim_blocks(out, lambda: _prepare_store(cfg, model_run, guide_run, settings), d)
     if state == "done":
-        if d.is_main:
-            console.print(f"{out} is already complete; nothing to do.")
         return summary(out)
-
-    store = LatentStore(out, mode="r+")
     labels = np.asarray(store.labels[:])
     seeds = np.asarray(store.group["seeds"][:])
-    my_blocks = dist.shard(pending, d.rank, d.world)
     model, guide = model_run.model, guide_run.model if guide_run else None
     if cfg.compile:
         model = torch.compile(model)

@@ -363,6 +363,25 @@ def _pool():
     return _POOL
 
 
+def claim_blocks(out: str | os.PathLike, prepare, d):
+    """The start of every block-wise stage (encode, sample): rank 0 creates, reuses or refuses the
+    store with ``prepare()`` ("new", "resume" or "done"), every rank then gets the same list of
+    unfinished blocks and takes its round-robin share. Returns (state, store or None, my blocks)."""
+    from . import dist
+    from .progress import console
+
+    def decide():
+        state = prepare()
+        return state, (LatentStore(out).pending_blocks() if state != "done" else [])
+
+    state, pending = dist.main_decides(decide)
+    if state == "done":
+        if d.is_main:
+            console.print(f"{out} is already complete; nothing to do.")
+        return state, None, []
+    return state, LatentStore(out, mode="r+"), dist.shard(pending, d.rank, d.world)
+
+
 def remove_store(path: str | os.PathLike) -> None:
     """Delete a store for ``--overwrite``, refusing anything that is not a rae artifact."""
     path = Path(path)
