@@ -207,43 +207,41 @@ def bench_steps(args, device, ref, rows, flops):
                 for impl in args.impl:
                     if impl == "reference" and ref is None:
                         continue
-                    tries = [args.grad_checkpointing] if impl == "ours" else [0]
-                    while tries:
-                        ckpt = tries.pop(0)
+                    ckpt = 0 if impl == "reference" or args.grad_checkpointing == "auto" else args.grad_checkpointing
+                    while ckpt is not None:
                         label = dict(model=name, batch=batch, impl=impl, precision=args.precision,
-                                     compile="on" if compile_ else "off", ckpt="-" if impl == "reference" else
-                                     ("all" if ckpt == -1 else str(ckpt)))
-                        free(device)
-                        try:
-                            if ckpt == "auto":
-                                ckpt = 0
-                                label["ckpt"] = "0"
-                            if impl == "ours":
-                                step, _keep = build_ours(name, device, batch, args.precision, compile_, ckpt)
-                            else:
-                                step, _keep = build_reference(name, device, batch, args.precision, compile_, ref)
-                            seconds = time_steps(step, device, args.warmup, args.iters)
-                            ips = batch * args.iters / seconds
-                            peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
-                            rows.append({**label, "img_s": ips, "tflops": ips * flops[name] / 1e12, "peak_gb": peak})
-                        except torch.OutOfMemoryError:
-                            rows.append({**label, "img_s": None, "tflops": None, "peak_gb": None, "note": "OOM"})
-                            if impl == "ours" and args.grad_checkpointing == "auto" and ckpt == 0 and device.type == "cuda":
-                                step = _keep = None
-                                free(device)
-                                n = probe_checkpointing(name, device, batch, args.precision)
-                                if n:
-                                    tries.append(n)
-                        finally:
-                            step = _keep = None
+                                     compile="on" if compile_ else "off",
+                                     ckpt="-" if impl == "reference" else ("all" if ckpt == -1 else str(ckpt)))
+                        rows.append(measure(name, impl, batch, compile_, ckpt, args, device, ref, flops, label))
                         print(_fmt(rows[-1]), flush=True)
                         free(device)
+                        # Ours out of memory: once more, checkpointing as many blocks as a probe says it needs.
+                        retry = (rows[-1].get("note") == "OOM" and impl == "ours" and ckpt == 0
+                                 and args.grad_checkpointing == "auto" and device.type == "cuda")
+                        ckpt = probe_checkpointing(name, device, batch, args.precision) or None if retry else None
+
+
+def measure(name, impl, batch, compile_, ckpt, args, device, ref, flops, label) -> dict:
+    """One configuration's img/s, TFLOP/s and peak memory (a row marked OOM if it does not fit).
+    Everything it allocated is garbage once it returns (the OOM traceback included)."""
+    try:
+        if impl == "ours":
+            step, _model = build_ours(name, device, batch, args.precision, compile_, ckpt)
+        else:
+            step, _model = build_reference(name, device, batch, args.precision, compile_, ref)
+        seconds = time_steps(step, device, args.warmup, args.iters)
+    except torch.OutOfMemoryError:
+        return {**label, "img_s": None, "tflops": None, "peak_gb": None, "note": "OOM"}
+    ips = batch * args.iters / seconds
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    return {**label, "img_s": ips, "tflops": ips * flops[name] / 1e12, "peak_gb": peak}
 
 
 def make_store(path: Path, n: int, shape, shard: int = 64) -> None:
     from stages.store import LatentStore, Moments
 
-    if (path / "done").is_file():
+    marker = f"{n} {list(shape)}"
+    if (path / "done").is_file() and (path / "done").read_text() == marker:
         return
     shutil.rmtree(path, ignore_errors=True)
     block = min(1024, n)
@@ -256,7 +254,7 @@ def make_store(path: Path, n: int, shape, shard: int = 64) -> None:
     for b in range(s.num_blocks):
         r = s.block_range(b)
         s.write_block(b, lat[: len(r)], ok[: len(r)], None, moments)
-    (path / "done").write_text("ok")
+    (path / "done").write_text(marker)
 
 
 def bench_loader(path: Path, workers: int, batch: int, steps: int, device, to_device: bool) -> float:
@@ -296,7 +294,7 @@ def main() -> None:
     ap.add_argument("--impl", default="ours,reference")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--grad-checkpointing", default="auto", help="ours on OOM: auto (probe) or a number of blocks (-1: all)")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--only", choices=["steps", "loader"], help="run one part only")
     ap.add_argument("--workdir", default="/tmp/bench_train_diffusion")
@@ -309,7 +307,7 @@ def main() -> None:
     os.environ["RAE_NO_PROGRESS"] = "1"
     if args.smoke:
         args.models, args.batches, args.compile = "tiny", "4", args.compile if "--compile" in sys.argv else "off"
-        args.warmup, args.iters, args.loader_entries, args.loader_steps = 1, 2, 64, 12
+        args.warmup, args.iters, args.loader_entries, args.loader_steps = 3, 3, 64, 12
         args.loader_batch, args.workers, args.precision = 4, "0,2", "fp32"
     args.models = args.models.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
