@@ -115,6 +115,11 @@ def check_compatible(store_encoder: dict, store_shape, decoder_info: dict, decod
     """Refuse a decoder trained for another encoder (name, weights sha256, latent shape)."""
     dec = decoder_info["encoder"]
     for key, what in (("name", "encoder"), ("weights_sha256", "encoder weights")):
+        if key == "weights_sha256" and "unknown" in (store_encoder.get(key), dec.get(key)):
+            # an imported run whose encoder file was not at hand (`rae import` without --encoder-weights)
+            console.print(f"note: the encoder weights of {decoder_path} or of the store are not identified "
+                          f"(sha256 unknown); assuming they are the same {dec.get('name')} weights")
+            continue
         if store_encoder.get(key) != dec.get(key):
             a, b = str(store_encoder.get(key)), str(dec.get(key))
             raise RaeError(f"decoder {decoder_path} was trained for another {what} ({b[:16]}) than the store's ({a[:16]})")
