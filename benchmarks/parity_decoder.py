@@ -4,8 +4,10 @@
 
 Builds the reference modules and ours with the same random weights (decoder through
 ``from_reference_state_dict``) and prints the max absolute and relative difference of the
-outputs, fp32 on CPU:
+outputs, fp32 on CPU (``--device cuda``: encoder and decoder on the GPU, TF32 off):
 
+* encoder: reference ``Dinov2withNorm`` (Hugging Face, needs ``transformers``) vs our timm DINOv2-B
+  loaded from the same weights file through ``--encoder-weights``;
 * decoder: reference ``GeneralDecoder`` (needs ``transformers``) vs ``ViTDecoder``, per size,
   including an upsampling (p_d = 32) case; also checks the fixed position embedding as built;
 * discriminator: reference ``DinoDisc`` (recipe S_8, ks 9, spectral norm) vs ``DinoDiscriminator``
@@ -57,7 +59,7 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() > 1 else 0.1) + centre)
 
 
-def check_decoder(ref_root: Path, size: str, patch_size: int, batch: int) -> float:
+def check_decoder(ref_root: Path, size: str, patch_size: int, batch: int, device: str = "cpu") -> float:
     import json
 
     from transformers import ViTMAEConfig
@@ -78,17 +80,60 @@ def check_decoder(ref_root: Path, size: str, patch_size: int, batch: int) -> flo
 
     randomize_(ref, seed=1)
     ours.load_state_dict(from_reference_state_dict(ref.state_dict()), strict=True)
+    ref.to(device), ours.to(device)
 
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    z = torch.randn(batch, in_dim, grid, grid, generator=torch.Generator().manual_seed(2))
+    mean = torch.tensor((0.485, 0.456, 0.406), device=device).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225), device=device).view(1, 3, 1, 1)
+    z = torch.randn(batch, in_dim, grid, grid, generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         # the reference RAE.decode: [B, C, h, w] -> tokens -> decoder (CLS kept) -> unpatchify -> un-normalise
         tokens = z.view(batch, in_dim, grid * grid).transpose(1, 2)
         x_ref = ref.unpatchify(ref(tokens, drop_cls_token=False).logits) * std + mean
         x_ours = ours(z)
     assert x_ours.shape == x_ref.shape == (batch, 3, grid * patch_size, grid * patch_size)
-    return report(f"  {size} p_d={patch_size} decoded images", x_ours, x_ref)
+    return report(f"  {size} p_d={patch_size} decoded images [{device}]", x_ours, x_ref)
+
+
+def check_encoder(ref_root: Path, batch: int, device: str = "cpu") -> float:
+    """Our timm DINOv2-B (+4 registers) encoder vs the reference's ``Dinov2withNorm`` (Hugging Face
+    ``Dinov2WithRegistersModel``, final LayerNorm without affine) from the same random weights: the
+    Hugging Face model is saved with ``save_pretrained`` (the layout of ``facebook/dinov2-with-
+    registers-base``), the reference loads that folder, ours loads its ``model.safetensors`` through
+    ``rae encode --encoder-weights`` (converted to the original DINOv2 layout, then timm's filter
+    resamples the 37x37 position embedding to 16x16 once at load time; the reference interpolates
+    at every forward). Images: 256x256 -> bicubic 224 -> ImageNet mean/std, as the reference's
+    ``RAE.encode``."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from stages.encoders import build_encoder
+
+    dinov2 = importlib.import_module("ref_encoders.dinov2")
+    config = Dinov2WithRegistersConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                       intermediate_size=3072, patch_size=14, image_size=518,
+                                       num_register_tokens=4, layerscale_value=1.0)
+    torch.manual_seed(0)
+    hf = Dinov2WithRegistersModel(config).eval()
+    randomize_(hf, seed=7)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ref = dinov2.Dinov2withNorm(dinov2_path=tmp).eval()
+        ours, _ = build_encoder("dinov2-b", 256, weights=str(Path(tmp) / "model.safetensors"))
+    ref.to(device), ours.to(device)
+    g = torch.Generator().manual_seed(8)
+    images = (torch.rand(batch, 3, 256, 256, generator=g) * 255).round().to(torch.uint8).to(device)
+    mean = torch.tensor((0.485, 0.456, 0.406), device=device).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225), device=device).view(1, 3, 1, 1)
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(images.float() / 255, size=(224, 224), mode="bicubic",
+                                            align_corners=False)
+        tokens = ref((x - mean) / std)
+        z_ref = tokens.transpose(1, 2).reshape(batch, 768, 16, 16)
+        z_ours = ours(images)
+        emb = hf.to(device).embeddings
+        pos_ref = emb.interpolate_pos_encoding(torch.zeros(1, 257, 768, device=device), 224, 224)[:, 1:]
+    report(f"  position embedding at 16x16 (timm at load vs HF per forward) [{device}]",
+           ours.vit.pos_embed, pos_ref)
+    return report(f"  DINOv2-B/14+reg4 latents [768, 16, 16] [{device}]", z_ours, z_ref)
 
 
 def check_discriminator(ref_root: Path, batch: int) -> float:
@@ -158,19 +203,26 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, required=True, help="checkout of the reference RAE code")
     parser.add_argument("--sizes", default="vit-b,vit-l,vit-xl", help="decoder sizes to check")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: decoder,discriminator,lpips")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: "
+                                                   "encoder,decoder,discriminator,lpips")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (encoder and decoder; fp32, TF32 off)")
     args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_grad_enabled(True)
     skip = set(filter(None, args.skip.split(",")))
     src = args.reference / "src"
     import_reference_package("ref_decoders", src / "stage1/decoders")
     import_reference_package("ref_disc", src / "disc")
+    import_reference_package("ref_encoders", src / "stage1/encoders")
+    sys.modules["ref_encoders"].register_encoder = lambda *a, **k: (lambda cls: cls)  # its registry decorator
 
     worst = 0.0
+    if "encoder" not in skip:
+        worst = max(worst, check_encoder(args.reference, args.batch, args.device))
     if "decoder" not in skip:
         for size in args.sizes.split(","):
-            worst = max(worst, check_decoder(args.reference, size, 16, args.batch))
-        worst = max(worst, check_decoder(args.reference, "vit-b", 32, args.batch))  # upsampling p_d = 2 p_e
+            worst = max(worst, check_decoder(args.reference, size, 16, args.batch, args.device))
+        worst = max(worst, check_decoder(args.reference, "vit-b", 32, args.batch, args.device))  # p_d = 2 p_e
     if "discriminator" not in skip:
         worst = max(worst, check_discriminator(args.reference, args.batch))
     if "lpips" not in skip:

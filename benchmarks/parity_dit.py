@@ -5,7 +5,7 @@
 Builds the reference models (imported from the reference checkout) with random weights (the
 zero-initialised adaLN / output layers are randomised too, otherwise every output is 0), loads
 the same weights into ours through ``from_reference_state_dict``, and compares in float32 on
-CPU: velocities, a one-step sample and a full reference-convention sample (num_steps = 50 time
+CPU (or on the GPU with ``--device cuda``, TF32 off): velocities, a one-step sample and a full reference-convention sample (num_steps = 50 time
 points = 49 Euler steps) without guidance, with CFG (guidance interval) and with AutoGuidance.
 Prints max |ours - ref| and that divided by max |ref|; the target is < 1e-5 relative.
 
@@ -84,14 +84,16 @@ def report(rows, name, ours, ref):
 
 @torch.no_grad()
 def compare(label, ref_cls, ref_kwargs, guide_kwargs, Sampler, create_transport, batch, steps_full,
-            seed, rows, guided_full=True):
-    print(f"{label}:")
+            seed, rows, guided_full=True, device="cpu"):
+    print(f"{label} [{device}]:")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     ref = ref_cls(**ref_kwargs).eval()
     fresh_state = {k: v.clone() for k, v in ref.state_dict().items()}
     randomize_(ref, gen)
     ours = ours_from(ref)
+    ref.to(device)
+    ours.to(device)
 
     # Fixed tables computed by our code vs the reference's (fresh models).
     cls, kwargs = config_from_reference_state_dict(fresh_state)
@@ -101,6 +103,7 @@ def compare(label, ref_cls, ref_kwargs, guide_kwargs, Sampler, create_transport,
             report(rows, f"fixed table {key}", fresh_ours[key], fresh_state[key])
     probe = ref_cls(**ref_kwargs)
     probe.load_state_dict(to_reference_state_dict(ours), strict=True)  # round trip loads
+    del probe
 
     C, H = ref_kwargs["in_channels"], ref_kwargs["input_size"]
     num_classes = ref_kwargs.get("num_classes", 1000)
@@ -108,6 +111,7 @@ def compare(label, ref_cls, ref_kwargs, guide_kwargs, Sampler, create_transport,
     t = torch.rand(batch, generator=gen)
     y = torch.randint(0, num_classes, (batch,), generator=gen)
     y[-1] = num_classes  # the null label too
+    x, t, y = x.to(device), t.to(device), y.to(device)
     report(rows, "velocity", ours(x, t, y), ref(x, t, y))
     if guide_kwargs is None:
         return
@@ -116,6 +120,7 @@ def compare(label, ref_cls, ref_kwargs, guide_kwargs, Sampler, create_transport,
     ref_sampler = Sampler(create_transport("Linear", "velocity", time_dist_shift=shift))
     noise = torch.randn(batch, C, H, H, generator=gen)
     y = torch.randint(0, num_classes, (batch,), generator=gen)
+    noise, y = noise.to(device), y.to(device)
     y_both = torch.cat([y, torch.full_like(y, num_classes)])
     noise_both = torch.cat([noise, noise])
 
@@ -123,6 +128,8 @@ def compare(label, ref_cls, ref_kwargs, guide_kwargs, Sampler, create_transport,
     guide_ref = ref_cls(**guide_kwargs).eval()
     randomize_(guide_ref, gen)
     guide = ours_from(guide_ref)
+    guide_ref.to(device)
+    guide.to(device)
 
     cases = {
         "no guidance": (
@@ -164,7 +171,9 @@ def main():
     parser.add_argument("--real", action="store_true", help="also DiT^DH-S at [768, 16, 16]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32, TF32 off)")
     args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
     DiTwDDTHead, LightningDiT, Sampler, create_transport = import_reference(args.reference,
@@ -173,20 +182,21 @@ def main():
     common = dict(patch_size=1, mlp_ratio=4.0, num_classes=10)
     compare("LightningDiT (DiT), tiny: C=32, 8x8, width 64, depth 2, 4 heads", LightningDiT,
             dict(input_size=8, in_channels=32, hidden_size=64, depth=2, num_heads=4, **common),
-            None, Sampler, create_transport, 4, 50, args.seed, rows)
+            None, Sampler, create_transport, 4, 50, args.seed, rows, device=args.device)
     compare("DiTwDDTHead (DiT^DH), tiny: C=32, 8x8, trunk 64x2 (4 heads), head 96x2 (4 heads)",
             DiTwDDTHead,
             dict(input_size=8, in_channels=32, hidden_size=[64, 96], depth=[2, 2],
                  num_heads=[4, 4], **common),
             dict(input_size=8, in_channels=32, hidden_size=[32, 96], depth=[1, 2],
                  num_heads=[2, 4], **common),
-            Sampler, create_transport, 4, 50, args.seed, rows)
+            Sampler, create_transport, 4, 50, args.seed, rows, device=args.device)
     if args.real:
         real = dict(input_size=16, in_channels=768, patch_size=1, mlp_ratio=4.0, num_classes=1000)
         compare("DiTwDDTHead real size: DiT^DH-S on [768, 16, 16] (guide: 1-block trunk)",
                 DiTwDDTHead, dict(hidden_size=[384, 2048], depth=[12, 2], num_heads=[6, 16], **real),
                 dict(hidden_size=[384, 2048], depth=[1, 2], num_heads=[6, 16], **real),
-                Sampler, create_transport, 1, 50, args.seed, rows, guided_full=False)
+                Sampler, create_transport, 1, 50, args.seed, rows, guided_full=False,
+                device=args.device)
     worst = max(rows)
     print(f"worst relative difference {worst:.3e} (target < {TARGET:.0e}): "
           f"{'PASS' if worst < TARGET else 'FAIL'}")

@@ -116,8 +116,9 @@ def build_encoder(name: str, image_size: int = 256, weights: str | None = None, 
             torch.manual_seed(seed)
             vit, digest = create_timm_model(spec.timm_name, pretrained=False, **kwargs)
     else:
+        convert = dinov2_from_transformers if spec.timm_name.endswith("_dinov2.lvd142m") else None
         vit, digest = create_timm_model(spec.timm_name, weights=weights, pretrained=True,
-                                        flag="--encoder-weights", **kwargs)
+                                        flag="--encoder-weights", convert=convert, **kwargs)
     return Encoder(vit, spec, image_size), digest
 
 
@@ -128,3 +129,39 @@ def encoder_identity(name: str, image_size: int, digest: str, pretrained: bool) 
     return dict(name=name, timm_name=spec.timm_name, weights_sha256=digest, pretrained=pretrained,
                 input_size=spec.input_size(image_size), patch_size=spec.patch_size, width=c,
                 latent_shape=[c, h, w], mean=list(spec.mean), std=list(spec.std))
+
+
+def dinov2_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """A Hugging Face transformers ``Dinov2WithRegistersModel`` / ``Dinov2Model`` state dict (the
+    reference code's encoder, e.g. ``facebook/dinov2-with-registers-base``) in the original DINOv2
+    layout, which timm's checkpoint filter then maps onto its model (resampling the position
+    embedding as for a download). Returns None for any other layout."""
+    prefix = "dinov2." if "dinov2.embeddings.cls_token" in state else ""
+    if prefix + "embeddings.cls_token" not in state:
+        return None
+    sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    out = {
+        "cls_token": sd["embeddings.cls_token"],
+        "pos_embed": sd["embeddings.position_embeddings"],
+        "mask_token": sd["embeddings.mask_token"].reshape(1, -1),
+        "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": sd["layernorm.weight"],
+        "norm.bias": sd["layernorm.bias"],
+    }
+    if "embeddings.register_tokens" in sd:
+        out["register_tokens"] = sd["embeddings.register_tokens"]
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer.")})
+    names = {"norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj",
+             "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for i in layers:
+        src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
+        for a, b in names.items():
+            for p in ("weight", "bias"):
+                out[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
+        for p in ("weight", "bias"):
+            out[f"{dst}attn.qkv.{p}"] = torch.cat(
+                [sd[f"{src}attention.attention.{n}.{p}"] for n in ("query", "key", "value")])
+        out[f"{dst}ls1.gamma"] = sd[f"{src}layer_scale1.lambda1"]
+        out[f"{dst}ls2.gamma"] = sd[f"{src}layer_scale2.lambda1"]
+    return out

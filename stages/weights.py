@@ -79,16 +79,26 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def _timm_filter(model: torch.nn.Module):
+    """The checkpoint filter timm applies to pretrained weights of ``model``'s architecture."""
+    import importlib
+
+    module = importlib.import_module(type(model).__module__)
+    return getattr(module, "checkpoint_filter_fn", lambda state, _model: state)
+
+
 def hf_download_hint(hf_hub_id: str, filename: str = "model.safetensors") -> str:
     return f"https://huggingface.co/{hf_hub_id}/resolve/main/{filename}"
 
 
 def create_timm_model(timm_name: str, weights: str | os.PathLike | None = None, pretrained: bool = True,
-                      flag: str = "--weights", **timm_kwargs) -> tuple[torch.nn.Module, str | None]:
+                      flag: str = "--weights", convert=None, **timm_kwargs) -> tuple[torch.nn.Module, str | None]:
     """Build ``timm_name`` and load its pretrained weights; returns ``(model, sha256 of the weights)``.
 
     ``weights``: a local file (goes through timm's own checkpoint filter, so original DINOv2 /
     SigLIP / MAE checkpoints and position-embedding resampling work as with a download).
+    ``convert(state_dict)``: for a local file in a layout timm does not know (e.g. Hugging Face
+    transformers), returns the state dict in one it does, or None to leave the file to timm.
     ``pretrained=False``: random initialisation (tests, demonstrations); the digest is then of
     the initialised state dict, so two stores from the same seed still agree.
     """
@@ -98,12 +108,18 @@ def create_timm_model(timm_name: str, weights: str | os.PathLike | None = None, 
         weights = Path(weights)
         if not weights.is_file():
             raise MissingWeightsError(f"weights file not found: {weights}")
-        if weights.suffix != ".safetensors":
-            # timm reads .pth/.bin with weights_only=True itself; check it here for a clear error.
-            load_state_dict_file(weights)
+        converted = None
+        if weights.suffix != ".safetensors" or convert is not None:
+            # timm reads .pth/.bin with weights_only=True itself; read it here for a clear error.
+            state = load_state_dict_file(weights)
+            converted = convert(state) if convert is not None else None
         try:
-            model = timm.create_model(timm_name, pretrained=True,
-                                      pretrained_cfg_overlay=dict(file=str(weights)), **timm_kwargs)
+            if converted is not None:  # timm's own filter (position-embedding resampling) on it
+                model = timm.create_model(timm_name, pretrained=False, **timm_kwargs)
+                model.load_state_dict(_timm_filter(model)(converted, model))
+            else:
+                model = timm.create_model(timm_name, pretrained=True,
+                                          pretrained_cfg_overlay=dict(file=str(weights)), **timm_kwargs)
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WeightsFileError(f"cannot load {weights} into timm model {timm_name}: {msg[:300]}") from None

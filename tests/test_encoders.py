@@ -75,6 +75,67 @@ def test_weights_load_from_local_file_through_timm(tmp_path):
     torch.testing.assert_close(enc(images), Encoder(vit, spec, 64)(images))
 
 
+def _original_dinov2_layout(spec, grid: int, seed: int) -> dict:
+    """A DINOv2-with-registers checkpoint in Meta's original layout (what timm converts from), with a
+    position embedding for a ``grid`` x ``grid`` pretraining resolution (plus the CLS position)."""
+    g = torch.Generator().manual_seed(seed)
+    d, depth = spec.timm_kwargs["embed_dim"], spec.timm_kwargs["depth"]
+    r = lambda *shape: 0.05 * torch.randn(*shape, generator=g)  # noqa: E731
+    sd = {"cls_token": r(1, 1, d), "register_tokens": r(1, 4, d), "mask_token": r(1, d),
+          "pos_embed": r(1, 1 + grid * grid, d), "patch_embed.proj.weight": r(d, 3, 14, 14),
+          "patch_embed.proj.bias": r(d), "norm.weight": 1 + r(d), "norm.bias": r(d)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": 1 + r(d), b + "norm1.bias": r(d), b + "attn.qkv.weight": r(3 * d, d),
+                   b + "attn.qkv.bias": r(3 * d), b + "attn.proj.weight": r(d, d), b + "attn.proj.bias": r(d),
+                   b + "ls1.gamma": 1 + r(d), b + "norm2.weight": 1 + r(d), b + "norm2.bias": r(d),
+                   b + "mlp.fc1.weight": r(4 * d, d), b + "mlp.fc1.bias": r(4 * d), b + "mlp.fc2.weight": r(d, 4 * d),
+                   b + "mlp.fc2.bias": r(d), b + "ls2.gamma": 1 + r(d)})
+    return sd
+
+
+def _transformers_layout(sd: dict) -> dict:
+    """The same weights under Hugging Face ``Dinov2WithRegistersModel`` names (the reference's encoder)."""
+    hf = {"embeddings.cls_token": sd["cls_token"], "embeddings.register_tokens": sd["register_tokens"],
+          "embeddings.mask_token": sd["mask_token"], "embeddings.position_embeddings": sd["pos_embed"],
+          "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+          "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+          "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
+    names = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.output.dense", "mlp.fc1": "mlp.fc1",
+             "mlp.fc2": "mlp.fc2"}
+    for key, v in sd.items():
+        if not key.startswith("blocks."):
+            continue
+        _, i, rest = key.split(".", 2)
+        layer = f"encoder.layer.{i}."
+        module, param = rest.rsplit(".", 1)
+        if module == "attn.qkv":
+            for part, name in zip(v.chunk(3), ("query", "key", "value")):
+                hf[f"{layer}attention.attention.{name}.{param}"] = part
+        elif module in ("ls1", "ls2"):
+            hf[f"{layer}layer_scale{module[-1]}.lambda1"] = v
+        else:
+            hf[f"{layer}{names[module]}.{param}"] = v
+    return hf
+
+
+def test_transformers_dinov2_checkpoint_gives_the_same_encoder_as_the_original(tmp_path):
+    """The reference code's encoder weights (Hugging Face layout, e.g. the hub folder of
+    facebook/dinov2-with-registers-base) load through --encoder-weights into the same encoder as
+    Meta's original checkpoint, position embedding resampled (6x6 -> 4x4) as timm does."""
+    spec = ENCODERS["dinov2-demo"]
+    original = _original_dinov2_layout(spec, grid=6, seed=5)
+    paths = {"original": tmp_path / "original.pth", "transformers": tmp_path / "model.safetensors"}
+    torch.save(original, paths["original"])
+    save_file({k: v.contiguous() for k, v in _transformers_layout(original).items()}, str(paths["transformers"]))
+    enc = {name: build_encoder("dinov2-demo", image_size=64, weights=str(p))[0] for name, p in paths.items()}
+    for name, p in enc["original"].vit.state_dict().items():
+        torch.testing.assert_close(enc["transformers"].vit.state_dict()[name], p, rtol=0, atol=0)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    torch.testing.assert_close(enc["transformers"](images), enc["original"](images), rtol=0, atol=0)
+    assert enc["original"](images).abs().max() > 0.1  # the features are not trivially zero
+
+
 def test_pickled_or_corrupt_weights_are_refused(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x80\x04garbage")
