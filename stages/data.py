@@ -23,13 +23,32 @@ from .store import LatentStore
 
 @dataclass
 class BatchPlan:
-    """Which store entries each step reads: step -> global batch -> this rank's slice."""
-    indices: np.ndarray   # valid entries of the store
+    """Which store entries each step reads: step -> global batch -> this rank's slice.
+
+    With ``mirrors`` (a store encoded with ``--flip``), ``indices`` are the source images and
+    ``mirrors`` the entry of each one's horizontal mirror: every epoch takes each image once,
+    as itself or as its mirror with probability 1/2 — the reference's RandomHorizontalFlip, so an
+    epoch counts images (1,281,167 on ImageNet), not store entries.
+    """
+    indices: np.ndarray   # valid entries of the store (unmirrored ones when ``mirrors`` is given)
     global_batch: int
     seed: int
     rank: int = 0
     world: int = 1
     drop_last: bool = True
+    mirrors: np.ndarray | None = None  # per item of ``indices``: its mirrored entry
+
+    @classmethod
+    def for_store(cls, store: LatentStore, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+        valid = store.valid_indices()
+        flipped = np.asarray(store.flipped[:])
+        if not flipped[valid].any():
+            return cls(valid, global_batch, seed, rank, world)
+        source = np.asarray(store.source_index[:])
+        mirror_of = {int(source[i]): int(i) for i in valid if flipped[i]}
+        plain = valid[~flipped[valid]]
+        mirrors = np.array([mirror_of.get(int(source[i]), int(i)) for i in plain], dtype=plain.dtype)
+        return cls(plain, global_batch, seed, rank, world, mirrors=mirrors)
 
     def __post_init__(self):
         if self.global_batch % self.world:
@@ -44,7 +63,11 @@ class BatchPlan:
 
     def order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
-        return self.indices[rng.permutation(len(self.indices))]
+        perm = rng.permutation(len(self.indices))
+        if self.mirrors is None:
+            return self.indices[perm]
+        flip = rng.random(len(self.indices)) < 0.5
+        return np.where(flip, self.mirrors[perm], self.indices[perm])
 
     def batch(self, step: int) -> np.ndarray:
         """This rank's entries for global ``step`` (0-based, counting across epochs)."""

@@ -612,7 +612,7 @@ def run(cfg: TrainDecoderConfig) -> dict:
     encoder = store_manifest["encoder"]
     arch = decoder_architecture(cfg, encoder, store.latent_shape)
     image_size = arch["grid"] * arch["patch_size"]
-    plan = BatchPlan(store.valid_indices(), cfg.batch_size, cfg.seed, d.rank, d.world)
+    plan = BatchPlan.for_store(store, cfg.batch_size, cfg.seed, d.rank, d.world)
     schedule = Schedule.of(cfg, plan.steps_per_epoch)
     mean, var = store.statistics()
     stats_sha = hashlib.sha256(mean.tobytes() + var.tobytes()).hexdigest()

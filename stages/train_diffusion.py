@@ -447,7 +447,7 @@ def run(cfg: TrainDiffusionConfig) -> dict:
     labels_all = np.asarray(store.labels[:])
     if len(labels_all) and labels_all.max() >= num_classes:
         raise ArtifactError(f"{cfg.latents}: labels go up to {labels_all.max()} but the store names {num_classes} classes")
-    plan = BatchPlan(store.valid_indices(), cfg.batch_size, cfg.seed, d.rank, d.world)
+    plan = BatchPlan.for_store(store, cfg.batch_size, cfg.seed, d.rank, d.world)
     per_rank = cfg.batch_size // d.world
     if per_rank % cfg.grad_accum:
         raise RaeError(f"the per-process batch {per_rank} (= {cfg.batch_size} / {d.world} processes) is not "

@@ -39,5 +39,21 @@ def test_reader_returns_latents_labels_and_matching_images(demo_images, tmp_path
     plan = BatchPlan(np.arange(80), 16, seed=0)
     got = list(batches(plan, StoreReader(out), 2, 5, num_workers=0))
     assert len(got) == 3 and got[0][0].shape == (16, 96, 4, 4)
+    # A --flip store: each epoch takes every image once, as itself or as its mirror (p = 1/2), as the
+    # reference's RandomHorizontalFlip; an epoch counts images, not entries.
+    from stages.store import LatentStore
+
+    store = LatentStore(out)
+    source, flipped = np.asarray(store.source_index[:]), np.asarray(store.flipped[:])
+    flip_plan = BatchPlan.for_store(store, 8, seed=3)
+    n_images = len(np.unique(source[store.valid_indices()]))
+    assert flip_plan.steps_per_epoch == n_images // 8
+    mirrored = []
+    for epoch in range(4):
+        taken = np.concatenate([flip_plan.batch(epoch * flip_plan.steps_per_epoch + k)
+                                for k in range(flip_plan.steps_per_epoch)])
+        assert len(np.unique(source[taken])) == len(taken)  # no image twice in an epoch
+        mirrored.append(flipped[taken].mean())
+    assert 0.2 < np.mean(mirrored) < 0.8 and len(set(mirrored)) > 1  # both versions, varying per epoch
     mean, var = torch.randn(96, 4, 4), torch.rand(96, 4, 4)
     torch.testing.assert_close(denormalize(normalize(lat, mean, var), mean, var), lat, rtol=1e-5, atol=1e-5)
