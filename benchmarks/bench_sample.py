@@ -116,7 +116,11 @@ def main():
     parser.add_argument("--fp32-reference", action="store_true", help="also time the reference in fp32 (slow)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="timed precision")
     parser.add_argument("--parity-batch", type=int, default=4)
+    parser.add_argument("--rows", default="ag-ref,ag,ref-ag,none,ref-none,decode",
+                        help="configurations to time, in order: ag-ref, ag, ref-ag, none, ref-none, decode "
+                             "(decoding alone, over 8x --n images)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU: checks the script runs")
+    parser.add_argument("--parity-only", action="store_true", help="the parity check alone, no timing")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -140,6 +144,9 @@ def main():
         sampling_method="euler", num_steps=50)
 
     # ---- parity: our guided sample vs the reference's, same weights / labels / noise, fp32 -------
+    # True fp32 on both sides: cuDNN's default TF32 would round the reference's patch-embedding
+    # Conv2d to 10-bit mantissas (ours is a matmul, which PyTorch keeps in fp32 by default).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     gen = torch.Generator().manual_seed(args.seed + 3)
     noise = torch.randn(args.parity_batch, C, H, H, generator=gen).to(device)
     y = torch.randint(0, classes, (args.parity_batch,), generator=gen).to(device)
@@ -158,6 +165,10 @@ def main():
         pixel_diff = int(abs(pix_ref.astype(int) - pix_ours.astype(int)).max())
     print(f"parity (AutoGuidance {args.scale}, 50 points, fp32): rel {parity_fp32:.2e}; ours bf16 vs ref fp32: "
           f"rel {parity_bf16:.2e}; decoded uint8 max diff {pixel_diff}", flush=True)
+
+    if args.parity_only:
+        print(f"card: {card}")
+        return
 
     # ---- speed --------------------------------------------------------------------------------
     compile_ = (lambda f: torch.compile(f)) if not args.no_compile else (lambda f: f)
@@ -199,32 +210,39 @@ def main():
             return to_uint8(img)
         return generate
 
-    prec = args.precision + ("" if args.no_compile else " + compile")
-    configs = [
-        (f"ours, AutoGuidance, euler-ref 49 steps (50 pts), {prec}", ours("euler-ref", 49)),
-        (f"ours, AutoGuidance, euler 50 steps, {prec}", ours("euler", 50)),
-        (f"reference loop, AutoGuidance, 50 pts, {prec}", reference()),
-        (f"ours, no guidance, euler 50 steps, {prec}", ours("euler", 50, guidance=False)),
-        (f"reference loop, no guidance, 50 pts, {prec}", reference(guidance=False)),
-    ]
-    if args.fp32_reference:
-        configs.append(("reference loop, AutoGuidance, 50 pts, fp32", reference(precision="fp32", compiled=False)))
-    rows = []
-    for name, generate in configs:
-        speed = time_loop(generate, args.n, args.batch, device)
-        rows.append((name, speed))
-        print(f"{name}: {speed:.2f} img/s", flush=True)
+    def decode_only(b):
+        x = torch.randn(b, C, H, H, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            return to_uint8(dec_c(x))
 
-    ag_ours, ag_ref = rows[0][1], rows[2][1]
+    prec = args.precision + ("" if args.no_compile else " + compile")
+    configs = {
+        "ag-ref": (f"ours, AutoGuidance, euler-ref 49 steps (50 pts), {prec}", lambda: ours("euler-ref", 49)),
+        "ag": (f"ours, AutoGuidance, euler 50 steps, {prec}", lambda: ours("euler", 50)),
+        "ref-ag": (f"reference loop, AutoGuidance, 50 pts, {prec}", lambda: reference()),
+        "none": (f"ours, no guidance, euler 50 steps, {prec}", lambda: ours("euler", 50, guidance=False)),
+        "ref-none": (f"reference loop, no guidance, 50 pts, {prec}", lambda: reference(guidance=False)),
+        "ref-ag-fp32": ("reference loop, AutoGuidance, 50 pts, fp32",
+                        lambda: reference(precision="fp32", compiled=False)),
+        "decode": (f"ViT-XL decoding + uint8 alone, {prec}", lambda: decode_only),
+    }
+    keys = args.rows.split(",") + (["ref-ag-fp32"] if args.fp32_reference else [])
+    rows = {}
+    for key in keys:
+        name, make = configs[key]
+        speed = time_loop(make(), args.n * (8 if key == "decode" else 1), args.batch, device)
+        rows[key] = (name, speed)
+        print(f"{name}: {speed:.2f} img/s", flush=True)
     print()
     print(f"## Sampling + decoding, {card}, batch {args.batch}, {args.n} images per row"
           f"{' (SMOKE: tiny models on CPU)' if args.smoke else ''}"
           f"{' (torchdiffeq stand-in)' if stubbed else ''}")
     print("| configuration (sample + ViT-XL decode + uint8) | img/s | FID-50K time |")
     print("|---|---|---|")
-    for name, speed in rows:
+    for name, speed in rows.values():
         print(f"| {name} | {speed:.2f} | {50000 / speed / 60:.1f} min |")
-    print(f"| speed-up, AutoGuidance (ours euler-ref / reference) | {ag_ours / ag_ref:.2f}x | |")
+    if "ag-ref" in rows and "ref-ag" in rows:
+        print(f"| speed-up, AutoGuidance (ours euler-ref / reference) | {rows['ag-ref'][1] / rows['ref-ag'][1]:.2f}x | |")
     print(f"| parity: ours vs reference guided sample, fp32, rel max diff | {parity_fp32:.2e} | |")
     print(f"| parity: ours bf16 vs reference fp32, rel max diff | {parity_bf16:.2e} | |")
     print(f"card: {card}")
