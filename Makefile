@@ -1,4 +1,6 @@
 # rae: `make all` runs the demonstration pipeline, `make test` the test suite. Both set up .venv.
+# `make all PRESET=imagenet256 DATA=/path/to/imagenet/train [NPROC=8]` runs the real ImageNet 256 chain
+# (README, "The real run: ImageNet 256"); without DATA it prints that chain and stops.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,9 +12,17 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # The demo is small: one thread per process is fastest on a 2-core machine.
 DEMO_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
-.PHONY: all install test clean demo
+PRESET ?= demo
+.PHONY: all install test clean demo imagenet256 imagenet256-chain
 
+ifeq ($(PRESET),demo)
 all: install demo
+else ifeq ($(PRESET),imagenet256)
+all: imagenet256
+else
+all:
+	@echo "error: make all takes PRESET=demo (the default) or PRESET=imagenet256, not '$(PRESET)'" >&2; exit 2
+endif
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +47,40 @@ demo: install
 	$(DEMO_ENV) $(RAE) decode $(OUT)/noise.zarr --decoder $(OUT)/decoder --out $(OUT)/noise_images
 	$(DEMO_ENV) $(RAE) decode $(OUT)/originals.zarr --decoder $(OUT)/decoder --out $(OUT)/reconstructions
 	$(DEMO_ENV) $(RAE) demo-report $(OUT)
+
+# The real run: ImageNet-1k train at 256, DINOv2-B, ViT-XL decoder, DiT^DH-XL, FID-50K (README).
+# NPROC > 1 runs every stage under torchrun on this machine's GPUs.
+DATA ?=
+NPROC ?= 1
+REAL_OUT ?= out/imagenet256
+FID_REF ?= VIRTUAL_imagenet256_labeled.npz
+# Micro-batches of 128 per GPU for the global batch of 1024 (8 on one GPU, 1 on 8).
+GRAD_ACCUM ?= $(shell expr 8 / $(NPROC) \| 1)
+ifeq ($(NPROC),1)
+RAE_RUN := $(RAE)
+else
+RAE_RUN := $(VENV)/bin/torchrun --nproc_per_node $(NPROC) -m rae_cli.main
+endif
+
+imagenet256:
+ifeq ($(strip $(DATA)),)
+	@echo "The real run (README: 'The real run: ImageNet 256'), NPROC=$(NPROC), results under $(REAL_OUT):"
+	@$(MAKE) --no-print-directory -n imagenet256-chain DATA=/path/to/imagenet/train
+	@echo "error: to run it, give the ImageNet train folder (one subfolder per class): make all PRESET=imagenet256 DATA=/path/to/imagenet/train [NPROC=8]" >&2
+	@exit 2
+else
+	$(MAKE) --no-print-directory install
+	$(MAKE) --no-print-directory imagenet256-chain
+endif
+
+imagenet256-chain:
+	test -f $(FID_REF) || { echo "error: $(FID_REF) not found: download ADM's ImageNet 256 reference batch (openai/guided-diffusion, evaluations) or set FID_REF=" >&2; exit 2; }
+	$(RAE_RUN) encode $(DATA) --out $(REAL_OUT)/in1k_dinov2b.zarr --preset imagenet256 --encoder dinov2-b --flip
+	$(RAE_RUN) train-decoder --latents $(REAL_OUT)/in1k_dinov2b.zarr --out $(REAL_OUT)/decoder_xl --preset imagenet256 --compile
+	$(RAE_RUN) train-diffusion --latents $(REAL_OUT)/in1k_dinov2b.zarr --out $(REAL_OUT)/ditdh_xl --preset imagenet256 --model ditdh-xl --compile --grad-accum $(GRAD_ACCUM)
+	$(RAE_RUN) sample --model $(REAL_OUT)/ditdh_xl --out $(REAL_OUT)/fid50k.zarr --preset imagenet256 --per-class 50 --compile
+	$(RAE_RUN) decode $(REAL_OUT)/fid50k.zarr --decoder $(REAL_OUT)/decoder_xl --out $(REAL_OUT)/fid50k --preset imagenet256
+	$(RAE_RUN) eval $(REAL_OUT)/fid50k/samples.npz --ref $(FID_REF)
 
 test: install
 	$(PY) -m pytest tests
