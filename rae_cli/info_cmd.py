@@ -31,7 +31,7 @@ def info(path: Path = typer.Argument(..., help="An artifact directory."),
     if "encoder" in manifest:
         e = manifest["encoder"]
         table.add_row("encoder", f"{e['name']} ({e['timm_name']}, input {e['input_size']}, patch {e['patch_size']}, "
-                                 f"width {e['width']}, weights sha256 {e['weights_sha256'][:16]}…"
+                                 f"width {e['width']}, weights sha256 {str(e.get('weights_sha256'))[:16]}…"
                                  + ("" if e.get("pretrained", True) else ", RANDOM weights") + ")")
     if manifest.get("class_names"):
         names = manifest["class_names"]

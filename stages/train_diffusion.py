@@ -430,9 +430,10 @@ def run(cfg: TrainDiffusionConfig) -> dict:
     device = d.device
     if cfg.precision == "auto":
         cfg.precision = "bf16" if device.type == "cuda" else "fp32"
-    if device.type == "cuda":  # the float32 parts (optimizer, EMA, norms) may use TF32 matmuls
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":
+        # Under bf16 the float32 parts (optimizer, EMA, norms) may use TF32 matmuls; fp32 means fp32.
+        tf32 = cfg.precision == "bf16"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
 
     # ---- the store (complete ones only) and what it implies -------------------------------------
     store_manifest, store = open_complete_store(cfg.latents, kind=("latent-store",))
