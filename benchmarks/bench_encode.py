@@ -1,15 +1,23 @@
 """Benchmark `rae encode` end to end on one GPU, and where its time goes.
 
 Generates a folder of JPEGs at ImageNet-like sizes (about 500x375, quality 90), then measures:
-  1. image loading alone (decode + ADM crop in DataLoader workers),
+  1. image loading alone (decode + ADM crop in DataLoader workers), per --resize mode; for `gpu`
+     also loading plus the crop's bicubic step on the GPU (everything but the encoder),
   2. the encoder forward alone (ours: timm DINOv2-B/14 + 4 registers at 224, bf16), and the
      reference code's encoder (Hugging Face Dinov2WithRegistersModel) side by side when
      `transformers` is importable,
   3. latent store writes alone,
-  4. the whole `rae encode` (dinov2-b, 256, random weights: the same compute as pretrained ones).
+  4. the whole `rae encode` (dinov2-b, 256, random weights: the same compute as pretrained ones),
+     per --resize mode, and the same without shard writes.
 Prints a table last, naming the card.
 
     python benchmarks/bench_encode.py --n 20000 --workdir /tmp/bench_encode
+    python benchmarks/bench_encode.py --only loader --resize gpu     # one part, one mode
+    python benchmarks/bench_encode.py --only worker --n 1000         # CPU only: a worker's ms per image
+
+`--only worker` needs no GPU: it times what one DataLoader worker does per image in each mode
+(decode, then Pillow's crop for `cpu` or box-halving + coefficients for `gpu`, then the batch
+collation), in-process step by step and through a real one-worker DataLoader.
 """
 from __future__ import annotations
 
@@ -53,19 +61,60 @@ def make_folder(root: Path, n: int, classes: int = 100) -> None:
         pool.map(_make_jpeg, jobs, chunksize=64)
 
 
-def bench_loader(root: Path, workers: int, batch: int) -> float:
+def _loader(root: Path, workers: int, batch: int, resize: str, limit: int | None = None, pin: bool = True):
     from stages.encode import _collate, _Images
     from stages.images import list_images
 
-    listing = list_images(root)
-    ds = _Images(listing.root, listing.files, 256, 16)
+    listing = list_images(root, limit)
+    ds = _Images(listing.root, listing.files, 256, 16, resize_on_device=resize == "gpu")
     batches = [list(range(i, min(i + batch, len(ds)))) for i in range(0, len(ds), batch)]
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                                         pin_memory=True, prefetch_factor=4)
-    t0, n = time.time(), 0
+    return ds, torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                                           pin_memory=pin, prefetch_factor=4 if workers else None)
+
+
+def bench_loader(root: Path, workers: int, batch: int, resize: str, crop_on_gpu: bool = False) -> float:
+    """Images per second out of the DataLoader; with ``crop_on_gpu`` the batches also go through the
+    main process's part of the crop (`rae encode`'s `_crops_on_device`), synchronised at the end."""
+    from stages.encode import _crops_on_device
+
+    ds, loader = _loader(root, workers, batch, resize)
+    t0 = time.time()
     for images, _, _ in loader:
-        n += len(images)
-    return n / (time.time() - t0)
+        if crop_on_gpu:
+            _crops_on_device(images, "cuda")
+    if crop_on_gpu:
+        torch.cuda.synchronize()
+    return len(ds) / (time.time() - t0)
+
+
+def bench_worker(root: Path, n: int, batch: int) -> list[tuple]:
+    """A DataLoader worker's cost per image for each --resize mode, on the CPU: the steps in-process
+    (decode; Pillow's crop or box-halving + coefficients; collation), then one real worker process."""
+    from stages.encode import _collate
+    from stages.images import banded_crop, center_crop_arr, list_images, load_rgb
+
+    files = list_images(root, n).files
+    n = len(files)
+
+    def per_image(fn, items):
+        t0 = time.perf_counter()
+        out = [fn(x) for x in items]
+        return out, (time.perf_counter() - t0) / len(items) * 1e3
+
+    images, decode_ms = per_image(lambda f: load_rgb(root / f), files)
+    rows = []
+    for resize, crop in (("cpu", center_crop_arr), ("gpu", banded_crop)):
+        crops, crop_ms = per_image(lambda im: crop(im, 256), images)
+        items = [(c, True, "") for c in crops]
+        _, collate_ms = per_image(_collate, [items[i: i + batch] for i in range(0, n, batch)])
+        collate_ms *= len(range(0, n, batch)) / n
+        _, loader = _loader(root, 1, batch, resize, limit=n, pin=False)
+        t0 = time.perf_counter()
+        for _ in loader:
+            pass
+        worker_ms = (time.perf_counter() - t0) / n * 1e3
+        rows.append((resize, decode_ms, crop_ms, collate_ms, decode_ms + crop_ms + collate_ms, worker_ms))
+    return rows
 
 
 def bench_forward(model, batch: int, size: int, iters: int = 20) -> float:
@@ -129,6 +178,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--only", choices=["all", "worker", "loader", "forward", "store", "encode"], default="all",
+                    help="one part (worker: CPU only, per-image cost of a DataLoader worker)")
+    ap.add_argument("--resize", choices=["both", "cpu", "gpu"], default="both",
+                    help="the --resize mode(s) of the loading and end-to-end rows")
     args = ap.parse_args()
     os.environ["RAE_NO_PROGRESS"] = "1"
     work = Path(args.workdir)
@@ -136,38 +189,68 @@ def main() -> None:
     t0 = time.time()
     make_folder(data, args.n)
     print(f"generated {args.n} JPEGs in {time.time() - t0:.0f}s", flush=True)
+    modes = ["cpu", "gpu"] if args.resize == "both" else [args.resize]
+
+    def part(name: str) -> bool:
+        return args.only in ("all", name)
+
+    if args.only == "worker":
+        import PIL
+
+        n = min(args.n, 1000)
+        rows = bench_worker(data, n, args.batch)
+        print(f"\n## rae encode: a DataLoader worker's cost per image — {n} JPEGs, batch {args.batch}, "
+              f"Pillow {PIL.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU cores")
+        print("| --resize | decode ms | crop step ms | collate ms | sum ms | 1 DataLoader worker, ms/img |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} |")
+        return
 
     from stages.encoders import build_encoder
     from stages.encode import EncodeConfig, run
 
     rows = []
     card = torch.cuda.get_device_name()
-    rows.append(("image loading alone (PIL decode + exact ADM crop)", f"{bench_loader(data, args.workers, args.batch):,.0f}", f"{args.workers} workers"))
-    enc, _ = build_encoder("dinov2-b", 256, pretrained=False)
-    enc = enc.cuda()
-    rows.append(("our encoder forward alone (timm DINOv2-B, bf16)", f"{bench_forward(enc, args.batch, 256):,.0f}", f"batch {args.batch}"))
-    try:
-        rows.append(("reference encoder forward (HF Dinov2WithRegisters, bf16)", f"{bench_forward(reference_encoder(), args.batch, 256):,.0f}", f"batch {args.batch}"))
-    except ImportError as e:
-        rows.append(("reference encoder forward", "n/a", f"transformers missing: {e}"))
-    rows.append(("store writes alone (blosc-zstd, statistics precomputed)", f"{bench_store_write(work / 'w.zarr'):,.0f}", "[768,16,16] fp16"))
-    out = work / "store.zarr"
-    shutil.rmtree(out, ignore_errors=True)
-    res = run(EncodeConfig(data=str(data), out=str(out), encoder="dinov2-b", random_init=True, image_size=256,
-                           batch_size=args.batch, num_workers=args.workers, device="cuda", compile=args.compile))
-    rows.append(("rae encode end to end (dinov2-b, 256)", f"{res['images_per_second']:,.0f}",
-                 f"{res['entries']} images, {res['bytes_per_entry'] / 1024:.0f} KiB/entry (raw {768 * 256 * 2 / 1024:.0f} KiB)"))
-    # Where the end-to-end time goes: the same run with the store's data writes switched off.
-    from stages import store as store_mod
+    if part("loader"):
+        for mode in modes:
+            what = "PIL decode + exact ADM crop" if mode == "cpu" else "PIL decode + box-halving + coefficients"
+            rows.append((f"image loading alone, --resize {mode} ({what})",
+                         f"{bench_loader(data, args.workers, args.batch, mode):,.0f}", f"{args.workers} workers"))
+            if mode == "gpu":
+                rows.append(("image loading + the crop's bicubic step on the GPU (no encoder)",
+                             f"{bench_loader(data, args.workers, args.batch, mode, crop_on_gpu=True):,.0f}",
+                             f"{args.workers} workers"))
+    if part("forward"):
+        enc, _ = build_encoder("dinov2-b", 256, pretrained=False)
+        enc = enc.cuda()
+        rows.append(("our encoder forward alone (timm DINOv2-B, bf16)", f"{bench_forward(enc, args.batch, 256):,.0f}", f"batch {args.batch}"))
+        try:
+            rows.append(("reference encoder forward (HF Dinov2WithRegisters, bf16)", f"{bench_forward(reference_encoder(), args.batch, 256):,.0f}", f"batch {args.batch}"))
+        except ImportError as e:
+            rows.append(("reference encoder forward", "n/a", f"transformers missing: {e}"))
+    if part("store"):
+        rows.append(("store writes alone (blosc-zstd, statistics precomputed)", f"{bench_store_write(work / 'w.zarr'):,.0f}", "[768,16,16] fp16"))
+    if part("encode"):
+        from stages import store as store_mod
 
-    real = store_mod.ShardIO.write_shard
-    store_mod.ShardIO.write_shard = lambda self, shard, data: None
-    out2 = work / "store_nowrite.zarr"
-    shutil.rmtree(out2, ignore_errors=True)
-    res2 = run(EncodeConfig(data=str(data), out=str(out2), encoder="dinov2-b", random_init=True, image_size=256,
-                            batch_size=args.batch, num_workers=args.workers, device="cuda"))
-    store_mod.ShardIO.write_shard = real
-    rows.append(("probe: end to end without shard writes", f"{res2['images_per_second']:,.0f}", "statistics still computed"))
+        def encode(out: Path, mode: str, **kw) -> dict:
+            shutil.rmtree(out, ignore_errors=True)
+            return run(EncodeConfig(data=str(data), out=str(out), encoder="dinov2-b", random_init=True, image_size=256,
+                                    batch_size=args.batch, num_workers=args.workers, device="cuda", resize=mode, **kw))
+
+        for mode in modes:
+            res = encode(work / "store.zarr", mode, compile=args.compile)
+            rows.append((f"rae encode end to end (dinov2-b, 256), --resize {mode}", f"{res['images_per_second']:,.0f}",
+                         f"{res['entries']} images, {res['bytes_per_entry'] / 1024:.0f} KiB/entry (raw {768 * 256 * 2 / 1024:.0f} KiB)"))
+            # Where the end-to-end time goes: the same run with the store's data writes switched off.
+            real = store_mod.ShardIO.write_shard
+            store_mod.ShardIO.write_shard = lambda self, shard, data: None
+            try:
+                res2 = encode(work / "store_nowrite.zarr", mode)
+            finally:
+                store_mod.ShardIO.write_shard = real
+            rows.append((f"probe: end to end without shard writes, --resize {mode}", f"{res2['images_per_second']:,.0f}",
+                         "statistics still computed"))
     print(f"\n## rae encode benchmark — {card}, torch {torch.__version__}, {os.cpu_count()} CPU cores")
     print("| measurement | images/s | notes |\n|---|---|---|")
     for r in rows:

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import dist
 from .encoders import build_encoder, encoder_identity, spec_for
 from .errors import ArtifactError, RaeError
-from .images import BadImage, bicubic_crop_tensor, box_halve, list_images, load_crop, load_rgb
+from .images import (BadImage, BandedCrop, CropBatch, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded,
+                     list_images, load_rgb, stack_crops)
 from .manifest import digest_json, has_manifest, new_manifest, read_manifest, write_manifest
 from .progress import console, progress
 from .store import CODECS, LatentStore, Moments, claim_blocks, remove_store
@@ -46,9 +48,9 @@ class EncodeConfig:
     block_size: int = 1024
     min_size: int = 16
     precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
-    resize: str = "cpu"                  # where the crop's bicubic step runs: cpu (workers) | gpu (main
-                                         # process; measured slower so far, see BENCHMARKS.md); bit-identical
-                                         # either way, so not part of the store's identity
+    resize: str = "auto"                 # where the crop's bicubic step runs: cpu (Pillow, in the workers) |
+                                         # gpu (on the encoder's device; workers only decode) | auto (gpu on
+                                         # CUDA, else cpu). Bit-identical either way: not part of the identity
     # Run settings: they do not change the store, so a resume may change them.
     batch_size: int = 256
     num_workers: int = -1                # -1: one per CPU core, less two
@@ -73,8 +75,8 @@ def _validate(cfg: EncodeConfig) -> None:
         raise RaeError(f"--dtype must be float16 or float32 (got {cfg.dtype})")
     if cfg.codec not in CODECS:
         raise RaeError(f"--codec must be one of {', '.join(CODECS)} (got {cfg.codec})")
-    if cfg.resize not in ("cpu", "gpu"):
-        raise RaeError(f"--resize must be cpu or gpu (got {cfg.resize})")
+    if cfg.resize not in ("auto", "cpu", "gpu"):
+        raise RaeError(f"--resize must be auto, cpu or gpu (got {cfg.resize})")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
     if cfg.shard_size < 2 or cfg.shard_size % 2 or cfg.block_size % cfg.shard_size:
@@ -84,60 +86,41 @@ def _validate(cfg: EncodeConfig) -> None:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Source image i -> (uint8 crop [S, S, 3], ok flag, reason). Bad files become a flagged zero crop.
+    """Source image i -> (crop, ok flag, reason); a bad file becomes a flagged black S x S image.
 
-    With ``resize_on_device`` the worker stops after decoding and box-halving, and the bicubic
-    resize + crop run on the GPU (``bicubic_crop_tensor``, bit-identical to Pillow): decoding is
-    what the CPU cores can afford at thousands of images per second.
+    The crop is Pillow's uint8 [S, S, 3] ADM crop, or with ``resize_on_device`` a ``BandedCrop``: the
+    worker only decodes, box-halves and computes the coefficients, and the bicubic resize + crop run on
+    the encoder's device (``bicubic_crop_batch``, bit-identical to Pillow), because Pillow's bicubic
+    resize costs a CPU core more than the JPEG decode does.
     """
 
     def __init__(self, root: Path, files: list[str], image_size: int, min_size: int, resize_on_device: bool = False):
         self.root, self.files, self.size, self.min_size = root, files, image_size, min_size
-        self.resize_on_device = resize_on_device
+        self.crop = banded_crop if resize_on_device else center_crop_arr
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            if self.resize_on_device:
-                img = box_halve(load_rgb(self.root / self.files[i], self.min_size), self.size)
-                return torch.from_numpy(np.array(img)), True, ""
-            return torch.from_numpy(load_crop(self.root / self.files[i], self.size, self.min_size)), True, ""
+            img, ok, why = load_rgb(self.root / self.files[i], self.min_size), True, ""
         except BadImage as e:
-            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), False, str(e)
+            img, ok, why = Image.new("RGB", (self.size, self.size)), False, str(e)
+        return self.crop(img, self.size), ok, why
 
 
 def _collate(items):
-    """Stack equal-sized images; pack images of mixed sizes into one flat buffer (one shared-memory
-    transfer per batch instead of one per image) with their shapes."""
-    images, ok, reasons = zip(*items)
-    if all(im.shape == images[0].shape for im in images):
-        return torch.stack(images), torch.tensor(ok), list(reasons)
-    shapes = torch.tensor([im.shape for im in images])
-    return (torch.cat([im.reshape(-1) for im in images]), shapes), torch.tensor(ok), list(reasons)
+    """One batch, built in the worker: uint8 crops [B, S, S, 3] or a ``CropBatch``, flags, reasons."""
+    crops, ok, reasons = zip(*items)
+    images = collate_banded(crops) if isinstance(crops[0], BandedCrop) else stack_crops(crops)
+    return images, torch.tensor(ok), list(reasons)
 
 
-def _crops_on_device(images, image_size: int, device) -> torch.Tensor:
-    """uint8 [B, 3, S, S] crops on ``device`` from a collated batch (stacked or packed)."""
-    if isinstance(images, torch.Tensor):  # all of one size
-        images = images.to(device, non_blocking=True)
-        if images.shape[1] == image_size and images.shape[2] == image_size:
-            return images.permute(0, 3, 1, 2)
-        return bicubic_crop_tensor(images, image_size)
-    flat, shapes = images
-    flat = flat.to(device, non_blocking=True)
-    sizes = shapes.prod(dim=1).tolist()
-    views = [v.view(*shp) for v, shp in zip(torch.split(flat, sizes), shapes.tolist())]
-    out = torch.empty(len(views), 3, image_size, image_size, dtype=torch.uint8, device=device)
-    groups: dict[tuple, list[int]] = {}
-    for i, v in enumerate(views):
-        groups.setdefault(tuple(v.shape), []).append(i)
-    for shape, idx in groups.items():
-        batch = torch.stack([views[i] for i in idx])
-        out[torch.tensor(idx, device=device)] = (batch.permute(0, 3, 1, 2) if shape[:2] == (image_size, image_size)
-                                                 else bicubic_crop_tensor(batch, image_size))
-    return out
+def _crops_on_device(images, device) -> torch.Tensor:
+    """uint8 [B, 3, S, S] crops on ``device`` from a collated batch. No per-image work, no host sync."""
+    if isinstance(images, CropBatch):
+        return bicubic_crop_batch(images.to(device))
+    return images.to(device, non_blocking=True).permute(0, 3, 1, 2)
 
 
 def _entries(n_images: int, flip: bool):
@@ -191,6 +174,8 @@ def run(cfg: EncodeConfig) -> dict:
     d = dist.init(cfg.device)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
     cfg.precision = precision
+    if cfg.resize == "auto":
+        cfg.resize = "gpu" if d.device.type == "cuda" else "cpu"
     resize_on_device = cfg.resize == "gpu"
     listing = list_images(cfg.data, cfg.limit)
     encoder, digest = build_encoder(cfg.encoder, cfg.image_size, weights=cfg.encoder_weights,
@@ -247,7 +232,7 @@ def run(cfg: EncodeConfig) -> dict:
                     flush(current)
                     block_lat, block_ok, block_skipped = [], [], []
                 current = b
-                x = _crops_on_device(images, cfg.image_size, d.device)
+                x = _crops_on_device(images, d.device)
                 for i, good, why in zip(img_ids, ok.tolist(), reasons):
                     if not good:
                         block_skipped.append([listing.files[i], why])

@@ -8,11 +8,16 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from PIL import __version__ as PIL_VERSION
 
 from .errors import RaeError
+
+if TYPE_CHECKING:
+    import torch
 
 # Decompression-bomb guard stays on, but at a size real photographs never reach.
 Image.MAX_IMAGE_PIXELS = 400_000_000
@@ -123,16 +128,20 @@ def box_halve(img: Image.Image, image_size: int) -> Image.Image:
     return img
 
 
+def _adm_geometry(w: int, h: int, image_size: int) -> tuple[int, int, int, int]:
+    """The ADM rule on a box-halved image: the bicubic target size and the crop's offsets (nw, nh, left, top)."""
+    scale = image_size / min(w, h)
+    nw, nh = round(w * scale), round(h * scale)
+    return nw, nh, (nw - image_size) // 2, (nh - image_size) // 2
+
+
 def center_crop_arr(img: Image.Image, image_size: int) -> np.ndarray:
     """The ADM center crop (DiT, ADM and the RAE reference use it): halve with a box filter while
     the short side is at least twice the target, resize the short side to the target with bicubic,
     then cut the central square. Returns uint8 [image_size, image_size, 3]."""
     img = box_halve(img, image_size)
-    scale = image_size / min(*img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
+    nw, nh, left, top = _adm_geometry(*img.size, image_size)
+    arr = np.asarray(img.resize((nw, nh), resample=Image.BICUBIC))
     return arr[top: top + image_size, left: left + image_size].copy()
 
 
@@ -140,79 +149,183 @@ def load_crop(path: str | os.PathLike, image_size: int, min_size: int = 16) -> n
     return center_crop_arr(load_rgb(path, min_size=min_size), image_size)
 
 
-# ---- PIL's resampling, exactly, as matrix products (the GPU half of the ADM crop) --------------
+# ---- The ADM crop's bicubic step, exactly, as batched matrix products (on the GPU) --------------
 # Pillow resizes 8-bit images with fixed-point coefficients (22 fractional bits) in two passes,
-# horizontal then vertical, each rounded and clipped to 8 bits. A pass is a banded matrix product
-# whose integer sums stay below 2^53, so float64 arithmetic reproduces Pillow bit for bit — on a
-# GPU, where decoding workers are free to do nothing but decode. Tested against Pillow.
+# horizontal then vertical (or, from Pillow 13, vertical first for images that shrink much more in
+# height), each rounded and clipped to 8 bits. A pass is a banded matrix product
+# whose integer sums stay far below 2^53, so float64 arithmetic reproduces Pillow bit for bit. The
+# split: a decoding worker box-halves, computes Pillow's coefficients of the crop's S rows and S
+# columns only (``banded_crop``) and ships just the input pixels they read; the GPU expands the bands
+# into dense matrices and runs both passes for the whole batch (``bicubic_crop_batch``).
 _PRECISION_BITS = 32 - 8 - 2
+# Pillow 13 runs the vertical pass first when the height loses more than twice as many pixels as the
+# width (python-pillow/Pillow#9549, ``ImagingResampleInner``); earlier versions always start horizontally.
+_VERTICAL_FIRST_RULE = int(PIL_VERSION.split(".")[0]) >= 13
 
 
-def _bicubic(x: float) -> float:
+def _bicubic_filter(x: np.ndarray) -> np.ndarray:
+    """Pillow's ``bicubic_filter`` (a = -0.5): the same operations in the same order."""
     a = -0.5
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
-    if x < 2.0:
-        return (((x - 5) * x + 8) * x - 4) * a
-    return 0.0
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-@functools.lru_cache(maxsize=256)
-def pil_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """Pillow's fixed-point bicubic coefficients for ``in_size -> out_size`` as a dense [out, in] matrix."""
+@functools.lru_cache(maxsize=1024)  # photo collections repeat a few hundred sizes; arrays are read-only
+def _pil_taps(in_size: int, out_size: int, start: int, count: int):
+    """Pillow's fixed-point bicubic coefficients (``precompute_coeffs``, then ``normalize_coeffs_8bpc``)
+    of outputs ``start .. start + count`` of an ``in_size -> out_size`` resize, in banded form.
+
+    Returns ``(lo, hi, first, coef)``: those outputs read inputs ``lo .. hi`` only, and output j is
+    ``sum_k coef[j, k] * input[lo + first[j] + k]`` (first int64 [count], coef int32 [count, K], zero
+    padded). Pillow skips a pass whose size is unchanged: here that is one tap of weight 1.0, which the
+    pass's rounding leaves exact.
+    """
+    if in_size == out_size:
+        first, coef = np.arange(count, dtype=np.int64), np.full((count, 1), 1 << _PRECISION_BITS, np.int32)
+        first.flags.writeable = coef.flags.writeable = False
+        return start, start + count, first, coef
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = 2.0 * filterscale
-    w = np.zeros((out_size, in_size), dtype=np.float64)
-    for xx in range(out_size):
-        centre = (xx + 0.5) * scale
-        xmin = max(int(centre - support + 0.5), 0)
-        xmax = min(int(centre + support + 0.5), in_size)
-        k = [_bicubic((x - centre + 0.5) / filterscale) for x in range(xmin, xmax)]
-        total = sum(k)
-        for x, v in zip(range(xmin, xmax), k):
-            v = v / total if total != 0.0 else v
-            w[xx, x] = math.trunc(v * (1 << _PRECISION_BITS) + (0.5 if v >= 0 else -0.5))
-    return w
+    center = (np.arange(start, start + count) + 0.5) * scale
+    xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)  # astype truncates like C's (int)
+    xmax = np.minimum((center + support + 0.5).astype(np.int64), in_size) - xmin  # taps per output
+    taps = np.arange(int(xmax.max()))
+    w = _bicubic_filter((taps + xmin[:, None] - center[:, None] + 0.5) * (1.0 / filterscale))
+    w[taps >= xmax[:, None]] = 0.0
+    total = np.zeros(count)
+    for k in range(len(taps)):  # summed in Pillow's order (numpy's pairwise sum may differ in the last bit)
+        total += w[:, k]
+    np.divide(w, total[:, None], out=w, where=total[:, None] != 0.0)
+    coef = (w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5)).astype(np.int32)  # rounds half away from 0
+    lo = int(xmin.min())
+    first = xmin - lo
+    first.flags.writeable = coef.flags.writeable = False
+    return lo, int((xmin + xmax).max()), first, coef
 
 
-@functools.lru_cache(maxsize=512)
-def _crop_matrix(in_size: int, out_size: int, start: int, size: int, device):
-    """The transposed coefficient rows of one crop window, kept on the device (ImageNet has a few
-    hundred distinct image sizes; each matrix is built and uploaded once)."""
+class BandedCrop(NamedTuple):
+    """One image's ADM crop, still to be computed (by ``bicubic_crop_batch``): the box-halved input
+    window that the crop reads, and Pillow's banded coefficients of the crop's S rows and S columns.
+    Passes run along rows first (Pillow's horizontal pass); where Pillow starts with the vertical pass,
+    the window is stored transposed (``transposed``), which makes its first pass a row pass too."""
+    pixels: np.ndarray     # uint8 [h, w, 3]
+    row_first: np.ndarray  # int64 [S]: first window row read by each output row
+    row_coef: np.ndarray   # int32 [S, Kr]
+    col_first: np.ndarray  # int64 [S]
+    col_coef: np.ndarray   # int32 [S, Kc]
+    transposed: bool
+
+
+def banded_crop(img: Image.Image, image_size: int) -> BandedCrop:
+    """The CPU half of ``center_crop_arr`` for ``bicubic_crop_batch``: box-halve, then the coefficients
+    of only the output rows and columns inside the crop, and only the input pixels they read."""
+    img = box_halve(img, image_size)
+    w, h = img.size
+    nw, nh, left, top = _adm_geometry(w, h, image_size)
+    x0, x1, col_first, col_coef = _pil_taps(w, nw, left, image_size)
+    y0, y1, row_first, row_coef = _pil_taps(h, nh, top, image_size)
+    pixels = np.asarray(img.crop((x0, y0, x1, y1)))
+    if _VERTICAL_FIRST_RULE and 0 < h - nh and 2 * (w - nw) < h - nh:
+        return BandedCrop(pixels.transpose(1, 0, 2), col_first, col_coef, row_first, row_coef, True)
+    return BandedCrop(pixels, row_first, row_coef, col_first, col_coef, False)
+
+
+class CropBatch(NamedTuple):
+    """The ``BandedCrop``s of a batch: windows padded into one uint8 canvas (one shared-memory tensor
+    per batch), coefficients zero-padded to the batch's widest band. Pinned and moved as a whole."""
+    pixels: torch.Tensor     # uint8 [B, H, W, 3]
+    row_first: torch.Tensor  # int64 [B, S]
+    row_coef: torch.Tensor   # int32 [B, S, Kr]
+    col_first: torch.Tensor  # int64 [B, S]
+    col_coef: torch.Tensor   # int32 [B, S, Kc]
+    transposed: torch.Tensor  # bool [B]
+
+    def to(self, device) -> CropBatch:
+        return CropBatch(*(t.to(device, non_blocking=True) for t in self))
+
+
+def _batch_buffer(shape: tuple[int, ...]):
+    """An uninitialised uint8 tensor for a batch; in a DataLoader worker it is made in shared memory (as
+    ``default_collate`` does), so the batch reaches the main process without one more copy."""
     import torch
 
-    rows = pil_bicubic_matrix(in_size, out_size)[start: start + size]
-    return torch.from_numpy(np.ascontiguousarray(rows.T)).to(device)
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    proto = torch.empty(0, dtype=torch.uint8)
+    return proto.new(proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)).resize_(shape)
 
 
-def _pil_pass(x, weights):
-    """One Pillow pass: integer sum with the rounding constant, then clip to 8 bits."""
+def stack_crops(crops: list[np.ndarray]):
+    """uint8 crops [S, S, 3] (``center_crop_arr``) -> one uint8 tensor [B, S, S, 3]."""
+    out = _batch_buffer((len(crops), *crops[0].shape))
+    np.stack(crops, out=out.numpy())
+    return out
+
+
+def collate_banded(crops: list[BandedCrop]) -> CropBatch:
+    """``BandedCrop``s -> one ``CropBatch`` (in the worker: one shared-memory canvas per batch)."""
     import torch
 
-    acc = torch.matmul(x, weights) + float(1 << (_PRECISION_BITS - 1))
-    return torch.floor(acc / float(1 << _PRECISION_BITS)).clamp_(0, 255)
+    b = len(crops)
+    h = max(c.pixels.shape[0] for c in crops)
+    w = max(c.pixels.shape[1] for c in crops)
+    pixels = _batch_buffer((b, h, w, 3))
+    canvas = pixels.numpy()
+    for i, c in enumerate(crops):
+        ch, cw = c.pixels.shape[:2]
+        canvas[i, :ch, :cw] = c.pixels
+        canvas[i, :ch, cw:] = 0  # padding only meets zero coefficients; zeroed all the same (no stale bytes)
+        canvas[i, ch:] = 0
+
+    def band(first, coef):
+        out = np.zeros((b, *coef[0].shape[:1], max(k.shape[1] for k in coef)), np.int32)
+        for i, k in enumerate(coef):
+            out[i, :, : k.shape[1]] = k
+        return torch.from_numpy(np.stack(first)), torch.from_numpy(out)
+
+    return CropBatch(pixels, *band([c.row_first for c in crops], [c.row_coef for c in crops]),
+                     *band([c.col_first for c in crops], [c.col_coef for c in crops]),
+                     torch.tensor([c.transposed for c in crops]))
 
 
-def bicubic_crop_tensor(images, image_size: int):
-    """The bicubic resize and center crop of the ADM rule on uint8 [B, H, W, 3] tensors of one size
-    (already box-halved), bit-identical to ``center_crop_arr``. Returns uint8 [B, 3, S, S]."""
+def _band_matrix(first, coef, size: int):
+    """Dense float64 [B, S, size] coefficient matrices from banded ones, built on their device."""
     import torch
 
-    b, h, w, _ = images.shape
-    scale = image_size / min(h, w)
-    nh, nw = round(h * scale), round(w * scale)
-    top, left = (nh - image_size) // 2, (nw - image_size) // 2
-    x = images.permute(0, 3, 1, 2).to(torch.float64)
-    dev = x.device
-    # Only the rows and columns inside the crop are computed: each output pixel is independent.
-    if nw != w:
-        x = _pil_pass(x, _crop_matrix(w, nw, left, image_size, dev))
-    else:
-        x = x[..., left: left + image_size]
-    if nh != h:
-        x = _pil_pass(x.transpose(-1, -2), _crop_matrix(h, nh, top, image_size, dev)).transpose(-1, -2)
-    else:
-        x = x[..., top: top + image_size, :]
-    return x.to(torch.uint8)
+    b, s, k = coef.shape
+    # A zero-padded tap may point past the input: clamped, it adds 0.0 to a coefficient, which is exact.
+    idx = (first[..., None] + torch.arange(k, device=first.device)).clamp_(max=size - 1)
+    return torch.zeros(b, s, size, dtype=torch.float64, device=coef.device).scatter_add_(2, idx, coef.to(torch.float64))
+
+
+def _pil_round(acc):
+    """The end of a Pillow pass, exactly in float64: (acc + 2^21) >> 22, clipped to 0..255."""
+    return acc.add_(1 << (_PRECISION_BITS - 1)).mul_(1.0 / (1 << _PRECISION_BITS)).floor_().clamp_(0, 255)
+
+
+def bicubic_crop_batch(batch: CropBatch, chunk: int | None = None):
+    """The bicubic resize and center crop of the ADM rule for a ``CropBatch``, on its device and
+    bit-identical to ``center_crop_arr``: Pillow's two passes (along the rows of each window, then
+    along its columns; transposed windows are transposed back at the end) as batched float64 matrix
+    products, ``chunk`` images at a time. Returns uint8 [B, 3, S, S]. Work per batch and chunk, none
+    per image, and nothing that waits for the device."""
+    import torch
+
+    b, h, w, _ = batch.pixels.shape
+    s = batch.row_first.shape[1]
+    chunk = chunk or max(1, min(64, (1 << 26) // (3 * h * w)))  # at most ~512 MiB of float64 input at once
+    out = torch.empty(b, 3, s, s, dtype=torch.uint8, device=batch.pixels.device)
+    for i in range(0, b, chunk):
+        part = slice(i, i + chunk)
+        n = min(chunk, b - i)
+        # Horizontal: [n, S, W] @ [n, W, 3H], the window laid out as columns x (channel, row).
+        x = batch.pixels[part].permute(0, 2, 3, 1).to(torch.float64, memory_format=torch.contiguous_format)
+        y = _pil_round(torch.bmm(_band_matrix(batch.col_first[part], batch.col_coef[part], w), x.view(n, w, 3 * h)))
+        # Vertical: [n, S * 3, H] @ [n, H, S]; rows outside the crop's support meet zero coefficients.
+        rows = _band_matrix(batch.row_first[part], batch.row_coef[part], h).transpose(1, 2)
+        z = _pil_round(torch.bmm(y.view(n, s * 3, h), rows))  # [n, (column, channel), row]
+        out[part] = z.view(n, s, 3, s).permute(0, 2, 3, 1)
+    return torch.where(batch.transposed.view(b, 1, 1, 1), out.transpose(2, 3), out)

@@ -181,18 +181,26 @@ def test_info_describes_a_store(demo_images, tmp_path):
     assert manifest["complete"] and manifest["config"]["encoder"] == "dinov2-demo"
 
 
-
 def test_resize_on_device_gives_the_same_store_bit_for_bit(tmp_path):
-    """The GPU half of the crop (run here on the CPU: same code) equals Pillow's crop exactly,
-    including mixed image sizes in one batch and upscaled small images."""
+    """The GPU half of the crop (run here on the CPU: same code) equals Pillow's crop exactly: mixed
+    image sizes in one batch, upscaled small images, images already S x S, a very tall one (Pillow 13
+    resizes it vertically first), one above the box-halving threshold and a bad file; batches built in
+    DataLoader workers (shared memory) as well as in the main process."""
     data = tmp_path / "data" / "c"
     data.mkdir(parents=True)
     rng = np.random.default_rng(1)
-    for i, (w, h) in enumerate([(90, 70), (70, 90), (64, 64), (200, 130), (40, 33), (90, 70)]):
+    sizes = [(90, 70), (70, 90), (64, 64), (200, 130), (40, 33), (90, 70), (100, 300), (300, 140), (129, 133)]
+    for i, (w, h) in enumerate(sizes):
         low = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
         Image.fromarray(low).resize((w, h), Image.BICUBIC).save(data / f"{i}.png")
-    run(_cfg(data.parent, tmp_path / "cpu.zarr", resize="cpu"))
-    run(_cfg(data.parent, tmp_path / "dev.zarr", resize="gpu"))
-    a, b = _arrays(tmp_path / "cpu.zarr"), _arrays(tmp_path / "dev.zarr")
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    (data / "broken.png").write_bytes(b"not an image")
+    run(_cfg(data.parent, tmp_path / "cpu.zarr", resize="auto", batch_size=4))  # auto is cpu on a CPU device
+    assert read_manifest(tmp_path / "cpu.zarr")["config"]["resize"] == "cpu"
+    run(_cfg(data.parent, tmp_path / "dev.zarr", resize="gpu", batch_size=4))
+    run(_cfg(data.parent, tmp_path / "dev2.zarr", resize="gpu", batch_size=4, num_workers=2))
+    a = _arrays(tmp_path / "cpu.zarr")
+    assert (~a["valid"]).sum() == 1
+    for other in ("dev.zarr", "dev2.zarr"):
+        b = _arrays(tmp_path / other)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{other}: {k}")

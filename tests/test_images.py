@@ -81,16 +81,44 @@ def test_bad_files_raise_bad_image(tmp_path):
             load_rgb(tmp_path / name)
 
 
+def _random_image(rng, h, w):
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
-@pytest.mark.parametrize("h,w", [(375, 500), (500, 375), (333, 511), (1100, 700), (1333, 2001), (40, 30), (256, 300)])
-def test_tensor_bicubic_crop_is_bit_exact_with_pillow(h, w):
-    import torch
 
-    from stages.images import bicubic_crop_tensor, box_halve
+# (height, width): upscaled tiny images, short side exactly the target, odd sizes, very wide and very
+# tall ones (Pillow 13 starts those with the vertical pass), short sides around the box-halving
+# threshold (2 x target - 1, 2 x target, ...), and images that are already exactly S x S.
+_SIZES_256 = [(375, 500), (500, 375), (333, 511), (20, 30), (40, 33), (256, 300), (300, 256), (256, 256),
+              (257, 255), (331, 477), (1100, 700), (1333, 2001), (300, 2000), (2000, 300), (1500, 260),
+              (511, 700), (700, 511), (512, 700), (1023, 1023), (1024, 800), (2047, 1025)]
+_SIZES_512 = [(1023, 1024), (1024, 1023), (375, 500), (512, 512), (600, 2047), (2047, 600), (30, 20)]
 
-    rng = np.random.default_rng(h * w)
-    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    img = Image.fromarray(arr)
-    halved = torch.from_numpy(np.array(box_halve(img, 256)))[None]
-    got = bicubic_crop_tensor(halved, 256)[0].permute(1, 2, 0).numpy()
-    assert np.array_equal(got, center_crop_arr(img, 256))
+
+@pytest.mark.parametrize("image_size,sizes,chunk", [(256, _SIZES_256, None), (512, _SIZES_512, 3), (64, None, 7)])
+def test_batched_bicubic_crop_is_bit_exact_with_pillow(image_size, sizes, chunk):
+    from stages.images import banded_crop, bicubic_crop_batch, collate_banded
+
+    rng = np.random.default_rng(image_size)
+    if sizes is None:  # many random shapes and aspect ratios, some below, some above the halving threshold
+        sizes = [(int(a), max(16, int(a * np.exp(r)))) for a, r in zip(rng.integers(16, 300, 80), rng.uniform(-1.8, 1.8, 80))]
+    images = [_random_image(rng, h, w) for h, w in sizes]
+    crops = [banded_crop(img, image_size) for img in images]
+    got = bicubic_crop_batch(collate_banded(crops), chunk=chunk)
+    assert got.shape == (len(images), 3, image_size, image_size) and str(got.dtype) == "torch.uint8"
+    for img, crop, (h, w) in zip(images, got.permute(0, 2, 3, 1).numpy(), sizes):
+        assert np.array_equal(crop, center_crop_arr(img, image_size)), f"{h}x{w} -> {image_size}"
+
+
+def test_banded_crop_ships_only_the_pixels_it_reads_and_handles_pass_order():
+    from PIL import __version__ as pil_version
+
+    from stages.images import banded_crop
+
+    rng = np.random.default_rng(0)
+    wide = banded_crop(_random_image(rng, 300, 2000), 256)
+    assert wide.pixels.shape[0] == 300 and wide.pixels.shape[1] < 310  # the crop's columns (+ taps), not 2000
+    assert not wide.transposed
+    tall = banded_crop(_random_image(rng, 2000, 300), 256)
+    assert tall.transposed == (int(pil_version.split(".")[0]) >= 13)  # Pillow 13 resizes it vertically first
+    same = banded_crop(Image.new("RGB", (64, 64)), 64)  # nothing to resize: one tap of weight 1.0 per pass
+    assert same.pixels.shape == (64, 64, 3) and same.row_coef.shape == (64, 1) and (same.row_coef == 1 << 22).all()
