@@ -87,6 +87,47 @@ def bench_loader(root: Path, workers: int, batch: int, resize: str, crop_on_gpu:
     return len(ds) / (time.time() - t0)
 
 
+def bench_breakdown(root: Path, workers: int, batch: int, work: Path) -> list[tuple]:
+    """Where the end-to-end time goes, stage by stage added (--resize gpu, 1024-entry blocks as `rae
+    encode`): loading + crop + encoder; + latents to host memory; + float64 statistics; and the
+    disk's sustained write rate (dd, 4 GiB, O_DIRECT) next to the bytes per second the target needs."""
+    import subprocess
+
+    from stages.encode import _crops_on_device
+    from stages.encoders import build_encoder
+    from stages.store import Moments
+
+    enc, _ = build_encoder("dinov2-b", 256, pretrained=False)
+    enc = enc.cuda()
+    rows = []
+    for name, to_host, stats in (("loading + GPU crop + encoder", False, False),
+                                 ("  + latents to host memory (per 1024-entry block)", True, False),
+                                 ("  + float64 statistics per shard (as rae encode)", True, True)):
+        ds, loader = _loader(root, workers, batch, "gpu")
+        block, t0 = [], time.time()
+        for images, ok, _ in loader:
+            x = _crops_on_device(images, "cuda")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                block.append(enc(x).half())
+            if sum(len(b) for b in block) >= 1024:
+                lat = torch.cat(block)
+                block = []
+                if stats:
+                    Moments.of_shards(lat, torch.ones(len(lat), dtype=torch.bool, device="cuda"), 64)
+                if to_host:
+                    lat.cpu()
+        torch.cuda.synchronize()
+        rows.append((name, f"{len(ds) / (time.time() - t0):,.0f}", f"{workers} workers, batch {batch}"))
+        print(rows[-1], flush=True)
+    target = work / "dd.bin"
+    out = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", "count=256", "oflag=direct"],
+                         capture_output=True, text=True).stderr.strip().splitlines()[-1]
+    target.unlink(missing_ok=True)
+    rows.append(("disk: sustained write (dd 4 GiB, O_DIRECT)", out.split(",")[-1].strip(),
+                 "3,000 entries/s x 362 KiB = 1.1 GB/s needed"))
+    return rows
+
+
 def bench_worker(root: Path, n: int, batch: int) -> list[tuple]:
     """A DataLoader worker's cost per image for each --resize mode, on the CPU: the steps in-process
     (decode; Pillow's crop or box-halving + coefficients; collation), then one real worker process."""
@@ -178,8 +219,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--only", choices=["all", "worker", "loader", "forward", "store", "encode"], default="all",
+    ap.add_argument("--only", choices=["all", "worker", "loader", "forward", "store", "encode", "breakdown"],
+                    default="all",
                     help="one part (worker: CPU only, per-image cost of a DataLoader worker)")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --only encode: profile the main thread of one end-to-end run (cProfile, top functions)")
     ap.add_argument("--resize", choices=["both", "cpu", "gpu"], default="both",
                     help="the --resize mode(s) of the loading and end-to-end rows")
     args = ap.parse_args()
@@ -220,6 +264,8 @@ def main() -> None:
                 rows.append(("image loading + the crop's bicubic step on the GPU (no encoder)",
                              f"{bench_loader(data, args.workers, args.batch, mode, crop_on_gpu=True):,.0f}",
                              f"{args.workers} workers"))
+    if args.only == "breakdown":
+        rows += bench_breakdown(data, args.workers, args.batch, work)
     if part("forward"):
         enc, _ = build_encoder("dinov2-b", 256, pretrained=False)
         enc = enc.cuda()
@@ -238,6 +284,18 @@ def main() -> None:
             return run(EncodeConfig(data=str(data), out=str(out), encoder="dinov2-b", random_init=True, image_size=256,
                                     batch_size=args.batch, num_workers=args.workers, device="cuda", resize=mode, **kw))
 
+        if args.profile:  # where the main thread's time goes (waiting for batches, on the GPU, on writes)
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            res = encode(work / "store.zarr", modes[0], compile=args.compile)
+            prof.disable()
+            print(f"profiled run: {res['images_per_second']:,.0f} img/s, --resize {modes[0]}")
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+            return
         for mode in modes:
             res = encode(work / "store.zarr", mode, compile=args.compile)
             rows.append((f"rae encode end to end (dinov2-b, 256), --resize {mode}", f"{res['images_per_second']:,.0f}",

@@ -113,7 +113,7 @@ def _collate(items):
     """One batch, built in the worker: uint8 crops [B, S, S, 3] or a ``CropBatch``, flags, reasons."""
     crops, ok, reasons = zip(*items)
     images = collate_banded(crops) if isinstance(crops[0], BandedCrop) else stack_crops(crops)
-    return images, torch.tensor(ok), list(reasons)
+    return images, np.array(ok, dtype=bool), list(reasons)  # small arrays pickled inline, not shared
 
 
 def _crops_on_device(images, device) -> torch.Tensor:
@@ -239,11 +239,11 @@ def run(cfg: EncodeConfig) -> dict:
                         console.print(f"[yellow]warning:[/] skipping {listing.files[i]}: {why}", highlight=False)
                 if cfg.flip:  # entries 2i, 2i+1: the image, then its mirror (encoded as an image)
                     x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
-                    ok = ok.repeat_interleave(2)
+                    ok = np.repeat(ok, 2)
                 with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                     z = encoder(x)
                 block_lat.append(z.to(torch.float16 if cfg.dtype == "float16" else torch.float32))
-                block_ok.append(ok.numpy())
+                block_ok.append(ok)
                 advance(len(x))
             if current is not None:
                 flush(current)

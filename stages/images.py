@@ -8,7 +8,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -235,16 +235,21 @@ def banded_crop(img: Image.Image, image_size: int) -> BandedCrop:
 
 class CropBatch(NamedTuple):
     """The ``BandedCrop``s of a batch: windows padded into one uint8 canvas (one shared-memory tensor
-    per batch), coefficients zero-padded to the batch's widest band. Pinned and moved as a whole."""
+    per batch), coefficients zero-padded to the batch's widest band. From a worker, only the canvas
+    travels through shared memory; the small arrays are numpy, pickled inline (each shared-memory
+    tensor costs a file-descriptor hand-over, which at thousands of images per second is what limits
+    the main process). ``to(device)`` makes them all tensors there."""
     pixels: torch.Tensor     # uint8 [B, H, W, 3]
-    row_first: torch.Tensor  # int64 [B, S]
-    row_coef: torch.Tensor   # int32 [B, S, Kr]
-    col_first: torch.Tensor  # int64 [B, S]
-    col_coef: torch.Tensor   # int32 [B, S, Kc]
-    transposed: torch.Tensor  # bool [B]
+    row_first: Any           # int64 [B, S]
+    row_coef: Any            # int32 [B, S, Kr]
+    col_first: Any           # int64 [B, S]
+    col_coef: Any            # int32 [B, S, Kc]
+    transposed: Any          # bool [B]
 
     def to(self, device) -> CropBatch:
-        return CropBatch(*(t.to(device, non_blocking=True) for t in self))
+        import torch
+
+        return CropBatch(*(torch.as_tensor(t).to(device, non_blocking=True) for t in self))
 
 
 def _batch_buffer(shape: tuple[int, ...]):
@@ -284,11 +289,11 @@ def collate_banded(crops: list[BandedCrop]) -> CropBatch:
         out = np.zeros((b, *coef[0].shape[:1], max(k.shape[1] for k in coef)), np.int32)
         for i, k in enumerate(coef):
             out[i, :, : k.shape[1]] = k
-        return torch.from_numpy(np.stack(first)), torch.from_numpy(out)
+        return np.stack(first).astype(np.int64), out
 
     return CropBatch(pixels, *band([c.row_first for c in crops], [c.row_coef for c in crops]),
                      *band([c.col_first for c in crops], [c.col_coef for c in crops]),
-                     torch.tensor([c.transposed for c in crops]))
+                     np.array([c.transposed for c in crops], dtype=bool))
 
 
 def _band_matrix(first, coef, size: int):
@@ -314,6 +319,7 @@ def bicubic_crop_batch(batch: CropBatch, chunk: int | None = None):
     per image, and nothing that waits for the device."""
     import torch
 
+    batch = batch.to(batch.pixels.device)  # the small arrays as tensors beside the pixels
     b, h, w, _ = batch.pixels.shape
     s = batch.row_first.shape[1]
     chunk = chunk or max(1, min(64, (1 << 26) // (3 * h * w)))  # at most ~512 MiB of float64 input at once
