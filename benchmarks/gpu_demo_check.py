@@ -37,7 +37,7 @@ def rae(args: list[str], nproc: int = 1, env: dict | None = None) -> float:
     return time.perf_counter() - start
 
 
-def demo_chain(out: Path) -> list[tuple[str, float]]:
+def demo_chain(out: Path, upto: str | None = None) -> list[tuple[str, float]]:
     o = str(out)
     steps = [
         ("demo-data", ["demo-data", f"{o}/images"]),
@@ -55,6 +55,8 @@ def demo_chain(out: Path) -> list[tuple[str, float]]:
                               f"{o}/reconstructions"]),
         ("demo-report (eval)", ["demo-report", o]),
     ]
+    if upto:  # only the stages up to (and including) this one
+        steps = steps[: [name for name, _ in steps].index(upto) + 1]
     return [(name, rae(args)) for name, args in steps]
 
 
@@ -112,10 +114,11 @@ def main():
     ap.add_argument("--gpus", type=int, default=torch.cuda.device_count())
     ap.add_argument("--steps", type=int, default=300, help="training steps of the 1-vs-2-GPU comparison")
     ap.add_argument("--skip-chain", action="store_true")
+    ap.add_argument("--chain-upto", help="run the chain only up to this stage, e.g. 'encode (--flip)'")
     args = ap.parse_args()
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     args.out.mkdir(parents=True, exist_ok=True)
-    times = [] if args.skip_chain else demo_chain(args.out)
+    times = [] if args.skip_chain else demo_chain(args.out, args.chain_upto)
     rows = multi_gpu(args.out, args.out / "latents.zarr", args.steps) if args.gpus >= 2 else []
 
     print(f"\n## Demo chain with CUDA — {card} x {args.gpus}, torch {torch.__version__}")

@@ -212,16 +212,40 @@ def run(cfg: EncodeConfig) -> dict:
     total = sum(len(store.block_range(b)) for b in my_blocks)
     t0 = time.time()
     label = "encode" if d.world == 1 else f"encode (rank {d.rank}/{d.world})"
-    block_lat, block_ok, block_skipped, current = [], [], [], None
+    block_lat, block_host, block_ok, block_skipped, current = [], [], [], [], None
+    latent_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    # Latents leave the GPU batch by batch into pinned memory on a side stream, overlapping the next
+    # batches' compute (a pageable copy of a whole block would stall the compute stream).
+    copy_stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None
+
+    def to_host(z):
+        if copy_stream is None:
+            return z
+        host = torch.empty(z.shape, dtype=z.dtype, pin_memory=True)
+        copy_stream.wait_stream(torch.cuda.current_stream(d.device))
+        with torch.cuda.stream(copy_stream):
+            host.copy_(z, non_blocking=True)
+        z.record_stream(copy_stream)
+        return host
 
     def flush(b):
-        lat = torch.cat(block_lat)
+        lat, host = torch.cat(block_lat), list(block_host)
         ok = np.concatenate(block_ok)
-        # Float64 statistics where the latents are (the GPU): the CPU is busy decoding images.
-        moments = Moments.of_shards(lat, torch.from_numpy(ok).to(lat.device), store.shard_size)
+        copied = None
+        if copy_stream is not None:
+            copied = torch.cuda.Event()
+            copied.record(copy_stream)
         info = {"skipped": block_skipped[:]}
-        # The copy to host memory and the compression happen in the writer thread, off the GPU's critical path.
-        in_flight.append(writer.submit(lambda: store.write_block(b, lat.cpu().numpy(), ok, info, moments)))
+
+        def write():
+            # Float64 statistics where the latents are (the GPU: the CPU is busy decoding images), then
+            # the compression and the write; all in the writer thread, whose waits stall nothing else.
+            moments = Moments.of_shards(lat, torch.from_numpy(ok).to(lat.device), store.shard_size)
+            if copied is not None:
+                copied.synchronize()
+            store.write_block(b, torch.cat(host).numpy(), ok, info, moments)
+
+        in_flight.append(writer.submit(write))
         while len(in_flight) > 2:  # bound memory: at most a couple of blocks in flight
             in_flight.pop(0).result()
 
@@ -230,7 +254,7 @@ def run(cfg: EncodeConfig) -> dict:
             for (images, ok, reasons), b, img_ids in zip(loader, batch_block, batches):
                 if current is not None and b != current:
                     flush(current)
-                    block_lat, block_ok, block_skipped = [], [], []
+                    block_lat, block_host, block_ok, block_skipped = [], [], [], []
                 current = b
                 x = _crops_on_device(images, d.device)
                 for i, good, why in zip(img_ids, ok.tolist(), reasons):
@@ -242,7 +266,9 @@ def run(cfg: EncodeConfig) -> dict:
                     ok = np.repeat(ok, 2)
                 with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                     z = encoder(x)
-                block_lat.append(z.to(torch.float16 if cfg.dtype == "float16" else torch.float32))
+                z = z.to(latent_dtype)
+                block_lat.append(z)
+                block_host.append(to_host(z))
                 block_ok.append(ok)
                 advance(len(x))
             if current is not None:
