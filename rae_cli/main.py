@@ -5,7 +5,7 @@ import typer
 
 from . import commands
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="rae: Diffusion Transformers with Representation Autoencoders, as a pipeline of stages.")
 
 commands.register(app)

@@ -368,20 +368,19 @@ def import_decoder(cfg: ImportConfig) -> dict:
 #################################################################################
 
 def import_stats(cfg: ImportConfig) -> dict:
-    """stat.pt -> OUT/latent_stats.safetensors, one atomic file (complete or absent): the file a
-    diffusion run carries, for ``rae import diffusion --stats OUT``."""
+    """stat.pt -> OUT/latent_stats.safetensors (the file a diffusion run carries, for ``rae import
+    diffusion --stats OUT``) with a manifest, like every rae artifact (``rae info OUT``)."""
     mean, var, source = load_stats(cfg.source)
     out = Path(cfg.out)
-    target = out / STATS
-    if out.exists() and (not out.is_dir() or has_manifest(out) or any(p.name != STATS for p in out.iterdir())):
-        raise ArtifactError(f"{out} exists and is not a statistics directory; choose another --out")
-    if target.exists() and not cfg.overwrite:
-        raise ArtifactError(f"{target} already exists; pass --overwrite to replace it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(target, {"mean": mean, "var": var},
-                 metadata={"source": source["path"], "source_sha256": source["content_id"], "eps": NORM_EPS,
-                           "latent_space": "raw encoder space; models see (z - mean) / sqrt(var + eps)"})
-    return {"kind": "stats", "out": str(out), "files": [STATS], "latent_shape": list(mean.shape), "notes": [],
+    imported = {"source": source["path"], "sha256": source["content_id"]}
+    latent_shape = list(mean.shape)
+    config = {"statistics": STATS, "eps": NORM_EPS, "latent_shape": latent_shape, "imported_from": imported,
+              "latent_space": "raw encoder space; models see (z - mean) / sqrt(var + eps)"}
+    manifest = new_manifest("latent-stats", cfg, inputs={"source": source}, imported_from=imported,
+                            latent_shape=latent_shape)
+    _claim_run_dir(out, cfg.overwrite)
+    _finish_run(out, manifest, {STATS: {"mean": mean, "var": var}}, config, STATS)
+    return {"kind": "stats", "out": str(out), "files": [STATS], "latent_shape": latent_shape, "notes": [],
             "model": "latent statistics (mean, var)"}
 
 

@@ -19,7 +19,7 @@ from .errors import ArtifactError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
-KINDS = ("latent-store", "sample-store", "decoder-run", "diffusion-run", "image-folder", "eval")
+KINDS = ("latent-store", "sample-store", "decoder-run", "diffusion-run", "latent-stats", "image-folder", "eval")
 
 
 def jsonable(obj: Any) -> Any:

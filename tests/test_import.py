@@ -150,6 +150,9 @@ def imported(tmp_path_factory):
 def test_stats_import_keeps_mean_and_var(imported):
     d, _, _, (mean, var) = imported
     _assert_same_tensors(load_weights(d / "stats" / "latent_stats.safetensors"), {"mean": mean, "var": var})
+    manifest = read_manifest(d / "stats", kind="latent-stats")  # a complete artifact, as every rae output
+    assert manifest["latent_shape"] == list(mean.shape) and manifest["imported_from"]["sha256"]
+    assert "latent-stats" in run_rae("info", d / "stats").stdout
 
 
 def test_diffusion_import_predicts_exactly_as_the_source_and_round_trips(imported):
