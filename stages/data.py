@@ -45,9 +45,11 @@ class BatchPlan:
         if not flipped[valid].any():
             return cls(valid, global_batch, seed, rank, world)
         source = np.asarray(store.source_index[:])
-        mirror_of = {int(source[i]): int(i) for i in valid if flipped[i]}
-        plain = valid[~flipped[valid]]
-        mirrors = np.array([mirror_of.get(int(source[i]), int(i)) for i in plain], dtype=plain.dtype)
+        plain, mirrored = valid[~flipped[valid]], valid[flipped[valid]]
+        mirror_of = np.full(int(source.max()) + 1, -1, dtype=np.int64)
+        mirror_of[source[mirrored]] = mirrored
+        mirrors = mirror_of[source[plain]]
+        mirrors = np.where(mirrors >= 0, mirrors, plain)  # an image without a valid mirror: itself
         return cls(plain, global_batch, seed, rank, world, mirrors=mirrors)
 
     def __post_init__(self):
