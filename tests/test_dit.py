@@ -131,12 +131,14 @@ def test_forward_is_deterministic_in_train_mode(kind):
 
 @pytest.mark.parametrize("kind", ["dit", "ditdh"])
 def test_each_sample_is_independent_of_the_rest_of_the_batch(kind):
-    # What batching conditional + unconditional passes for CFG relies on.
+    # What batching conditional + unconditional passes for CFG relies on. Up to rounding: the patch
+    # embedding is a convolution (as the reference's), whose CPU algorithm depends on the batch size
+    # (measured: 1.5e-5 at most here); any leak between samples would be of order 1.
     model = randomized(kind)
     x, t, y = inputs(batch=4)
     batched = model(x, t, y)
     for i in range(4):
-        torch.testing.assert_close(batched[i:i + 1], model(x[i:i + 1], t[i:i + 1], y[i:i + 1]))
+        torch.testing.assert_close(batched[i:i + 1], model(x[i:i + 1], t[i:i + 1], y[i:i + 1]), rtol=1e-4, atol=1e-4)
 
 
 def test_time_embedding_is_fourier_features_of_raw_t():
