@@ -24,7 +24,7 @@ def encode(
     dtype: Optional[str] = typer.Option(None, help="Stored latent dtype: float16 (default) or float32."),
     codec: Optional[str] = typer.Option(None, help="Compressor: blosc-zstd (default) | blosc-lz4 | none."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."),
-    resize: Optional[str] = typer.Option(None, help="Where the crop's bicubic step runs: gpu (default on CUDA; bit-identical to Pillow) | cpu (in the workers; the default without CUDA)."),
+    resize: Optional[str] = typer.Option(None, help="Where the crop's bicubic step runs: cpu (default, Pillow in the loader workers) | gpu (bit-identical to Pillow; half the worker CPU per image) | auto (gpu on CUDA)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per encoder batch [256]."),
     num_workers: Optional[int] = typer.Option(None, help="Image decoding processes [one per core, less two]."),
     block_size: Optional[int] = typer.Option(None, help="Entries per unit of work and resume [1024]."),

@@ -48,9 +48,10 @@ class EncodeConfig:
     block_size: int = 1024
     min_size: int = 16
     precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
-    resize: str = "auto"                 # where the crop's bicubic step runs: cpu (Pillow, in the workers) |
+    resize: str = "cpu"                  # where the crop's bicubic step runs: cpu (Pillow, in the workers) |
                                          # gpu (on the encoder's device; workers only decode) | auto (gpu on
-                                         # CUDA, else cpu). Bit-identical either way: not part of the identity
+                                         # CUDA, else cpu). Bit-identical either way: not part of the identity.
+                                         # cpu by default: faster end to end as measured (BENCHMARKS.md)
     # Run settings: they do not change the store, so a resume may change them.
     batch_size: int = 256
     num_workers: int = -1                # -1: one per CPU core, less two
