@@ -28,6 +28,7 @@ import torch
 
 from . import dist
 from .checkpoint import load_weights
+from .encoders import UNKNOWN_DIGEST
 from .errors import ArtifactError, RaeError
 from .manifest import digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
 from .progress import console, progress
@@ -115,7 +116,7 @@ def check_compatible(store_encoder: dict, store_shape, decoder_info: dict, decod
     """Refuse a decoder trained for another encoder (name, weights sha256, latent shape)."""
     dec = decoder_info["encoder"]
     for key, what in (("name", "encoder"), ("weights_sha256", "encoder weights")):
-        if key == "weights_sha256" and "unknown" in (store_encoder.get(key), dec.get(key)):
+        if key == "weights_sha256" and UNKNOWN_DIGEST in (store_encoder.get(key), dec.get(key)):
             # an imported run whose encoder file was not at hand (`rae import` without --encoder-weights)
             console.print(f"note: the encoder weights of {decoder_path} or of the store are not identified "
                           f"(sha256 unknown); assuming they are the same {dec.get('name')} weights")

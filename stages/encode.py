@@ -242,9 +242,9 @@ def run(cfg: EncodeConfig) -> dict:
             # Float64 statistics where the latents are (the GPU: the CPU is busy decoding images), then
             # the compression and the write; all in the writer thread, whose waits stall nothing else.
             moments = Moments.of_shards(lat, torch.from_numpy(ok).to(lat.device), store.shard_size)
-            if copied is not None:
+            if copied is not None:  # the pinned copies of this block's batches have landed
                 copied.synchronize()
-            store.write_block(b, torch.cat(host).numpy(), ok, info, moments)
+            store.write_block(b, (lat if copied is None else torch.cat(host)).numpy(), ok, info, moments)
 
         in_flight.append(writer.submit(write))
         while len(in_flight) > 2:  # bound memory: at most a couple of blocks in flight

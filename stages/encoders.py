@@ -122,6 +122,11 @@ def build_encoder(name: str, image_size: int = 256, weights: str | None = None, 
     return Encoder(vit, spec, image_size), digest
 
 
+# The weights' sha256 of an encoder identity that no file was at hand for (``rae import`` without
+# --encoder-weights and nothing in the cache); ``rae decode`` accepts it against any digest, with a note.
+UNKNOWN_DIGEST = "unknown"
+
+
 def encoder_identity(name: str, image_size: int, digest: str, pretrained: bool) -> dict:
     """What a store records about its encoder, and what later stages check against."""
     spec = spec_for(name)

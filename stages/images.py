@@ -272,8 +272,6 @@ def stack_crops(crops: list[np.ndarray]):
 
 def collate_banded(crops: list[BandedCrop]) -> CropBatch:
     """``BandedCrop``s -> one ``CropBatch`` (in the worker: one shared-memory canvas per batch)."""
-    import torch
-
     b = len(crops)
     h = max(c.pixels.shape[0] for c in crops)
     w = max(c.pixels.shape[1] for c in crops)

@@ -21,8 +21,6 @@ Everything is read and checked before the output is touched, and a run directory
 from __future__ import annotations
 
 import math
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,8 @@ from typing import Any
 import torch
 
 from . import flow
-from .checkpoint import load_weights, save_weights
-from .encoders import encoder_identity, spec_for
+from .checkpoint import save_weights
+from .encoders import UNKNOWN_DIGEST, encoder_identity, spec_for
 from .errors import ArtifactError, RaeError
 from .manifest import atomic_write_json, has_manifest, new_manifest, read_manifest, write_manifest
 from .models import decoder as decoder_model
@@ -39,11 +37,10 @@ from .models import dit as dit_model
 from .store import remove_store
 from .train_decoder import CONFIG, EMA_WEIGHTS as DECODER_EMA, WEIGHTS as DECODER_RAW
 from .train_diffusion import NORM_EPS, STATS
-from .weights import MissingWeightsError, sha256_file
+from .weights import MissingWeightsError, cached_pretrained_file, read_torch_file, sha256_file
 
 KINDS = ("decoder", "stats", "diffusion")
 DIFFUSION_EMA, DIFFUSION_RAW = "model_ema.safetensors", "model.safetensors"
-UNKNOWN_DIGEST = "unknown"  # the encoder weights' sha256 when neither a file nor the cache has them
 
 
 @dataclass
@@ -88,30 +85,6 @@ def _validate(cfg: ImportConfig) -> None:
 #################################################################################
 #                          Reading the released files                           #
 #################################################################################
-
-def read_torch_file(path: str | Path) -> Any:
-    """A ``torch.save`` file with ``weights_only=True`` (or a safetensors file). Every failure is one
-    RaeError line: missing, truncated or corrupt, not a checkpoint, or holding pickled objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise RaeError(f"file not found: {path}")
-    if path.suffix == ".safetensors":
-        return load_weights(path)
-    try:
-        with warnings.catch_warnings():  # torch's notes on pickle protocols would break the one-line error
-            warnings.simplefilter("ignore")
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        text = str(e)
-        code = re.search(r"GLOBAL ([\w.]+)", text)
-        if code:  # the weights-only unpickler met a reference to a Python callable or class
-            raise RaeError(f"refusing {path}: it holds pickled Python objects ({code.group(1)}), which could run "
-                           "code when loaded; rae reads checkpoints with weights_only=True only") from None
-        lines = [line.strip() for line in text.splitlines() if line.strip()] or ["unexpected end of file"]
-        detail = next((line for line in lines if line.startswith("Unsupported")), lines[0])[:160]
-        raise RaeError(f"cannot read {path}: not a complete PyTorch checkpoint, truncated or corrupt "
-                       f"({type(e).__name__}: {detail})") from None
-
 
 def _strip_wrappers(key: str) -> str:
     """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes, nested in any order."""
@@ -203,28 +176,12 @@ def load_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
 #                               Encoder identity                                #
 #################################################################################
 
-def _cached_weights(timm_name: str) -> str | None:
-    """The encoder's weights file in the Hugging Face cache, where `rae encode` found (and hashed) it."""
-    try:
-        import timm
-        from huggingface_hub import try_to_load_from_cache
-
-        cfg = timm.models.get_pretrained_cfg(timm_name)
-        hub_id = getattr(cfg, "hf_hub_id", None)
-        filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
-        cached = try_to_load_from_cache(hub_id, filename) if hub_id else None
-        return cached if isinstance(cached, str) and Path(cached).is_file() else None
-    except Exception:
-        return None
-
-
 def resolve_encoder(cfg: ImportConfig, latent_shape, what: str) -> tuple[dict, int, list[str]]:
     """The encoder identity a store of ``cfg.encoder`` latents records (``rae encode``), checked
     against the model's latent shape; ``rae decode`` and ``rae sample --guide-model`` compare it.
 
     Its weights digest is that of ``--encoder-weights``, else of the file in the Hugging Face cache
-    (the one ``rae encode`` uses), else "unknown": it then matches other imports only, and a note
-    says so."""
+    (the one ``rae encode`` uses), else ``UNKNOWN_DIGEST``, which ``rae decode`` accepts with a note."""
     spec = spec_for(cfg.encoder)
     c, h, w = (int(s) for s in latent_shape)
     image_size = cfg.image_size or round(h * spec.patch_size / spec.input_scale)
@@ -238,12 +195,12 @@ def resolve_encoder(cfg: ImportConfig, latent_shape, what: str) -> tuple[dict, i
             raise MissingWeightsError(f"weights file not found: {cfg.encoder_weights}")
         digest = sha256_file(cfg.encoder_weights)
     else:
-        cached = _cached_weights(spec.timm_name)
+        cached = cached_pretrained_file(spec.timm_name)
         digest = sha256_file(cached) if cached else UNKNOWN_DIGEST
         if not cached:
             notes.append(f"the {cfg.encoder} weights are not in the Hugging Face cache: their sha256 is recorded as "
-                         f"'{UNKNOWN_DIGEST}', which matches other imports but not what `rae encode` and the "
-                         "runs trained on its stores record; pass --encoder-weights FILE to record it")
+                         f"'{UNKNOWN_DIGEST}' (rae decode then assumes the store's {cfg.encoder} weights are the "
+                         "same, with a note); pass --encoder-weights FILE to record it")
     return encoder_identity(cfg.encoder, image_size, digest, pretrained=True), image_size, notes
 
 

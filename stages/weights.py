@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,24 +55,40 @@ def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a safetensors file or a torch file with ``weights_only=True`` (no code execution).
-
-    Common wrappers (``{"model": ...}``, ``{"state_dict": ...}``, ``{"ema": ...}``) are unwrapped.
-    """
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """A safetensors file, or a ``torch.save`` file read with ``weights_only=True`` (tensors and plain
+    containers, never code), as it is. Every failure is one line: missing (MissingWeightsError),
+    truncated or corrupt, or holding pickled Python objects (WeightsFileError)."""
     path = Path(path)
     if not path.is_file():
-        raise MissingWeightsError(f"weights file not found: {path}")
+        raise MissingWeightsError(f"file not found: {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, pickled code, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsFileError(f"cannot read weights file {path}: {msg[:200]}") from None
+            return load_file(str(path))
+        with warnings.catch_warnings():  # torch's notes on pickle protocols would break the one-line error
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        code = re.search(r"GLOBAL ([\w.]+)", text)
+        if code:  # the weights-only unpickler met a reference to a Python callable or class
+            raise WeightsFileError(f"refusing {path}: it holds pickled Python objects ({code.group(1)}), which "
+                                   "could run code when loaded; rae reads checkpoints with weights_only=True only") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or ["unexpected end of file"]
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[0])[:160]
+        kind = "safetensors file" if path.suffix == ".safetensors" else "PyTorch checkpoint"
+        raise WeightsFileError(f"cannot read {path}: not a complete {kind}, truncated or corrupt "
+                               f"({type(e).__name__}: {detail})") from None
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a weights file (``read_torch_file``) as one flat state dict.
+
+    Common wrappers (``{"model": ...}``, ``{"state_dict": ...}``, ``{"ema": ...}``) are unwrapped.
+    """
+    state = read_torch_file(path)
     for key in ("model", "state_dict", "ema", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -77,6 +96,21 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsFileError(f"{path} does not hold a flat dictionary of tensors")
     return state
+
+
+def cached_pretrained_file(timm_name: str) -> str | None:
+    """The file of ``timm_name``'s pretrained weights in the Hugging Face cache, if it is there."""
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(timm_name)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+        cached = try_to_load_from_cache(hub_id, filename) if hub_id else None
+        return cached if isinstance(cached, str) and os.path.isfile(cached) else None
+    except Exception:
+        return None
 
 
 def _timm_filter(model: torch.nn.Module):
@@ -139,16 +173,5 @@ def create_timm_model(timm_name: str, weights: str | os.PathLike | None = None, 
         raise MissingWeightsError(
             f"pretrained weights for '{timm_name}' are not cached and cannot be downloaded: fetch {where} "
             f"and pass it with {flag} FILE (or put it in the Hugging Face cache, $HF_HOME/hub)") from None
-    digest = None
-    if hub_id:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(hub_id, filename)
-            if isinstance(cached, str) and os.path.isfile(cached):
-                digest = sha256_file(cached)
-        except Exception:
-            digest = None
-    if digest is None:
-        digest = sha256_state_dict(model.state_dict())
-    return model, digest
+    cached = cached_pretrained_file(timm_name)
+    return model, sha256_file(cached) if cached else sha256_state_dict(model.state_dict())

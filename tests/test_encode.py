@@ -1,14 +1,12 @@
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from stages import store as store_mod
 from stages.encode import EncodeConfig, run
-from stages.errors import ArtifactError, RaeError
+from stages.errors import ArtifactError
 from stages.images import center_crop_arr, load_rgb
 from stages.encoders import build_encoder
 from stages.manifest import read_manifest
