@@ -61,78 +61,74 @@ def make_folder(root: Path, n: int, classes: int = 100) -> None:
         pool.map(_make_jpeg, jobs, chunksize=64)
 
 
-def _loader(root: Path, workers: int, batch: int, resize: str, limit: int | None = None, pin: bool = True):
-    from stages.encode import _collate, _Images
+def _loader(root: Path, workers: int, resize: str, limit: int | None = None, device: str = "cuda"):
+    """`rae encode`'s loader over a folder: chunks of `chunk_images(256)` images, shared buffers."""
+    from stages.encode import _LoadChunk, chunk_bytes, chunk_images
     from stages.images import list_images
+    from stages.loader import SlotLoader
 
     listing = list_images(root, limit)
-    ds = _Images(listing.root, listing.files, 256, 16, resize_on_device=resize == "gpu")
-    batches = [list(range(i, min(i + batch, len(ds)))) for i in range(0, len(ds), batch)]
-    return ds, torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                                           pin_memory=pin, prefetch_factor=4 if workers else None)
+    n, c = len(listing.files), chunk_images(256)
+    tasks = [list(range(i, min(i + c, n))) for i in range(0, n, c)]
+    fill = _LoadChunk(listing.root, listing.files, 256, 16, resize_on_device=resize == "gpu")
+    return n, SlotLoader(fill, tasks, workers, chunk_bytes(256), device)
 
 
-def bench_loader(root: Path, workers: int, batch: int, resize: str, crop_on_gpu: bool = False) -> float:
-    """Images per second out of the DataLoader; with ``crop_on_gpu`` the batches also go through the
-    main process's part of the crop (`rae encode`'s `_crops_on_device`), synchronised at the end."""
+def bench_loader(root: Path, workers: int, resize: str, crop_on_gpu: bool = False) -> float:
+    """Images per second out of the loader (into page-locked shared buffers); with ``crop_on_gpu``
+    the chunks also go to the GPU through `rae encode`'s `_crops_on_device` (synchronised at the end)."""
     from stages.encode import _crops_on_device
 
-    ds, loader = _loader(root, workers, batch, resize)
+    n, loader = _loader(root, workers, resize)
     t0 = time.time()
-    for images, _, _ in loader:
+    for buf, (layout, _, _) in loader.start():
         if crop_on_gpu:
-            _crops_on_device(images, "cuda")
-    if crop_on_gpu:
-        torch.cuda.synchronize()
-    return len(ds) / (time.time() - t0)
+            _crops_on_device(buf, layout, torch.device("cuda"))
+    torch.cuda.synchronize()
+    return n / (time.time() - t0)
 
 
 def bench_breakdown(root: Path, workers: int, batch: int, work: Path) -> list[tuple]:
-    """Where the end-to-end time goes, stage by stage added (--resize gpu, 1024-entry blocks as `rae
-    encode`): loading + crop + encoder; + latents to host memory; + float64 statistics; and the
-    disk's sustained write rate (dd, 4 GiB, O_DIRECT) next to the bytes per second the target needs."""
+    """Loading + GPU crop + encoder (no host copy, statistics or writes; batches of ``batch`` images
+    from whole chunks), and the disk's sustained write rate (dd, O_DIRECT) next to what the target needs."""
     import subprocess
 
     from stages.encode import _crops_on_device
     from stages.encoders import build_encoder
-    from stages.store import Moments
 
     enc, _ = build_encoder("dinov2-b", 256, pretrained=False)
     enc = enc.cuda()
-    rows = []
-    for name, to_host, stats in (("loading + GPU crop + encoder", False, False),
-                                 ("  + latents to host memory (per 1024-entry block)", True, False),
-                                 ("  + float64 statistics per shard (as rae encode)", True, True)):
-        ds, loader = _loader(root, workers, batch, "gpu")
-        block, t0 = [], time.time()
-        for images, ok, _ in loader:
-            x = _crops_on_device(images, "cuda")
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                block.append(enc(x).half())
-            if sum(len(b) for b in block) >= 1024:
-                lat = torch.cat(block)
-                block = []
-                if stats:
-                    Moments.of_shards(lat, torch.ones(len(lat), dtype=torch.bool, device="cuda"), 64)
-                if to_host:
-                    lat.cpu()
-        torch.cuda.synchronize()
-        rows.append((name, f"{len(ds) / (time.time() - t0):,.0f}", f"{workers} workers, batch {batch}"))
-        print(rows[-1], flush=True)
-    target = work / "dd.bin"
-    out = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", "count=256", "oflag=direct"],
-                         capture_output=True, text=True).stderr.strip().splitlines()[-1]
-    target.unlink(missing_ok=True)
-    rows.append(("disk: sustained write (dd 4 GiB, O_DIRECT)", out.split(",")[-1].strip(),
-                 "3,000 entries/s x 362 KiB = 1.1 GB/s needed"))
+    n, loader = _loader(root, workers, "gpu")
+    parts, t0 = [], time.time()
+    for buf, (layout, _, _) in loader.start():
+        parts.append(_crops_on_device(buf, layout, torch.device("cuda")))
+        if sum(len(p) for p in parts) >= batch:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                enc(torch.cat(parts)).half()
+            parts = []
+    torch.cuda.synchronize()
+    rows = [("loading + GPU crop + encoder (no statistics, no host copy, no writes)", f"{n / (time.time() - t0):,.0f}",
+             f"{workers} workers, batch {batch}")]
+    print(rows[-1], flush=True)
+    for writers in (1, 4):
+        cmd = " & ".join(f"dd if=/dev/zero of={work}/dd{i}.bin bs=16M count={256 // writers} oflag=direct 2>&1 | tail -1"
+                         for i in range(writers)) + "; wait"
+        t0 = time.time()
+        subprocess.run(cmd, shell=True, capture_output=True, text=True)
+        rate = 4 * 1024 ** 3 / (time.time() - t0) / 1e9
+        for i in range(writers):
+            (work / f"dd{i}.bin").unlink(missing_ok=True)
+        rows.append((f"disk: sustained write, {writers} dd writer(s), 4 GiB, O_DIRECT", f"{rate:.2f} GB/s",
+                     "3,000 entries/s x 334 KiB = 1.03 GB/s needed"))
     return rows
 
 
-def bench_worker(root: Path, n: int, batch: int) -> list[tuple]:
-    """A DataLoader worker's cost per image for each --resize mode, on the CPU: the steps in-process
-    (decode; Pillow's crop or box-halving + coefficients; collation), then one real worker process."""
-    from stages.encode import _collate
-    from stages.images import banded_crop, center_crop_arr, list_images, load_rgb
+def bench_worker(root: Path, n: int) -> list[tuple]:
+    """A loading worker's cost per image for each --resize mode, on the CPU: the steps in-process
+    (decode; Pillow's crop or box-halving + coefficients; packing into the buffer), then through a
+    real one-worker loader."""
+    from stages.encode import chunk_bytes, chunk_images
+    from stages.images import banded_crop, center_crop_arr, collate_banded, fit_banded, list_images, load_rgb, stack_crops
 
     files = list_images(root, n).files
     n = len(files)
@@ -143,18 +139,23 @@ def bench_worker(root: Path, n: int, batch: int) -> list[tuple]:
         return out, (time.perf_counter() - t0) / len(items) * 1e3
 
     images, decode_ms = per_image(lambda f: load_rgb(root / f), files)
+    c, buf = chunk_images(256), np.empty(chunk_bytes(256), np.uint8)
     rows = []
     for resize, crop in (("cpu", center_crop_arr), ("gpu", banded_crop)):
         crops, crop_ms = per_image(lambda im: crop(im, 256), images)
-        items = [(c, True, "") for c in crops]
-        _, collate_ms = per_image(_collate, [items[i: i + batch] for i in range(0, n, batch)])
-        collate_ms *= len(range(0, n, batch)) / n
-        _, loader = _loader(root, 1, batch, resize, limit=n, pin=False)
+        chunks = [(crops[i: i + c], images[i: i + c]) for i in range(0, n, c)]
+        if resize == "gpu":
+            pack = lambda ch: collate_banded(fit_banded(ch[0], ch[1], 256, buf.nbytes), buf)  # noqa: E731
+        else:
+            pack = lambda ch: stack_crops(ch[0], buf)  # noqa: E731
+        _, pack_ms = per_image(pack, chunks)
+        pack_ms *= len(chunks) / n
+        _, loader = _loader(root, 1, resize, limit=n, device="cpu")
         t0 = time.perf_counter()
-        for _ in loader:
+        for _ in loader.start():
             pass
         worker_ms = (time.perf_counter() - t0) / n * 1e3
-        rows.append((resize, decode_ms, crop_ms, collate_ms, decode_ms + crop_ms + collate_ms, worker_ms))
+        rows.append((resize, decode_ms, crop_ms, pack_ms, decode_ms + crop_ms + pack_ms, worker_ms))
     return rows
 
 
@@ -193,23 +194,27 @@ def reference_encoder():
     return fwd
 
 
-def bench_store_write(tmp: Path, entries: int = 4096) -> float:
+def bench_store_write(tmp: Path, codec: str, entries: int = 4096) -> tuple[float, float]:
+    """Entries/s of `LatentStore.write_block` (compression + shard files, statistics precomputed), two
+    blocks at a time as `rae encode` writes them, and the bytes per entry on disk. Data: float16
+    N(0, 0.7^2), which compresses like DINOv2 latents after its final LayerNorm (measured: 1.06x both)."""
     import concurrent.futures as cf
 
-    from stages.store import LatentStore
+    from stages.store import LatentStore, Moments
 
     shutil.rmtree(tmp, ignore_errors=True)
     n = entries
-    s = LatentStore.create(tmp, n, (768, 16, 16), "float16", np.zeros(n), np.arange(n), np.zeros(n, bool), {})
+    s = LatentStore.create(tmp, n, (768, 16, 16), "float16", np.zeros(n), np.arange(n), np.zeros(n, bool), {},
+                           codec=codec)
     lat = (np.random.default_rng(0).standard_normal((1024, 768, 16, 16)) * 0.7).astype(np.float16)
     ok = np.ones(1024, bool)
-    from stages.store import Moments
-
-    moments = Moments.of_shards(torch.from_numpy(lat).cuda(), torch.from_numpy(ok).cuda(), 64)
+    moments = Moments.of_shards(torch.from_numpy(lat), torch.from_numpy(ok), 64)
     t0 = time.time()
     with cf.ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda b: s.write_block(b, lat, ok, None, moments), range(s.num_blocks)))
-    return n / (time.time() - t0)
+    rate = n / (time.time() - t0)
+    size = sum(f.stat().st_size for f in (tmp / "latents").rglob("*") if f.is_file())
+    return rate, size / n
 
 
 def main() -> None:
@@ -221,11 +226,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--only", choices=["all", "worker", "loader", "forward", "store", "encode", "breakdown"],
                     default="all",
-                    help="one part (worker: CPU only, per-image cost of a DataLoader worker)")
+                    help="one part (worker: CPU only, per-image cost of a loading worker)")
     ap.add_argument("--profile", action="store_true",
                     help="with --only encode: profile the main thread of one end-to-end run (cProfile, top functions)")
     ap.add_argument("--resize", choices=["both", "cpu", "gpu"], default="both",
                     help="the --resize mode(s) of the loading and end-to-end rows")
+    ap.add_argument("--codecs", default="blosc-zstd,none", help="the --codec values of the end-to-end rows")
+    ap.add_argument("--probe", action="store_true", help="also each end-to-end run without shard writes")
     args = ap.parse_args()
     os.environ["RAE_NO_PROGRESS"] = "1"
     work = Path(args.workdir)
@@ -242,10 +249,10 @@ def main() -> None:
         import PIL
 
         n = min(args.n, 1000)
-        rows = bench_worker(data, n, args.batch)
-        print(f"\n## rae encode: a DataLoader worker's cost per image — {n} JPEGs, batch {args.batch}, "
+        rows = bench_worker(data, n)
+        print(f"\n## rae encode: a loading worker's cost per image — {n} JPEGs, "
               f"Pillow {PIL.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU cores")
-        print("| --resize | decode ms | crop step ms | collate ms | sum ms | 1 DataLoader worker, ms/img |\n|---|---|---|---|---|---|")
+        print("| --resize | decode ms | crop step ms | packing ms | sum ms | 1 loading worker, ms/img |\n|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} |")
         return
@@ -259,10 +266,10 @@ def main() -> None:
         for mode in modes:
             what = "PIL decode + exact ADM crop" if mode == "cpu" else "PIL decode + box-halving + coefficients"
             rows.append((f"image loading alone, --resize {mode} ({what})",
-                         f"{bench_loader(data, args.workers, args.batch, mode):,.0f}", f"{args.workers} workers"))
+                         f"{bench_loader(data, args.workers, mode):,.0f}", f"{args.workers} workers"))
             if mode == "gpu":
                 rows.append(("image loading + the crop's bicubic step on the GPU (no encoder)",
-                             f"{bench_loader(data, args.workers, args.batch, mode, crop_on_gpu=True):,.0f}",
+                             f"{bench_loader(data, args.workers, mode, crop_on_gpu=True):,.0f}",
                              f"{args.workers} workers"))
     if args.only == "breakdown":
         rows += bench_breakdown(data, args.workers, args.batch, work)
@@ -275,7 +282,10 @@ def main() -> None:
         except ImportError as e:
             rows.append(("reference encoder forward", "n/a", f"transformers missing: {e}"))
     if part("store"):
-        rows.append(("store writes alone (blosc-zstd, statistics precomputed)", f"{bench_store_write(work / 'w.zarr'):,.0f}", "[768,16,16] fp16"))
+        for codec in args.codecs.split(","):
+            rate, size = bench_store_write(work / "w.zarr", codec)
+            rows.append((f"store writes alone, --codec {codec} (statistics precomputed)", f"{rate:,.0f}",
+                         f"[768,16,16] fp16, {size / 1024:.0f} KiB/entry"))
     if part("encode"):
         from stages import store as store_mod
 
@@ -297,18 +307,22 @@ def main() -> None:
             pstats.Stats(prof).sort_stats("tottime").print_stats(20)
             return
         for mode in modes:
-            res = encode(work / "store.zarr", mode, compile=args.compile)
-            rows.append((f"rae encode end to end (dinov2-b, 256), --resize {mode}", f"{res['images_per_second']:,.0f}",
-                         f"{res['entries']} images, {res['bytes_per_entry'] / 1024:.0f} KiB/entry (raw {768 * 256 * 2 / 1024:.0f} KiB)"))
-            # Where the end-to-end time goes: the same run with the store's data writes switched off.
-            real = store_mod.ShardIO.write_shard
-            store_mod.ShardIO.write_shard = lambda self, shard, data: None
-            try:
-                res2 = encode(work / "store_nowrite.zarr", mode)
-            finally:
-                store_mod.ShardIO.write_shard = real
-            rows.append((f"probe: end to end without shard writes, --resize {mode}", f"{res2['images_per_second']:,.0f}",
-                         "statistics still computed"))
+            for codec in args.codecs.split(","):
+                res = encode(work / "store.zarr", mode, compile=args.compile, codec=codec)
+                rows.append((f"rae encode end to end (dinov2-b, 256), --resize {mode} --codec {codec}",
+                             f"{res['images_per_second']:,.0f}",
+                             f"{res['entries']} images, {res['bytes_per_entry'] / 1024:.0f} KiB/entry "
+                             f"(raw {768 * 256 * 2 / 1024:.0f} KiB)"))
+                print(rows[-1], flush=True)
+            if args.probe:  # where the end-to-end time goes: the same run with the shard writes switched off
+                real = store_mod.ShardIO.write_shard
+                store_mod.ShardIO.write_shard = lambda self, shard, data: None
+                try:
+                    res2 = encode(work / "store_nowrite.zarr", mode)
+                finally:
+                    store_mod.ShardIO.write_shard = real
+                rows.append((f"probe: end to end without shard writes (nor compression), --resize {mode}",
+                             f"{res2['images_per_second']:,.0f}", "statistics still computed"))
     print(f"\n## rae encode benchmark — {card}, torch {torch.__version__}, {os.cpu_count()} CPU cores")
     print("| measurement | images/s | notes |\n|---|---|---|")
     for r in rows:

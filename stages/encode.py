@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from PIL import Image
 from . import dist
 from .encoders import build_encoder, encoder_identity, spec_for
 from .errors import ArtifactError, RaeError
-from .images import (BadImage, BandedCrop, CropBatch, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded,
+from .images import (BadImage, CropBatch, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded, fit_banded,
                      list_images, load_rgb, stack_crops)
+from .loader import SlotLoader
 from .manifest import digest_json, has_manifest, new_manifest, read_manifest, write_manifest
 from .progress import console, progress
 from .store import CODECS, LatentStore, Moments, claim_blocks, remove_store
@@ -86,42 +88,62 @@ def _validate(cfg: EncodeConfig) -> None:
         raise RaeError("--batch-size must be at least 1")
 
 
-class _Images(torch.utils.data.Dataset):
-    """Source image i -> (crop, ok flag, reason); a bad file becomes a flagged black S x S image.
+class _LoadChunk:
+    """A loading worker's job (``stages.loader``): the images of one chunk, ADM-cropped, into a buffer.
 
-    The crop is Pillow's uint8 [S, S, 3] ADM crop, or with ``resize_on_device`` a ``BandedCrop``: the
-    worker only decodes, box-halves and computes the coefficients, and the bicubic resize + crop run on
-    the encoder's device (``bicubic_crop_batch``, bit-identical to Pillow), because Pillow's bicubic
-    resize costs a CPU core more than the JPEG decode does.
+    A bad file becomes a flagged black image. Written into ``out``: Pillow's uint8 crops [n, S, S, 3],
+    or with ``resize_on_device`` the canvas of a ``CropBatch`` (the worker only decodes, box-halves and
+    computes the coefficients; the bicubic resize and crop run on the encoder's device, bit-identical
+    to Pillow, because Pillow's bicubic resize costs more CPU than the JPEG decode). Returns the layout
+    (the shape, or the ``CropBatch`` with its canvas replaced by its shape), ok flags and reasons.
     """
 
     def __init__(self, root: Path, files: list[str], image_size: int, min_size: int, resize_on_device: bool = False):
         self.root, self.files, self.size, self.min_size = root, files, image_size, min_size
-        self.crop = banded_crop if resize_on_device else center_crop_arr
+        self.resize_on_device = resize_on_device
 
-    def __len__(self):
-        return len(self.files)
+    def __call__(self, ids: list[int], out: np.ndarray):
+        images, ok, reasons = [], [], []
+        for i in ids:
+            try:
+                images.append(load_rgb(self.root / self.files[i], self.min_size))
+                ok.append(True)
+                reasons.append("")
+            except BadImage as e:
+                images.append(Image.new("RGB", (self.size, self.size)))
+                ok.append(False)
+                reasons.append(str(e))
+        if self.resize_on_device:
+            crops = fit_banded([banded_crop(im, self.size) for im in images], images, self.size, out.nbytes)
+            batch = collate_banded(crops, out)
+            layout = batch._replace(pixels=batch.pixels.shape)
+        else:
+            layout = stack_crops([center_crop_arr(im, self.size) for im in images], out).shape
+        return layout, np.array(ok, dtype=bool), reasons
 
-    def __getitem__(self, i):
-        try:
-            img, ok, why = load_rgb(self.root / self.files[i], self.min_size), True, ""
-        except BadImage as e:
-            img, ok, why = Image.new("RGB", (self.size, self.size)), False, str(e)
-        return self.crop(img, self.size), ok, why
+
+def chunk_images(image_size: int) -> int:
+    """Images per loading task: 32 at 256 px and below, fewer for larger crops (buffers stay ~26 MB)."""
+    return max(4, min(32, 32 * 256 * 256 // (image_size * image_size)))
 
 
-def _collate(items):
-    """One batch, built in the worker: uint8 crops [B, S, S, 3] or a ``CropBatch``, flags, reasons."""
-    crops, ok, reasons = zip(*items)
-    images = collate_banded(crops) if isinstance(crops[0], BandedCrop) else stack_crops(crops)
-    return images, np.array(ok, dtype=bool), list(reasons)  # small arrays pickled inline, not shared
+def chunk_bytes(image_size: int) -> int:
+    """A loading buffer: the canvas of a chunk of box-halved windows (each at most about (2S)^2
+    pixels, typically ~2.2 S^2 for ImageNet photographs); a larger one is cropped by the worker."""
+    return chunk_images(image_size) * int(4.2 * image_size * image_size) * 3
 
 
-def _crops_on_device(images, device) -> torch.Tensor:
-    """uint8 [B, 3, S, S] crops on ``device`` from a collated batch. No per-image work, no host sync."""
-    if isinstance(images, CropBatch):
-        return bicubic_crop_batch(images.to(device))
-    return images.to(device, non_blocking=True).permute(0, 3, 1, 2)
+def _crops_on_device(buf: torch.Tensor, layout, device: torch.device) -> torch.Tensor:
+    """uint8 [n, 3, S, S] crops on ``device`` from a loading buffer and its layout. No per-image work
+    and no host sync; on the CPU the pixels are copied out (the buffer is refilled afterwards)."""
+
+    def pixels(shape):
+        view = buf[: math.prod(shape)].view(shape)
+        return view.to(device, non_blocking=True) if device.type == "cuda" else view.clone()
+
+    if isinstance(layout, CropBatch):
+        return bicubic_crop_batch(layout._replace(pixels=pixels(layout.pixels)).to(device))
+    return pixels(layout).permute(0, 3, 1, 2)
 
 
 def _entries(n_images: int, flip: bool):
@@ -195,19 +217,23 @@ def run(cfg: EncodeConfig) -> dict:
     reps = 2 if cfg.flip else 1
 
     # Batches never cross a block boundary, so results do not depend on how blocks are shared out.
+    # Workers load chunks of a batch (a few dozen images each: fine-grained, small buffers).
     images_per_batch = max(cfg.batch_size // reps, 1)
-    batches, batch_block = [], []
+    batches, batch_block, tasks, batch_chunks = [], [], [], []
     for b in my_blocks:
         imgs = np.unique(src[store.block_range(b).start: store.block_range(b).stop])
         for s in range(0, len(imgs), images_per_batch):
-            batches.append(imgs[s: s + images_per_batch].tolist())
+            ids = imgs[s: s + images_per_batch]
+            parts = np.array_split(ids, -(-len(ids) // chunk_images(cfg.image_size)))
+            tasks += [p.tolist() for p in parts]
+            batch_chunks.append(len(parts))
+            batches.append(ids.tolist())
             batch_block.append(b)
-    dataset = _Images(listing.root, listing.files, cfg.image_size, cfg.min_size, resize_on_device=resize_on_device)
-    workers = cfg.num_workers if cfg.num_workers >= 0 else max(1, min(32, (os.cpu_count() or 2) - 2))
-    workers = workers if len(batches) > 1 else 0
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         collate_fn=_collate, pin_memory=d.device.type == "cuda",
-                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    fill = _LoadChunk(listing.root, listing.files, cfg.image_size, cfg.min_size, resize_on_device=resize_on_device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = cfg.num_workers if cfg.num_workers >= 0 else max(1, min(32, (os.cpu_count() or 2) // local_world - 2))
+    # Started (forked) before the writer and progress threads exist.
+    loader = SlotLoader(fill, tasks, workers, chunk_bytes(cfg.image_size), d.device).start()
     writer = cf.ThreadPoolExecutor(max_workers=2)
     in_flight: list[cf.Future] = []
     total = sum(len(store.block_range(b)) for b in my_blocks)
@@ -252,12 +278,18 @@ def run(cfg: EncodeConfig) -> dict:
 
     try:
         with progress(total, label, unit="img") as advance:
-            for (images, ok, reasons), b, img_ids in zip(loader, batch_block, batches):
+            for b, img_ids, n_chunks in zip(batch_block, batches, batch_chunks):
                 if current is not None and b != current:
                     flush(current)
                     block_lat, block_host, block_ok, block_skipped = [], [], [], []
                 current = b
-                x = _crops_on_device(images, d.device)
+                parts, ok, reasons = [], [], []
+                for _ in range(n_chunks):
+                    buf, (layout, part_ok, part_reasons) = next(loader)
+                    parts.append(_crops_on_device(buf, layout, d.device))
+                    ok.append(part_ok)
+                    reasons += part_reasons
+                x, ok = torch.cat(parts) if len(parts) > 1 else parts[0], np.concatenate(ok)
                 for i, good, why in zip(img_ids, ok.tolist(), reasons):
                     if not good:
                         block_skipped.append([listing.files[i], why])
@@ -276,7 +308,8 @@ def run(cfg: EncodeConfig) -> dict:
                 flush(current)
             for f in in_flight:
                 f.result()
-    finally:  # on an interruption, let block writes in flight finish or be cancelled
+    finally:  # on an interruption, stop the loading workers; let block writes in flight finish or be cancelled
+        loader.close()
         writer.shutdown(wait=True, cancel_futures=True)
     elapsed = time.time() - t0
     dist.barrier()

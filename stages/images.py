@@ -234,12 +234,11 @@ def banded_crop(img: Image.Image, image_size: int) -> BandedCrop:
 
 
 class CropBatch(NamedTuple):
-    """The ``BandedCrop``s of a batch: windows padded into one uint8 canvas (one shared-memory tensor
-    per batch), coefficients zero-padded to the batch's widest band. From a worker, only the canvas
-    travels through shared memory; the small arrays are numpy, pickled inline (each shared-memory
-    tensor costs a file-descriptor hand-over, which at thousands of images per second is what limits
-    the main process). ``to(device)`` makes them all tensors there."""
-    pixels: torch.Tensor     # uint8 [B, H, W, 3]
+    """The ``BandedCrop``s of a batch: windows padded into one uint8 canvas, coefficients zero-padded
+    to the batch's widest band. From a loading worker only the canvas travels through shared memory
+    (written in place into the loader's buffer); the small arrays are numpy, pickled inline.
+    ``to(device)`` makes them all tensors there."""
+    pixels: Any              # uint8 [B, H, W, 3] (numpy or torch)
     row_first: Any           # int64 [B, S]
     row_coef: Any            # int32 [B, S, Kr]
     col_first: Any           # int64 [B, S]
@@ -252,31 +251,50 @@ class CropBatch(NamedTuple):
         return CropBatch(*(torch.as_tensor(t).to(device, non_blocking=True) for t in self))
 
 
-def _batch_buffer(shape: tuple[int, ...]):
-    """An uninitialised uint8 tensor for a batch; in a DataLoader worker it is made in shared memory (as
-    ``default_collate`` does), so the batch reaches the main process without one more copy."""
-    import torch
-
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    proto = torch.empty(0, dtype=torch.uint8)
-    return proto.new(proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)).resize_(shape)
+def stack_crops(crops: list[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 crops [S, S, 3] (``center_crop_arr``) -> one uint8 array [B, S, S, 3], in ``out`` (a flat
+    uint8 buffer of at least that size, e.g. a loader's shared buffer) or a new array."""
+    shape = (len(crops), *crops[0].shape)
+    batch = np.empty(shape, np.uint8) if out is None else out[: math.prod(shape)].reshape(shape)
+    return np.stack(crops, out=batch)
 
 
-def stack_crops(crops: list[np.ndarray]):
-    """uint8 crops [S, S, 3] (``center_crop_arr``) -> one uint8 tensor [B, S, S, 3]."""
-    out = _batch_buffer((len(crops), *crops[0].shape))
-    np.stack(crops, out=out.numpy())
-    return out
+def finished_crop(crop: np.ndarray) -> BandedCrop:
+    """A crop already computed (``center_crop_arr``) as a ``BandedCrop`` with identity coefficients:
+    one tap of weight 1.0 per output, which both passes return exactly."""
+    s = crop.shape[0]
+    _, _, first, coef = _pil_taps(s, s, 0, s)
+    return BandedCrop(crop, first, coef, first, coef, False)
 
 
-def collate_banded(crops: list[BandedCrop]) -> CropBatch:
-    """``BandedCrop``s -> one ``CropBatch`` (in the worker: one shared-memory canvas per batch)."""
+def canvas_bytes(crops: list[BandedCrop]) -> int:
+    """Bytes of the padded uint8 canvas [B, H, W, 3] that ``collate_banded`` fills for ``crops``."""
+    return len(crops) * max(c.pixels.shape[0] for c in crops) * max(c.pixels.shape[1] for c in crops) * 3
+
+
+def fit_banded(crops: list[BandedCrop], images: list[Image.Image], image_size: int, capacity: int) -> list[BandedCrop]:
+    """Make the batch's canvas fit ``capacity`` bytes: while it does not, the windows that set its
+    height or width are replaced by their finished crops, computed here with Pillow (bit-identical
+    either way; only the CPU cost moves). ``capacity`` must hold the finished crops of the batch."""
+    if capacity < len(crops) * image_size * image_size * 3:
+        raise ValueError("the buffer cannot hold even the finished crops of this batch")
+    crops, finished = list(crops), [False] * len(crops)
+    while canvas_bytes(crops) > capacity:
+        h = max(c.pixels.shape[0] for c in crops)
+        w = max(c.pixels.shape[1] for c in crops)
+        for i, c in enumerate(crops):
+            if not finished[i] and (c.pixels.shape[0] == h or c.pixels.shape[1] == w):
+                crops[i], finished[i] = finished_crop(center_crop_arr(images[i], image_size)), True
+    return crops
+
+
+def collate_banded(crops: list[BandedCrop], out: np.ndarray | None = None) -> CropBatch:
+    """``BandedCrop``s -> one ``CropBatch`` whose canvas is a numpy array in ``out`` (a flat uint8
+    buffer of at least ``canvas_bytes(crops)``, e.g. a loader's shared buffer) or a new array."""
     b = len(crops)
     h = max(c.pixels.shape[0] for c in crops)
     w = max(c.pixels.shape[1] for c in crops)
-    pixels = _batch_buffer((b, h, w, 3))
-    canvas = pixels.numpy()
+    canvas = np.empty((b, h, w, 3), np.uint8) if out is None else out[: b * h * w * 3].reshape(b, h, w, 3)
     for i, c in enumerate(crops):
         ch, cw = c.pixels.shape[:2]
         canvas[i, :ch, :cw] = c.pixels
@@ -289,7 +307,7 @@ def collate_banded(crops: list[BandedCrop]) -> CropBatch:
             out[i, :, : k.shape[1]] = k
         return np.stack(first).astype(np.int64), out
 
-    return CropBatch(pixels, *band([c.row_first for c in crops], [c.row_coef for c in crops]),
+    return CropBatch(canvas, *band([c.row_first for c in crops], [c.row_coef for c in crops]),
                      *band([c.col_first for c in crops], [c.col_coef for c in crops]),
                      np.array([c.transposed for c in crops], dtype=bool))
 

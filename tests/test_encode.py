@@ -202,3 +202,26 @@ def test_resize_on_device_gives_the_same_store_bit_for_bit(tmp_path):
         b = _arrays(tmp_path / other)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{other}: {k}")
+
+
+def test_chunked_batches_in_workers_with_buffer_overflow_equal_pillow_in_process(tmp_path, monkeypatch):
+    """Batches of 40 images load as two chunks in worker processes; with loading buffers made smaller
+    (2.5 S^2 per image instead of 4.2) the large windows overflow them, so workers finish those crops
+    with Pillow. The store equals the in-process Pillow run bit for bit, with --flip."""
+    import stages.encode as enc
+
+    monkeypatch.setattr(enc, "chunk_bytes", lambda s: enc.chunk_images(s) * int(2.5 * s * s) * 3)
+    data = tmp_path / "data" / "c"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    sizes = [(300, 127), (127, 300)] + [(int(w), int(h)) for w, h in rng.integers(50, 140, (46, 2))]
+    for i, (w, h) in enumerate(sizes):
+        low = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((w, h), Image.BICUBIC).save(data / f"{i:02d}.png")
+    kw = dict(batch_size=80, block_size=64, shard_size=8, flip=True)
+    run(_cfg(data.parent, tmp_path / "ref.zarr", resize="cpu", **kw))
+    run(_cfg(data.parent, tmp_path / "chunks.zarr", resize="gpu", num_workers=2, **kw))
+    a, b = _arrays(tmp_path / "ref.zarr"), _arrays(tmp_path / "chunks.zarr")
+    assert a["valid"].all() and len(a["latents"]) == 2 * len(sizes)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -122,3 +122,26 @@ def test_banded_crop_ships_only_the_pixels_it_reads_and_handles_pass_order():
     assert tall.transposed == (int(pil_version.split(".")[0]) >= 13)  # Pillow 13 resizes it vertically first
     same = banded_crop(Image.new("RGB", (64, 64)), 64)  # nothing to resize: one tap of weight 1.0 per pass
     assert same.pixels.shape == (64, 64, 3) and same.row_coef.shape == (64, 1) and (same.row_coef == 1 << 22).all()
+
+
+def test_fit_banded_finishes_the_widest_windows_on_the_cpu_and_stays_exact():
+    """A batch whose padded canvas would not fit the loader's buffer: the windows that set its height or
+    width become finished Pillow crops (identity coefficients), and the batch still equals Pillow."""
+    from stages.images import banded_crop, bicubic_crop_batch, canvas_bytes, collate_banded, fit_banded
+
+    rng = np.random.default_rng(5)
+    sizes = [(127, 300), (300, 127), (90, 80), (64, 64), (40, 200)]  # (h, w): two large windows
+    images = [_random_image(rng, h, w) for h, w in sizes]
+    crops = [banded_crop(img, 64) for img in images]
+    capacity = 3 * 64 * 64 * 3 * len(crops)
+    assert canvas_bytes(crops) > capacity
+    fitted = fit_banded(crops, images, 64, capacity)
+    assert canvas_bytes(fitted) <= capacity
+    finished = [f.pixels.shape == (64, 64, 3) and f.row_coef.shape[1] == 1 for f in fitted]
+    assert finished[0] and finished[1] and not finished[2]
+    buf = np.full(capacity, 77, np.uint8)  # stale bytes in a reused buffer must not leak into the result
+    got = bicubic_crop_batch(collate_banded(fitted, buf)).permute(0, 2, 3, 1).numpy()
+    for img, crop in zip(images, got):
+        assert np.array_equal(crop, center_crop_arr(img, 64))
+    with pytest.raises(ValueError):
+        fit_banded(crops, images, 64, 64 * 64 * 3)

@@ -1,0 +1,83 @@
+"""stages.loader.SlotLoader: batches written by worker processes into shared buffers, in task order."""
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from stages.errors import RaeError
+from stages.loader import SlotLoader
+
+
+def _fill(task, out):
+    """Task (k, n, delay): n bytes of value k % 251, after a delay (so workers finish out of order)."""
+    k, n, delay = task
+    time.sleep(delay)
+    out[:n] = k % 251
+    return {"k": k, "n": n, "pid": os.getpid()}
+
+
+def _fill_failing(task, out):
+    if task == 3:
+        raise ValueError("task three is broken")
+    out[:1] = task
+    return task
+
+
+def _fill_dying(task, out):
+    if task == 2:
+        os._exit(7)  # a crash in native code, as far as the main process can tell
+    return task
+
+
+def _collect(loader):
+    got = []
+    for buf, meta in loader:
+        got.append((meta["k"], meta["n"], bool((buf[: meta["n"]] == meta["k"] % 251).all()), meta["pid"]))
+    return got
+
+
+@pytest.mark.parametrize("workers,slots", [(0, None), (3, None), (2, 2), (4, 1)])
+def test_results_come_in_task_order_with_the_buffer_contents(workers, slots):
+    rng = np.random.default_rng(workers)
+    tasks = [(k, int(rng.integers(1, 4000)), float(rng.uniform(0, 0.02))) for k in range(40)]
+    got = _collect(SlotLoader(_fill, tasks, workers, 4096, slots=slots))
+    assert [g[0] for g in got] == list(range(40))
+    assert all(g[2] for g in got), "a buffer was refilled before its consumer was done with it"
+    assert [g[1] for g in got] == [t[1] for t in tasks]
+    pids = {g[3] for g in got}
+    assert (pids == {os.getpid()}) if workers == 0 else (os.getpid() not in pids)
+
+
+def test_a_failing_fill_is_reraised_with_the_workers_traceback():
+    loader = SlotLoader(_fill_failing, list(range(8)), 2, 16)
+    with pytest.raises(RuntimeError, match="task three is broken"):
+        for _ in loader:
+            pass
+    loader.close()
+
+
+def test_a_dead_worker_ends_the_run_with_one_line():
+    loader = SlotLoader(_fill_dying, list(range(6)), 2, 16)
+    with pytest.raises(RaeError) as e:
+        for _ in loader:
+            pass
+    assert "stopped unexpectedly" in str(e.value) and "\n" not in str(e.value)
+    loader.close()
+
+
+def test_close_stops_the_workers_early():
+    loader = SlotLoader(_fill, [(k, 8, 0.0) for k in range(100)], 3, 16).start()
+    procs = list(loader.workers)
+    next(loader)
+    loader.close()
+    assert procs and not any(p.is_alive() for p in procs)
+    with pytest.raises(StopIteration):
+        next(loader)
+
+
+def test_buffers_are_shared_tensors_the_consumer_can_copy_from():
+    loader = SlotLoader(_fill, [(k, 64, 0.0) for k in range(5)], 2, 64)
+    out = [buf[:64].clone() for buf, _ in loader]
+    assert [int(t[0]) for t in out] == list(range(5)) and all(isinstance(t, torch.Tensor) for t in out)
