@@ -1,23 +1,24 @@
 """Benchmark `rae encode` end to end on one GPU, and where its time goes.
 
 Generates a folder of JPEGs at ImageNet-like sizes (about 500x375, quality 90), then measures:
-  1. image loading alone (decode + ADM crop in DataLoader workers), per --resize mode; for `gpu`
-     also loading plus the crop's bicubic step on the GPU (everything but the encoder),
+  1. image loading alone (decode + ADM crop in `rae encode`'s loading workers, into shared
+     page-locked buffers, then to the GPU), per --resize mode; for `gpu` also loading plus the crop's
+     bicubic step on the GPU (everything but the encoder),
   2. the encoder forward alone (ours: timm DINOv2-B/14 + 4 registers at 224, bf16), and the
      reference code's encoder (Hugging Face Dinov2WithRegistersModel) side by side when
      `transformers` is importable,
-  3. latent store writes alone,
+  3. latent store writes alone, per --codecs value,
   4. the whole `rae encode` (dinov2-b, 256, random weights: the same compute as pretrained ones),
-     per --resize mode, and the same without shard writes.
+     per --resize mode and --codecs value (with --probe also without shard writes).
 Prints a table last, naming the card.
 
     python benchmarks/bench_encode.py --n 20000 --workdir /tmp/bench_encode
     python benchmarks/bench_encode.py --only loader --resize gpu     # one part, one mode
     python benchmarks/bench_encode.py --only worker --n 1000         # CPU only: a worker's ms per image
 
-`--only worker` needs no GPU: it times what one DataLoader worker does per image in each mode
-(decode, then Pillow's crop for `cpu` or box-halving + coefficients for `gpu`, then the batch
-collation), in-process step by step and through a real one-worker DataLoader.
+`--only worker` needs no GPU: it times what one loading worker does per image in each mode
+(decode, then Pillow's crop for `cpu` or box-halving + coefficients for `gpu`, then packing the
+chunk into its buffer), in-process step by step and through a real one-worker loader.
 """
 from __future__ import annotations
 
@@ -81,9 +82,9 @@ def bench_loader(root: Path, workers: int, resize: str, crop_on_gpu: bool = Fals
 
     n, loader = _loader(root, workers, resize)
     t0 = time.time()
-    for buf, (layout, _, _) in loader.start():
+    for data, (layout, _, _) in loader.start():
         if crop_on_gpu:
-            _crops_on_device(buf, layout, torch.device("cuda"))
+            _crops_on_device(data, layout)
     torch.cuda.synchronize()
     return n / (time.time() - t0)
 
@@ -100,8 +101,8 @@ def bench_breakdown(root: Path, workers: int, batch: int, work: Path) -> list[tu
     enc = enc.cuda()
     n, loader = _loader(root, workers, "gpu")
     parts, t0 = [], time.time()
-    for buf, (layout, _, _) in loader.start():
-        parts.append(_crops_on_device(buf, layout, torch.device("cuda")))
+    for data, (layout, _, _) in loader.start():
+        parts.append(_crops_on_device(data, layout))
         if sum(len(p) for p in parts) >= batch:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 enc(torch.cat(parts)).half()
@@ -128,7 +129,8 @@ def bench_worker(root: Path, n: int) -> list[tuple]:
     (decode; Pillow's crop or box-halving + coefficients; packing into the buffer), then through a
     real one-worker loader."""
     from stages.encode import chunk_bytes, chunk_images
-    from stages.images import banded_crop, center_crop_arr, collate_banded, fit_banded, list_images, load_rgb, stack_crops
+    from stages.images import (banded_crop, center_crop_arr, collate_banded, crop_batch_extra_bytes, fit_banded,
+                               list_images, load_rgb, pack_crop_batch, stack_crops)
 
     files = list_images(root, n).files
     n = len(files)
@@ -145,7 +147,8 @@ def bench_worker(root: Path, n: int) -> list[tuple]:
         crops, crop_ms = per_image(lambda im: crop(im, 256), images)
         chunks = [(crops[i: i + c], images[i: i + c]) for i in range(0, n, c)]
         if resize == "gpu":
-            pack = lambda ch: collate_banded(fit_banded(ch[0], ch[1], 256, buf.nbytes), buf)  # noqa: E731
+            room = buf.nbytes - crop_batch_extra_bytes(c, 256)
+            pack = lambda ch: pack_crop_batch(collate_banded(fit_banded(ch[0], ch[1], 256, room), buf), buf)  # noqa: E731
         else:
             pack = lambda ch: stack_crops(ch[0], buf)  # noqa: E731
         _, pack_ms = per_image(pack, chunks)

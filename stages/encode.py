@@ -23,8 +23,8 @@ from PIL import Image
 from . import dist
 from .encoders import build_encoder, encoder_identity, spec_for
 from .errors import ArtifactError, RaeError
-from .images import (BadImage, CropBatch, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded, fit_banded,
-                     list_images, load_rgb, stack_crops)
+from .images import (BadImage, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded, crop_batch_extra_bytes,
+                     fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops, unpack_crop_batch)
 from .loader import SlotLoader
 from .manifest import digest_json, has_manifest, new_manifest, read_manifest, write_manifest
 from .progress import console, progress
@@ -92,10 +92,10 @@ class _LoadChunk:
     """A loading worker's job (``stages.loader``): the images of one chunk, ADM-cropped, into a buffer.
 
     A bad file becomes a flagged black image. Written into ``out``: Pillow's uint8 crops [n, S, S, 3],
-    or with ``resize_on_device`` the canvas of a ``CropBatch`` (the worker only decodes, box-halves and
+    or with ``resize_on_device`` a packed ``CropBatch`` (the worker only decodes, box-halves and
     computes the coefficients; the bicubic resize and crop run on the encoder's device, bit-identical
-    to Pillow, because Pillow's bicubic resize costs more CPU than the JPEG decode). Returns the layout
-    (the shape, or the ``CropBatch`` with its canvas replaced by its shape), ok flags and reasons.
+    to Pillow, because Pillow's bicubic resize costs more CPU than the JPEG decode). Returns
+    ``((layout, ok flags, reasons), bytes written)``.
     """
 
     def __init__(self, root: Path, files: list[str], image_size: int, min_size: int, resize_on_device: bool = False):
@@ -114,12 +114,13 @@ class _LoadChunk:
                 ok.append(False)
                 reasons.append(str(e))
         if self.resize_on_device:
-            crops = fit_banded([banded_crop(im, self.size) for im in images], images, self.size, out.nbytes)
-            batch = collate_banded(crops, out)
-            layout = batch._replace(pixels=batch.pixels.shape)
+            room = out.nbytes - crop_batch_extra_bytes(len(ids), self.size)
+            crops = fit_banded([banded_crop(im, self.size) for im in images], images, self.size, room)
+            layout, nbytes = pack_crop_batch(collate_banded(crops, out), out)
         else:
             layout = stack_crops([center_crop_arr(im, self.size) for im in images], out).shape
-        return layout, np.array(ok, dtype=bool), reasons
+            nbytes = math.prod(layout)
+        return (layout, np.array(ok, dtype=bool), reasons), nbytes
 
 
 def chunk_images(image_size: int) -> int:
@@ -129,21 +130,18 @@ def chunk_images(image_size: int) -> int:
 
 def chunk_bytes(image_size: int) -> int:
     """A loading buffer: the canvas of a chunk of box-halved windows (each at most about (2S)^2
-    pixels, typically ~2.2 S^2 for ImageNet photographs); a larger one is cropped by the worker."""
-    return chunk_images(image_size) * int(4.2 * image_size * image_size) * 3
+    pixels, typically ~2.2 S^2 for ImageNet photographs; a larger canvas is cropped by the worker),
+    and the chunk's coefficients."""
+    n = chunk_images(image_size)
+    return n * int(4.2 * image_size * image_size) * 3 + crop_batch_extra_bytes(n, image_size)
 
 
-def _crops_on_device(buf: torch.Tensor, layout, device: torch.device) -> torch.Tensor:
-    """uint8 [n, 3, S, S] crops on ``device`` from a loading buffer and its layout. No per-image work
-    and no host sync; on the CPU the pixels are copied out (the buffer is refilled afterwards)."""
-
-    def pixels(shape):
-        view = buf[: math.prod(shape)].view(shape)
-        return view.to(device, non_blocking=True) if device.type == "cuda" else view.clone()
-
-    if isinstance(layout, CropBatch):
-        return bicubic_crop_batch(layout._replace(pixels=pixels(layout.pixels)).to(device))
-    return pixels(layout).permute(0, 3, 1, 2)
+def _crops_on_device(data: torch.Tensor, layout) -> torch.Tensor:
+    """uint8 [n, 3, S, S] crops from a chunk's bytes on the encoder's device (the loader put them
+    there) and its layout. No per-image work and no host sync."""
+    if isinstance(layout, tuple) and isinstance(layout[0], tuple):  # a packed CropBatch
+        return bicubic_crop_batch(unpack_crop_batch(data, layout))
+    return data.view(layout).permute(0, 3, 1, 2)
 
 
 def _entries(n_images: int, flip: bool):
@@ -286,7 +284,7 @@ def run(cfg: EncodeConfig) -> dict:
                 parts, ok, reasons = [], [], []
                 for _ in range(n_chunks):
                     buf, (layout, part_ok, part_reasons) = next(loader)
-                    parts.append(_crops_on_device(buf, layout, d.device))
+                    parts.append(_crops_on_device(buf, layout))
                     ok.append(part_ok)
                     reasons += part_reasons
                 x, ok = torch.cat(parts) if len(parts) > 1 else parts[0], np.concatenate(ok)

@@ -312,6 +312,42 @@ def collate_banded(crops: list[BandedCrop], out: np.ndarray | None = None) -> Cr
                      np.array([c.transposed for c in crops], dtype=bool))
 
 
+# Taps per output of Pillow's bicubic filter after box-halving (scale < 2): at most 2 * ceil(2 * 2) + 1.
+MAX_TAPS = 12
+
+
+def crop_batch_extra_bytes(n: int, image_size: int) -> int:
+    """Bytes that ``pack_crop_batch`` needs after the canvas for ``n`` images (coefficients, flags)."""
+    return n * (image_size * (2 * 8 + 2 * 4 * MAX_TAPS) + 1) + 6 * 8
+
+
+def pack_crop_batch(batch: CropBatch, out: np.ndarray) -> tuple[tuple, int]:
+    """Put the small arrays of ``batch`` into the flat uint8 buffer ``out`` after its canvas (which
+    ``collate_banded`` wrote at the start of ``out``), 8-byte aligned, so that one copy takes the whole
+    batch to the GPU. Returns the layout for ``unpack_crop_batch`` and the bytes used."""
+    layout, offset = [("pixels", "|u1", batch.pixels.shape, 0)], batch.pixels.nbytes
+    for name in CropBatch._fields[1:]:
+        a = np.ascontiguousarray(getattr(batch, name))
+        offset = -(-offset // 8) * 8
+        out[offset: offset + a.nbytes] = a.reshape(-1).view(np.uint8)
+        layout.append((name, a.dtype.str, a.shape, offset))
+        offset += a.nbytes
+    return tuple(layout), offset
+
+
+def unpack_crop_batch(data, layout) -> CropBatch:
+    """The ``CropBatch`` that ``pack_crop_batch`` laid out, as views of the uint8 tensor ``data``."""
+    import torch
+
+    dtypes = {"|u1": torch.uint8, "<i8": torch.int64, "<i4": torch.int32, "|b1": torch.bool}
+    parts = []
+    for _, dtype, shape, offset in layout:
+        dt = dtypes[dtype]
+        nbytes = math.prod(shape) * dt.itemsize
+        parts.append(data[offset: offset + nbytes].view(dt).view(shape))
+    return CropBatch(*parts)
+
+
 def _band_matrix(first, coef, size: int):
     """Dense float64 [B, S, size] coefficient matrices from banded ones, built on their device."""
     import torch
@@ -332,7 +368,8 @@ def bicubic_crop_batch(batch: CropBatch, chunk: int | None = None):
     bit-identical to ``center_crop_arr``: Pillow's two passes (along the rows of each window, then
     along its columns; transposed windows are transposed back at the end) as batched float64 matrix
     products, ``chunk`` images at a time. Returns uint8 [B, 3, S, S]. Work per batch and chunk, none
-    per image, and nothing that waits for the device."""
+    per image, and nothing that waits for the device. (One gather per filter tap in Pillow's int32
+    arithmetic, the other exact way, measured slower: 72 vs 35 us per image on an H100.)"""
     import torch
 
     batch = batch.to(batch.pixels.device)  # the small arrays as tensors beside the pixels

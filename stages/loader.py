@@ -7,11 +7,12 @@ were the limit (BENCHMARKS.md: 1,425 img/s through the DataLoader where the same
 Here the main process allocates a fixed ring of shared buffers once, page-locks them for the GPU
 (``cudaHostRegister``), and the workers fill them in place; the GPU copies straight out of them.
 
-The contract: ``fill(task, out)`` runs in a worker, writes its pixels into the uint8 numpy array
-``out`` and returns a small picklable description. The loader yields ``(buffer, description)`` in
-task order; ``buffer`` (a uint8 tensor over the same memory) stays valid until the next item is asked
-for. Device copies issued from it on the current CUDA stream are waited for before the buffer is
-refilled, so ``buffer[...].to("cuda", non_blocking=True)`` is safe; on the CPU, copy what you keep.
+The contract: ``fill(task, out)`` runs in a worker, writes its data into the uint8 numpy array ``out``
+and returns ``(description, nbytes)``: a small picklable description and how many bytes of ``out``
+it wrote. The loader yields ``(data, description)`` in task order, ``data`` being those bytes as a
+uint8 tensor on the loader's device: copied there on a side stream (the current stream waits for the
+copy, nothing else does), and the buffer refilled as soon as the copy has landed, however far behind
+the GPU's other work is. On the CPU ``data`` is a copy of the buffer's bytes.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ class SlotLoader:
     """Run ``fill`` over ``tasks`` in ``num_workers`` processes, ``slots`` buffers of ``slot_bytes``.
 
     An iterator: ``start()`` launches the workers (do it before starting threads of your own, e.g. a
-    progress bar: workers are forked), ``next()`` gives ``(buffer, description)`` in task order,
+    progress bar: workers are forked), ``next()`` gives ``(data, description)`` in task order,
     ``close()`` stops the workers (also after an error). ``num_workers == 0`` runs ``fill`` in the
     calling process (same results, no processes). A worker that dies (killed, out of memory, a crash in
     a decoder library) ends the run with one line; any other failure of ``fill`` is re-raised with the
@@ -91,7 +92,7 @@ class SlotLoader:
         self.next_seq = self.sent = 0
         self.free: collections.deque = collections.deque()
         self.arrived: dict[int, tuple[int, Any]] = {}
-        self.held: int | None = None  # the buffer handed out last, returned at the next call
+        self.copy_stream = None
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -119,13 +120,6 @@ class SlotLoader:
 
     def __next__(self) -> tuple[torch.Tensor, Any]:
         self.start()
-        if self.held is not None:  # the consumer is done with the last buffer; its GPU copies may not be
-            done = None
-            if self.device.type == "cuda":
-                done = torch.cuda.Event()
-                done.record(torch.cuda.current_stream(self.device))
-            self.free.append((self.held, done))
-            self.held = None
         if self.next_seq >= len(self.tasks):
             self.close()
             raise StopIteration
@@ -133,20 +127,38 @@ class SlotLoader:
             slot, done = self.free.popleft()
             if done is not None:
                 done.synchronize()
-            meta = self.fill(self.tasks[self.next_seq], self.buffers[slot].numpy())
+            result = self.fill(self.tasks[self.next_seq], self.buffers[slot].numpy())
         else:
             while self.free and self.sent < len(self.tasks):  # keep every free buffer busy
                 slot, done = self.free.popleft()
                 if done is not None:
-                    done.synchronize()  # the GPU's copy out of this buffer has landed
+                    done.synchronize()  # the copy out of this buffer has landed (long ago, as a rule)
                 self.task_q.put((self.sent, slot, self.tasks[self.sent]))
                 self.sent += 1
             while self.next_seq not in self.arrived:
                 self.arrived.update(self._receive())
-            slot, meta = self.arrived.pop(self.next_seq)
+            slot, result = self.arrived.pop(self.next_seq)
         self.next_seq += 1
-        self.held = slot
-        return self.buffers[slot], meta
+        meta, nbytes = result
+        data, done = self._to_device(self.buffers[slot][:nbytes])
+        self.free.append((slot, done))
+        return data, meta
+
+    def _to_device(self, src: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """``src``'s bytes on the device, and the event after which ``src`` may be overwritten."""
+        if self.device.type != "cuda":
+            return src.clone(), None
+        if self.copy_stream is None:
+            self.copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.copy_stream):
+            data = torch.empty(src.shape, dtype=torch.uint8, device=self.device)
+            data.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        compute.wait_event(done)
+        data.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+        return data, done
 
     def _receive(self) -> dict[int, tuple[int, Any]]:
         """The next result (seq -> (slot, meta)); raise if a worker failed or died."""

@@ -15,26 +15,27 @@ def _fill(task, out):
     k, n, delay = task
     time.sleep(delay)
     out[:n] = k % 251
-    return {"k": k, "n": n, "pid": os.getpid()}
+    out[n: n + 8] = 255  # beyond what it reports: must not be copied
+    return {"k": k, "n": n, "pid": os.getpid()}, n
 
 
 def _fill_failing(task, out):
     if task == 3:
         raise ValueError("task three is broken")
     out[:1] = task
-    return task
+    return task, 1
 
 
 def _fill_dying(task, out):
     if task == 2:
         os._exit(7)  # a crash in native code, as far as the main process can tell
-    return task
+    return task, 0
 
 
 def _collect(loader):
     got = []
-    for buf, meta in loader:
-        got.append((meta["k"], meta["n"], bool((buf[: meta["n"]] == meta["k"] % 251).all()), meta["pid"]))
+    for data, meta in loader:
+        got.append((meta["k"], len(data), bool((data == meta["k"] % 251).all()), meta["pid"]))
     return got
 
 
@@ -77,7 +78,8 @@ def test_close_stops_the_workers_early():
         next(loader)
 
 
-def test_buffers_are_shared_tensors_the_consumer_can_copy_from():
-    loader = SlotLoader(_fill, [(k, 64, 0.0) for k in range(5)], 2, 64)
-    out = [buf[:64].clone() for buf, _ in loader]
-    assert [int(t[0]) for t in out] == list(range(5)) and all(isinstance(t, torch.Tensor) for t in out)
+def test_items_stay_valid_after_their_buffer_is_refilled():
+    loader = SlotLoader(_fill, [(k, 64, 0.0) for k in range(12)], 2, 80, slots=2)
+    out = [data for data, _ in loader]  # kept across iterations: each item owns its bytes
+    assert [int(t[0]) for t in out] == list(range(12)) and all(bool((t == t[0]).all()) for t in out)
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and len(t) == 64 for t in out)
