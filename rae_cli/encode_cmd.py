@@ -24,7 +24,7 @@ def encode(
     dtype: Optional[str] = typer.Option(None, help="Stored latent dtype: float16 (default) or float32."),
     codec: Optional[str] = typer.Option(None, help="Compressor: blosc-zstd (default) | blosc-lz4 | none."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."),
-    resize: Optional[str] = typer.Option(None, help="Where the crop's bicubic step runs: cpu (default, Pillow in the loader workers) | gpu (bit-identical to Pillow; half the worker CPU per image) | auto (gpu on CUDA)."),
+    resize: Optional[str] = typer.Option(None, help="Where the crop's bicubic step runs: auto (default: gpu on CUDA, else cpu) | gpu (bit-identical to Pillow; half the worker CPU per image) | cpu (Pillow in the loading workers)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per encoder batch [256]."),
     num_workers: Optional[int] = typer.Option(None, help="Image decoding processes [one per core, less two]."),
     block_size: Optional[int] = typer.Option(None, help="Entries per unit of work and resume [1024]."),
@@ -32,6 +32,7 @@ def encode(
     min_size: Optional[int] = typer.Option(None, help="Skip images whose short side is below this [16]."),
     device: Optional[str] = typer.Option(None, help="auto | cuda | cpu."),
     compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the encoder."),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="Replay full batches as a CUDA graph [on]."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a store made with another configuration."),
 ):
     """Encode an image folder (ImageNet layout or flat) into a Zarr latent store with exact statistics.
@@ -49,7 +50,7 @@ def encode(
                        encoder_weights=encoder_weights, random_init=random_init, seed=seed, image_size=image_size,
                        flip=flip, limit=limit, dtype=dtype, codec=codec, precision=precision, resize=resize, batch_size=batch_size,
                        num_workers=num_workers, block_size=block_size, shard_size=shard_size, min_size=min_size,
-                       device=device, compile=compile, overwrite=overwrite)
+                       device=device, compile=compile, cuda_graph=cuda_graph, overwrite=overwrite)
     result = run(cfg)
     if os.environ.get("RANK", "0") != "0":
         return

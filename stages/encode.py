@@ -50,18 +50,19 @@ class EncodeConfig:
     block_size: int = 1024
     min_size: int = 16
     precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
-    resize: str = "cpu"                  # where the crop's bicubic step runs: cpu (Pillow, in the workers) |
-                                         # gpu (on the encoder's device; workers only decode) | auto (gpu on
-                                         # CUDA, else cpu). Bit-identical either way: not part of the identity.
-                                         # cpu by default: faster end to end as measured (BENCHMARKS.md)
+    resize: str = "auto"                 # where the crop's bicubic step runs: auto (gpu on CUDA, else cpu) |
+                                         # gpu (on the encoder's device; workers only decode) | cpu (Pillow, in
+                                         # the workers). Bit-identical either way: not part of the identity.
     # Run settings: they do not change the store, so a resume may change them.
     batch_size: int = 256
     num_workers: int = -1                # -1: one per CPU core, less two
     device: str = "auto"
     compile: bool = False
+    cuda_graph: bool = True              # full batches on CUDA replay a captured graph of the encoder (one
+                                         # launch instead of hundreds: the main thread, not the GPU, was the limit)
     overwrite: bool = False
 
-    RUN_ONLY = ("batch_size", "num_workers", "device", "compile", "overwrite", "out", "resize")
+    RUN_ONLY = ("batch_size", "num_workers", "device", "compile", "cuda_graph", "overwrite", "out", "resize")
 
     def identity(self) -> dict:
         """The fields that define the store's content (compared on resume)."""
@@ -144,6 +145,39 @@ def _crops_on_device(data: torch.Tensor, layout) -> torch.Tensor:
     return data.view(layout).permute(0, 3, 1, 2)
 
 
+class _GraphedForward:
+    """``fn`` on CUDA for inputs of one shape as a captured CUDA graph, eager for any other shape.
+
+    Replaying the graph is one launch where the eager encoder makes hundreds; the kernels are the
+    same. Its output buffer is reused by the next replay, so each call returns a copy.
+    """
+
+    def __init__(self, fn, shape: tuple[int, ...], device: torch.device):
+        self.fn, self.shape, self.device = fn, tuple(shape), device
+        self.graph = None
+
+    def _capture(self, x: torch.Tensor) -> None:
+        self.static_in = x.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up (lazy initialisations, autotuning) outside the capture
+            for _ in range(2):
+                self.fn(self.static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = self.fn(self.static_in)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape) != self.shape:
+            return self.fn(x)
+        if self.graph is None:
+            self._capture(x)
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out.clone()
+
+
 def _entries(n_images: int, flip: bool):
     """Entry e of the store -> (source image, mirrored?). With flip: 2i is image i, 2i+1 its mirror."""
     reps = 2 if flip else 1
@@ -211,6 +245,14 @@ def run(cfg: EncodeConfig) -> dict:
     encoder = encoder.to(d.device)
     if cfg.compile:
         encoder = torch.compile(encoder)
+    latent_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+
+    def forward(x):
+        with torch.no_grad(), torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return encoder(x).to(latent_dtype)
+
+    if d.device.type == "cuda" and cfg.cuda_graph and not cfg.compile:
+        forward = _GraphedForward(forward, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), d.device)
     src = np.asarray(store.source_index[:])
     reps = 2 if cfg.flip else 1
 
@@ -238,7 +280,6 @@ def run(cfg: EncodeConfig) -> dict:
     t0 = time.time()
     label = "encode" if d.world == 1 else f"encode (rank {d.rank}/{d.world})"
     block_lat, block_host, block_ok, block_skipped, current = [], [], [], [], None
-    latent_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
     # Latents leave the GPU batch by batch into pinned memory on a side stream, overlapping the next
     # batches' compute (a pageable copy of a whole block would stall the compute stream).
     copy_stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None
@@ -295,9 +336,7 @@ def run(cfg: EncodeConfig) -> dict:
                 if cfg.flip:  # entries 2i, 2i+1: the image, then its mirror (encoded as an image)
                     x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
                     ok = np.repeat(ok, 2)
-                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    z = encoder(x)
-                z = z.to(latent_dtype)
+                z = forward(x)
                 block_lat.append(z)
                 block_host.append(to_host(z))
                 block_ok.append(ok)

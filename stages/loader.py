@@ -34,6 +34,10 @@ Fill = Callable[[Any, "Any"], Any]
 def _worker(fill: Fill, buffers: list[torch.Tensor], tasks, results, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(1)
+    try:  # when cores are short, the main process (which feeds the GPU) goes first
+        os.nice(5)
+    except OSError:
+        pass
     views = [b.numpy() for b in buffers]
     while True:
         try:
