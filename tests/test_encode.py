@@ -205,11 +205,13 @@ def test_resize_on_device_gives_the_same_store_bit_for_bit(tmp_path):
 
 
 def test_chunked_batches_in_workers_with_buffer_overflow_equal_pillow_in_process(tmp_path, monkeypatch):
-    """Batches of 40 images load as two chunks in worker processes; with loading buffers made smaller
-    (2.5 S^2 per image instead of 4.2) the large windows overflow them, so workers finish those crops
-    with Pillow. The store equals the in-process Pillow run bit for bit, with --flip."""
+    """Batches of 40 images load as three chunks in worker processes (chunks of 16 here: a size); with
+    loading buffers made smaller (2.5 S^2 per image instead of 4.2) the large windows overflow them,
+    so workers finish those crops with Pillow. The store equals the in-process Pillow run bit for bit,
+    with --flip."""
     import stages.encode as enc
 
+    monkeypatch.setattr(enc, "chunk_images", lambda s: 16)
     monkeypatch.setattr(enc, "chunk_bytes", lambda s: enc.chunk_images(s) * int(2.5 * s * s) * 3)
     data = tmp_path / "data" / "c"
     data.mkdir(parents=True)
