@@ -284,32 +284,44 @@ def run(cfg: EncodeConfig) -> dict:
     # batches' compute (a pageable copy of a whole block would stall the compute stream).
     copy_stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None
 
+    def to_pinned(t):  # on the current stream, without waiting
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
     def to_host(z):
         if copy_stream is None:
             return z
-        host = torch.empty(z.shape, dtype=z.dtype, pin_memory=True)
         copy_stream.wait_stream(torch.cuda.current_stream(d.device))
         with torch.cuda.stream(copy_stream):
-            host.copy_(z, non_blocking=True)
+            host = to_pinned(z)
         z.record_stream(copy_stream)
         return host
 
     def flush(b):
         lat, host = torch.cat(block_lat), list(block_host)
         ok = np.concatenate(block_ok)
-        copied = None
+        copied, partials = None, None
         if copy_stream is not None:
+            # Float64 statistics per shard on the GPU (the CPU is busy decoding images), on the copy
+            # stream: nothing here waits for the device, and the results come back with the latents.
+            copy_stream.wait_stream(torch.cuda.current_stream(d.device))
+            lat.record_stream(copy_stream)
+            with torch.cuda.stream(copy_stream):
+                valid = torch.from_numpy(ok).pin_memory().to(d.device, non_blocking=True)
+                partials = [to_pinned(t) for t in Moments.shard_partials(lat, valid, store.shard_size)]
             copied = torch.cuda.Event()
             copied.record(copy_stream)
         info = {"skipped": block_skipped[:]}
 
         def write():
-            # Float64 statistics where the latents are (the GPU: the CPU is busy decoding images), then
-            # the compression and the write; all in the writer thread, whose waits stall nothing else.
-            moments = Moments.of_shards(lat, torch.from_numpy(ok).to(lat.device), store.shard_size)
-            if copied is not None:  # the pinned copies of this block's batches have landed
-                copied.synchronize()
-            store.write_block(b, (lat if copied is None else torch.cat(host)).numpy(), ok, info, moments)
+            # Merges, compression and the write, in the writer thread, whose waits stall nothing else.
+            if copied is None:
+                moments = Moments.of_shards(lat, torch.from_numpy(ok), store.shard_size)
+                data = lat.numpy()
+            else:
+                copied.synchronize()  # this block's latents and partial statistics have landed
+                moments = Moments.merge_partials(*(t.numpy() for t in partials))
+                data = torch.cat(host).numpy()
+            store.write_block(b, data, ok, info, moments)
 
         in_flight.append(writer.submit(write))
         while len(in_flight) > 2:  # bound memory: at most a couple of blocks in flight

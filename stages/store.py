@@ -82,9 +82,49 @@ class Moments:
     def of_shards(x, valid, shard_size: int) -> "Moments":
         """Moments of the valid rows, accumulated shard by shard in order: the same grouping whatever
         the batch size or the number of processes, hence the same bits."""
+        if not isinstance(x, np.ndarray):
+            return Moments.merge_partials(*(t.cpu().numpy() for t in Moments.shard_partials(x, valid, shard_size)))
         total = Moments(0, np.zeros(tuple(x.shape[1:])), np.zeros(tuple(x.shape[1:])))
         for s in range(0, len(x), shard_size):
             total = total.merge(Moments.of(x[s: s + shard_size][valid[s: s + shard_size]]))
+        return total
+
+    @staticmethod
+    def shard_partials(x, valid, shard_size: int, group: int = 4):
+        """Per shard of ``shard_size`` rows of the torch tensor ``x`` (on any device, in the current
+        stream, without a host sync): the count of valid rows, their float64 mean and sum of squared
+        deviations — ``count`` [S], ``mean`` and ``m2`` [S, *x.shape[1:]]. Masks by multiplication (no
+        boolean indexing, which would wait for the device); ``group`` shards at a time bound memory."""
+        import torch
+
+        n, shape = len(x), tuple(x.shape[1:])
+        shards = -(-n // shard_size)
+        count = torch.zeros(shards, dtype=torch.float64, device=x.device)
+        mean = torch.zeros((shards, *shape), dtype=torch.float64, device=x.device)
+        m2 = torch.zeros_like(mean)
+        for g in range(0, shards, group):
+            rows = slice(g * shard_size, min(n, (g + group) * shard_size))
+            k = -(-(rows.stop - rows.start) // shard_size)
+            xs = x[rows].reshape(rows.stop - rows.start, -1).double()
+            w = valid[rows].to(torch.float64)[:, None]
+            pad = k * shard_size - len(xs)  # the store's last shard may be short
+            if pad:
+                xs = torch.cat([xs, xs.new_zeros(pad, xs.shape[1])])
+                w = torch.cat([w, w.new_zeros(pad, 1)])
+            xs, w = xs.view(k, shard_size, -1), w.view(k, shard_size, 1)
+            c = w.sum(1)  # [k, 1]
+            mu = (xs * w).sum(1) / c.clamp(min=1)
+            count[g: g + k] = c[:, 0]
+            mean[g: g + k] = mu.view(k, *shape)
+            m2[g: g + k] = ((xs - mu[:, None]) * w).square_().sum(1).view(k, *shape)
+        return count, mean, m2
+
+    @staticmethod
+    def merge_partials(count, mean, m2) -> "Moments":
+        """Merge per-shard partials (``shard_partials``, as numpy) in shard order."""
+        total = Moments(0, np.zeros(mean.shape[1:]), np.zeros(mean.shape[1:]))
+        for c, mu, sq in zip(count, mean, m2):
+            total = total.merge(Moments(int(c), mu, sq))
         return total
 
     def merge(self, other: "Moments") -> "Moments":
