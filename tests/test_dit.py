@@ -263,3 +263,23 @@ def test_model_narrower_than_tokens_cannot_fit_one_latent():
     assert narrow > 0.5
     assert wide < 0.2
     assert narrow > 5 * wide
+
+
+def test_patch_embedding_matmul_form_equals_the_reference_conv():
+    """The default matmul form of the patch embedding is the reference's Conv2d map (same weights,
+    same state dict keys), up to rounding; conv_forward runs the Conv2d itself."""
+    import torch
+
+    from stages.models.dit import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(12, 20, patch_size=1)
+    x = torch.randn(3, 12, 5, 5)
+    fast = embed(x)
+    embed.conv_forward = True
+    conv = embed(x)
+    assert fast.shape == conv.shape == (3, 25, 20)
+    torch.testing.assert_close(fast, conv, rtol=1e-5, atol=1e-6)
+    assert set(embed.state_dict()) == {"proj.weight", "proj.bias"}
+    big = PatchEmbed(12, 20, patch_size=2)  # larger patches always run the convolution
+    assert big(torch.randn(1, 12, 4, 4)).shape == (1, 4, 20)
