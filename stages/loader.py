@@ -110,7 +110,13 @@ class SlotLoader:
         shared = self.num_workers > 0
         self.buffers = [torch.empty(self.slot_bytes, dtype=torch.uint8) for _ in range(self.n_slots)]
         if shared:
-            self.buffers = [b.share_memory_() for b in self.buffers]
+            try:
+                self.buffers = [b.share_memory_() for b in self.buffers]
+            except RuntimeError as e:  # typically a small /dev/shm (Docker's default is 64 MB)
+                mb = self.n_slots * self.slot_bytes / 2**20
+                raise RaeError(f"could not allocate {mb:,.0f} MB of shared memory for the loading workers "
+                               f"({str(e).splitlines()[0][:120]}); give /dev/shm more room (Docker: --shm-size=4g) "
+                               "or pass fewer --num-workers") from None
             self.registered = self.device.type == "cuda" and _register(self.buffers, self.device)
             ctx = torch.multiprocessing.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             self.task_q, self.result_q = ctx.Queue(), ctx.Queue()

@@ -83,3 +83,13 @@ def test_items_stay_valid_after_their_buffer_is_refilled():
     out = [data for data, _ in loader]  # kept across iterations: each item owns its bytes
     assert [int(t[0]) for t in out] == list(range(12)) and all(bool((t == t[0]).all()) for t in out)
     assert all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and len(t) == 64 for t in out)
+
+
+def test_no_room_for_shared_buffers_is_one_line(monkeypatch):
+    def refuse(self):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", refuse)
+    with pytest.raises(RaeError) as e:
+        SlotLoader(_fill, [(k, 8, 0.0) for k in range(4)], 2, 16).start()
+    assert "--shm-size" in str(e.value) and "\n" not in str(e.value)
