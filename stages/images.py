@@ -8,16 +8,13 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL import __version__ as PIL_VERSION
 
 from .errors import RaeError
-
-if TYPE_CHECKING:
-    import torch
 
 # Decompression-bomb guard stays on, but at a size real photographs never reach.
 Image.MAX_IMAGE_PIXELS = 400_000_000
@@ -235,8 +232,8 @@ def banded_crop(img: Image.Image, image_size: int) -> BandedCrop:
 
 class CropBatch(NamedTuple):
     """The ``BandedCrop``s of a batch: windows padded into one uint8 canvas, coefficients zero-padded
-    to the batch's widest band. From a loading worker only the canvas travels through shared memory
-    (written in place into the loader's buffer); the small arrays are numpy, pickled inline.
+    to the batch's widest band. A loading worker writes the canvas in place into the loader's buffer
+    and packs the small arrays after it (``pack_crop_batch``), so one copy takes all to the GPU.
     ``to(device)`` makes them all tensors there."""
     pixels: Any              # uint8 [B, H, W, 3] (numpy or torch)
     row_first: Any           # int64 [B, S]

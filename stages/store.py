@@ -63,15 +63,9 @@ class Moments:
     m2: np.ndarray
 
     @staticmethod
-    def of(x) -> "Moments":
-        """Moments of the rows of ``x`` (numpy array or torch tensor, on any device; float64 math)."""
-        if not isinstance(x, np.ndarray):  # torch: compute where the data is (the GPU when encoding)
-            x = x.double()
-            if len(x) == 0:
-                return Moments(0, np.zeros(tuple(x.shape[1:])), np.zeros(tuple(x.shape[1:])))
-            mean = x.sum(dim=0) / len(x)
-            m2 = ((x - mean) ** 2).sum(dim=0)
-            return Moments(len(x), mean.cpu().numpy(), m2.cpu().numpy())
+    def of(x: np.ndarray) -> "Moments":
+        """Moments of the rows of the numpy array ``x`` (float64 math; torch tensors go through
+        ``shard_partials``)."""
         x = x.astype(np.float64)
         if len(x) == 0:
             return Moments(0, np.zeros(x.shape[1:]), np.zeros(x.shape[1:]))
