@@ -92,6 +92,9 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # One memory layout whatever the caller's (a crop batch may arrive channels-last): kernels pick
+        # their algorithm, hence their rounding, by layout, and a store must not depend on the crop path.
+        images = images.contiguous()
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
