@@ -14,12 +14,18 @@ follows the reference's order of operations:
 2. discriminator step, once D is on: a fresh reconstruction by the updated decoder from the clean
    latents (no gradient), rounded to 8-bit like a stored image; hinge loss of D on real vs fake.
 
-Everything a step draws is a function of (seed, step) (DiffAug's also of the rank), so a resumed
-run continues exactly where the interrupted one stopped; the batches, the latent noise and lambda
-do not depend on the number of GPUs.
+Everything a step draws is a function of (seed, step) and of the position in the global batch
+(DiffAug's of the micro-batch: rank x --grad-accum + index), so a resumed run continues exactly where
+the interrupted one stopped, and the batches, the latent noise and lambda do not depend on the
+number of GPUs. ``--grad-accum A`` splits each process's share of the batch into A micro-batches
+whose gradients are summed before the step: one process with A = 2 computes, micro-batch by
+micro-batch, what two processes compute (bit for bit: tests/test_pipeline_distributed.py). With the
+GAN term on, lambda needs every micro-batch's gradients at the last layer before any backward, so
+each micro-batch's decoder forward runs twice (once for lambda, once for the backward).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -87,6 +93,7 @@ class TrainDecoderConfig:
     epochs: float = 16
     steps: int | None = None             # total steps (wins over epochs)
     batch_size: int = 512                # global batch, whatever the number of GPUs
+    grad_accum: int = 1                  # micro-batches per step and process (memory, not maths)
     lr: float = 2e-4
     final_lr: float = 2e-5
     disc_lr: float = 2e-4
@@ -111,7 +118,7 @@ class TrainDecoderConfig:
     compile: bool = False
     overwrite: bool = False
 
-    RUN_ONLY = ("latents", "out", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count",
+    RUN_ONLY = ("latents", "out", "grad_accum", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count",
                 "log_every", "stop_after", "num_workers", "device", "compile", "overwrite")
 
     def identity(self) -> dict:
@@ -124,8 +131,8 @@ def _validate(cfg: TrainDecoderConfig) -> None:
         raise RaeError(f"unknown decoder --model '{cfg.model}'; choose one of: {', '.join(DECODER_SIZES)}")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
-    if cfg.batch_size < 1 or cfg.decoder_patch < 1:
-        raise RaeError("--batch-size and --decoder-patch must be at least 1")
+    if cfg.batch_size < 1 or cfg.decoder_patch < 1 or cfg.grad_accum < 1:
+        raise RaeError("--batch-size, --grad-accum and --decoder-patch must be at least 1")
     if min(cfg.noise_tau, cfg.lpips_weight, cfg.gan_weight) < 0:
         raise RaeError("--noise-tau, --lpips-weight and --gan-weight must not be negative")
     if not 0 <= cfg.ema_decay < 1:
@@ -211,20 +218,29 @@ def noise_augment(z: torch.Tensor, tau: float, seed: int, step: int, first: int)
     return out
 
 
-def gan_lambda(x_hat: torch.Tensor, grad_rec: torch.Tensor, grad_gan: torch.Tensor, last_layer: torch.Tensor,
-               world: int = 1, max_weight: float = 1e4, eps: float = 1e-6) -> torch.Tensor:
-    """The adaptive GAN weight of ``losses.adaptive_gan_weight``, from the losses' gradients at the image.
+def last_layer_grads(x_hat: torch.Tensor, grad_rec: torch.Tensor, grad_gan: torch.Tensor,
+                     last_layer: torch.Tensor) -> torch.Tensor:
+    """[2, *W.shape]: the reconstruction and GAN losses' gradients at the decoder's last layer W.
 
-    ``grad_rec`` and ``grad_gan`` are d(loss)/d(x_hat); pulled back through the decoder's output layer
-    (a short path: the head and the un-patchify) they are the gradients at its last layer W. Under
-    DDP each rank holds the gradient of its share of the batch, so they are averaged over ranks
-    first: lambda is the global batch's, the same on every rank and for any number of GPUs (the
-    reference uses each rank's own).
-    """
-    g_rec, g_gan = (torch.autograd.grad(x_hat, last_layer, grad_outputs=g, retain_graph=True)[0]
-                    for g in (grad_rec, grad_gan))
-    g = dist.all_reduce_sum(torch.stack([g_rec, g_gan]).float()) / world
+    ``grad_rec`` and ``grad_gan`` are d(loss)/d(x_hat); pulled back through the output layer (a short
+    path: the head and the un-patchify) they are the gradients at W."""
+    return torch.stack([torch.autograd.grad(x_hat, last_layer, grad_outputs=g, retain_graph=True)[0]
+                        for g in (grad_rec, grad_gan)]).float()
+
+
+def lambda_from_grads(g: torch.Tensor, parts: int = 1, max_weight: float = 1e4, eps: float = 1e-6) -> torch.Tensor:
+    """The adaptive GAN weight of ``losses.adaptive_gan_weight`` from ``last_layer_grads`` summed over
+    this process's ``parts`` micro-batches. Under DDP each rank holds the gradients of its share of
+    the batch, so they are averaged over ranks and micro-batches first: lambda is the global batch's,
+    the same on every rank for any number of GPUs (the reference uses each rank's own)."""
+    g = dist.all_reduce_sum(g) / (parts * dist.world_size())
     return (g[0].norm() / (g[1].norm() + eps)).clamp(0.0, max_weight)
+
+
+def gan_lambda(x_hat: torch.Tensor, grad_rec: torch.Tensor, grad_gan: torch.Tensor, last_layer: torch.Tensor,
+               max_weight: float = 1e4, eps: float = 1e-6) -> torch.Tensor:
+    """Lambda of one batch: ``lambda_from_grads(last_layer_grads(...))``."""
+    return lambda_from_grads(last_layer_grads(x_hat, grad_rec, grad_gan, last_layer), 1, max_weight, eps)
 
 
 def random_lpips() -> LPIPS:
@@ -271,8 +287,15 @@ class _RealFake(nn.Module):
         super().__init__()
         self.disc = disc
 
-    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.disc(fake, augment=True), self.disc(real, augment=True)
+    def forward(self, fake: torch.Tensor, real: torch.Tensor, generators=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.disc(fake, augment=True, generators=generators), self.disc(real, augment=True, generators=generators)
+
+
+def _synced(module: nn.Module, last: bool):
+    """DDP's gradient all-reduce only on a step's last micro-batch (``no_sync`` before it)."""
+    if last or not isinstance(module, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,69 +359,129 @@ class DecoderTraining:
         """One decoder step, then (once active) one discriminator step, for global step ``step``.
 
         ``z``: this rank's latents [B, C, h, w] (raw encoder space); ``images``: the matching uint8
-        images; ``first``: the position of this rank's first sample in the global batch.
-        Returns this step's metrics: detached tensors (no device sync) and the learning rates.
+        images; ``first``: the position of this rank's first sample in the global batch. The batch is
+        split into ``grad_accum`` micro-batches; micro-batch k of this rank computes what rank
+        ``rank * grad_accum + k`` would compute alone.
+        Returns this step's metrics: detached float64 tensors (no device sync) and the learning rates.
         """
-        cfg, s = self.cfg, self.schedule
-        # DiffAug's draws: a stream per (seed, step, rank), so a resumed run draws what it would have.
-        torch.manual_seed(_seed(cfg.seed, 1, step, self.rank))
+        cfg, s, parts = self.cfg, self.schedule, self.cfg.grad_accum
+        if len(z) % parts:
+            raise RaeError(f"the per-process batch {len(z)} is not divisible by --grad-accum {parts}")
+        micro = len(z) // parts
+        slices = [slice(k * micro, (k + 1) * micro) for k in range(parts)]
+        # DiffAug's draws: a stream per (seed, step, micro-batch of the global batch), so a resumed run
+        # draws what it would have, and any split of the batch over processes draws the same.
+        gens = [self._generators(_seed(cfg.seed, 1, step, self.rank * parts + k)) for k in range(parts)]
         x = images.float() / 255.0
         lr = learning_rate(step, cfg.lr, cfg.final_lr, s.warmup, s.total)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        metrics = {"lr": lr}
+        metrics: list[dict[str, torch.Tensor]] = [{} for _ in range(parts)]
+        gan = self.gan_on(step)
 
         # 1. Decoder. The losses see a detached copy of the reconstruction; their gradients at the
         # image are pushed through the decoder in one backward. (The reference backpropagates the LPIPS
         # and D graphs twice, once for lambda and once for the loss: the same gradients, at more cost.)
-        z_noisy = noise_augment(z, cfg.noise_tau, cfg.seed, step, first)
-        with torch.autocast(**self.autocast):
-            x_hat = self.train_forward(z_noisy).float()
-        image = x_hat.detach().requires_grad_(True)
-        with torch.autocast(**self.autocast):
-            l1 = (image - x).abs().mean()
-            rec = l1
-            if self.lpips_on(step):
-                metrics["lpips"] = self.lpips(image, x).mean()
-                rec = l1 + cfg.lpips_weight * metrics["lpips"]
-            if self.gan_on(step):
-                metrics["gan"] = generator_loss(self.disc(image, augment=True))  # D in eval mode
-        grad = torch.autograd.grad(rec, image)[0]
-        total = rec.detach()
-        if self.gan_on(step):
-            grad_gan = torch.autograd.grad(metrics["gan"], image)[0]
-            lam = gan_lambda(x_hat, grad, grad_gan, self.decoder.last_layer_weight, self.world, cfg.max_gan_lambda)
-            grad = grad + cfg.gan_weight * lam * grad_gan
-            total = total + cfg.gan_weight * lam * metrics["gan"].detach()
-            metrics["lambda"] = lam
+        # With the GAN term, lambda needs the whole batch's gradients at the last layer before any
+        # backward: each micro-batch's graph is kept when there is one, else its forward runs again.
+        keep_graph = not gan or parts == 1
         self.opt.zero_grad(set_to_none=True)
-        x_hat.backward(grad)
-        if cfg.clip_grad:
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), cfg.clip_grad)
+        pending, g_last = [], None
+        for k, part in enumerate(slices):
+            z_noisy = noise_augment(z[part], cfg.noise_tau, cfg.seed, step, first + k * micro)
+            with _synced(self.train_forward, k == parts - 1) if keep_graph else contextlib.nullcontext():
+                with torch.autocast(**self.autocast):
+                    x_hat = (self.train_forward if keep_graph else self.decoder)(z_noisy).float()
+                grad_rec, grad_gan = self._loss_grads(step, x_hat, x[part], gens[k], metrics[k])
+                if not gan:
+                    x_hat.backward(grad_rec / parts if parts > 1 else grad_rec)
+                    continue
+            g = last_layer_grads(x_hat, grad_rec, grad_gan, self.decoder.last_layer_weight)
+            g_last = g if g_last is None else g_last + g
+            pending.append((k, z_noisy if not keep_graph else None, x_hat if keep_graph else None, grad_rec, grad_gan))
+            del x_hat
+        if gan:
+            lam = lambda_from_grads(g_last, parts, cfg.max_gan_lambda)
+            for k, z_noisy, x_hat, grad_rec, grad_gan in pending:
+                if x_hat is None:  # the forward again, this time for the backward
+                    with _synced(self.train_forward, k == parts - 1), torch.autocast(**self.autocast):
+                        x_hat = self.train_forward(z_noisy).float()
+                grad = grad_rec + cfg.gan_weight * lam * grad_gan
+                x_hat.backward(grad / parts if parts > 1 else grad)
+                metrics[k]["loss"] = metrics[k]["loss"] + cfg.gan_weight * lam * metrics[k]["gan"]
+                metrics[k]["lambda"] = lam
+            pending.clear()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), cfg.clip_grad)
+                     if cfg.clip_grad else None)
         self.opt.step()
         self.update_ema()
-        metrics.update(l1=l1.detach(), loss=total)
 
         # 2. Discriminator: real images vs the updated decoder's clean reconstructions, as 8-bit images.
+        d_lr = None
         if self.disc_on(step):
             d_lr = learning_rate(step - s.losses.disc_start, cfg.disc_lr, cfg.disc_final_lr, s.warmup, s.total)
-            for group in self.opt_d.param_groups:
-                group["lr"] = d_lr
+            self._disc_step(z, x, slices, gens, d_lr, metrics)
+
+        # Micro-batch means, summed in float64 (as the all-reduce over ranks sums them).
+        out = {key: sum(m[key].double() for m in metrics) / parts for key in metrics[0]}
+        out["lr"] = lr
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm.detach().double()
+        if d_lr is not None:
+            out["d_lr"] = d_lr
+        return out
+
+    def _generators(self, seed: int) -> tuple[torch.Generator, torch.Generator]:
+        """(CPU, device) generators seeded with ``seed``: DiffAug's draws (one generator on the CPU)."""
+        g_cpu = torch.Generator().manual_seed(seed)
+        return g_cpu, (g_cpu if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(seed))
+
+    def _loss_grads(self, step: int, x_hat: torch.Tensor, x: torch.Tensor, gens, metrics: dict):
+        """The reconstruction and GAN losses of one micro-batch and their gradients at the image."""
+        cfg = self.cfg
+        image = x_hat.detach().requires_grad_(True)
+        with torch.autocast(**self.autocast):
+            metrics["l1"] = (image - x).abs().mean()
+            rec = metrics["l1"]
+            if self.lpips_on(step):
+                metrics["lpips"] = self.lpips(image, x).mean()
+                rec = rec + cfg.lpips_weight * metrics["lpips"]
+            if self.gan_on(step):
+                metrics["gan"] = generator_loss(self.disc(image, augment=True, generators=gens))  # D in eval mode
+        grad_rec = torch.autograd.grad(rec, image)[0]
+        metrics["loss"] = rec.detach()
+        grad_gan = torch.autograd.grad(metrics["gan"], image)[0] if self.gan_on(step) else None
+        for key in ("l1", "lpips", "gan"):
+            if key in metrics:
+                metrics[key] = metrics[key].detach().float()
+        return grad_rec, grad_gan
+
+    def _disc_step(self, z: torch.Tensor, x: torch.Tensor, slices, gens, d_lr: float, metrics) -> None:
+        """One discriminator update over the micro-batches. Spectral norm's power iteration advances its
+        vectors at every forward in train mode; each micro-batch starts from the step's vectors, so
+        they end as one process's forward would leave them (on one GPU or several)."""
+        parts = len(slices)
+        for group in self.opt_d.param_groups:
+            group["lr"] = d_lr
+        vectors = [b.clone() for b in self.disc.heads.buffers()] if parts > 1 else None
+        self.opt_d.zero_grad(set_to_none=True)
+        self.disc.train()
+        for k, part in enumerate(slices):
+            if k:
+                for b, saved in zip(self.disc.heads.buffers(), vectors):
+                    b.copy_(saved)
             with torch.no_grad(), torch.autocast(**self.autocast):
-                fake = round_to_8bit(self.decoder(z).float())
-            self.disc.train()
-            with torch.autocast(**self.autocast):
-                logits_fake, logits_real = self.disc_pair(fake, x)
-                d_loss = hinge_d_loss(logits_real.float(), logits_fake.float())
-            self.opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.opt_d.step()
-            self.disc.eval()
-            metrics.update(d_loss=d_loss.detach(), d_lr=d_lr,
-                           d_accuracy=(logits_real > logits_fake).float().mean().detach(),
-                           logits_real=logits_real.detach().float().mean(),
-                           logits_fake=logits_fake.detach().float().mean())
-        return {k: v.detach().float() if torch.is_tensor(v) else v for k, v in metrics.items()}
+                fake = round_to_8bit(self.decoder(z[part]).float())
+            with _synced(self.disc_pair, k == parts - 1):
+                with torch.autocast(**self.autocast):
+                    logits_fake, logits_real = self.disc_pair(fake, x[part], gens[k])
+                    d_loss = hinge_d_loss(logits_real.float(), logits_fake.float())
+                (d_loss / parts if parts > 1 else d_loss).backward()
+            metrics[k].update(d_loss=d_loss.detach(), d_accuracy=(logits_real > logits_fake).float().mean().detach(),
+                              logits_real=logits_real.detach().float().mean(),
+                              logits_fake=logits_fake.detach().float().mean())
+        self.opt_d.step()
+        self.disc.eval()
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -613,6 +696,9 @@ def run(cfg: TrainDecoderConfig) -> dict:
     arch = decoder_architecture(cfg, encoder, store.latent_shape)
     image_size = arch["grid"] * arch["patch_size"]
     plan = BatchPlan.for_store(store, cfg.batch_size, cfg.seed, d.rank, d.world)
+    if (cfg.batch_size // d.world) % cfg.grad_accum:
+        raise RaeError(f"the per-process batch {cfg.batch_size // d.world} (= {cfg.batch_size} / {d.world} processes) "
+                       f"is not divisible by --grad-accum {cfg.grad_accum}")
     schedule = Schedule.of(cfg, plan.steps_per_epoch)
     mean, var = store.statistics()
     stats_sha = hashlib.sha256(mean.tobytes() + var.tobytes()).hexdigest()

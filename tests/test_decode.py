@@ -144,31 +144,3 @@ def test_end_to_end_cli_sample_then_decode(tmp_path):
                          "--device", "cpu"])
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert model.exists()
-
-
-_SCRIPT = """
-import sys
-from stages.decode import DecodeConfig, run
-run(DecodeConfig(store=sys.argv[1], decoder=sys.argv[2], out=sys.argv[3], device="cpu", batch_size=3, chunk_size=2))
-"""
-
-
-def test_two_process_decode_equals_one_process(setup, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    model, decoder, store = setup
-    run(_cfg(store, decoder, tmp_path / "one"))
-    script = tmp_path / "decode_script.py"
-    script.write_text(_SCRIPT)
-    env = {**os.environ, "RAE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29500 + os.getpid() % 1000 + 11), str(script), str(store),
-                           str(decoder), str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
-        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])

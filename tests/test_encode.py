@@ -37,13 +37,18 @@ def test_store_round_trip_and_exact_statistics(demo_images, tmp_path):
     assert a["latents"].dtype == np.float16 and a["valid"].all()
     assert list(a["flipped"][:4]) == [False, True, False, True] and list(a["source"][:4]) == [0, 0, 1, 1]
     assert sorted(set(a["labels"].tolist())) == list(range(10))
-    # Statistics equal numpy float64 on the stored data.
+    # Statistics equal numpy float64 on the stored data. Error model: both are float64 sums of the same
+    # n = 80 values in another order, at most n u max|x| apart (u = 2^-53); the variance's terms are
+    # squares (scale max|x|^2). The stored float32 copies are those values rounded: at most one float32
+    # ulp (2^-23 = 1.2e-7 relative) apart. A wrong entry (one latent of 80 missed or counted twice)
+    # moves them by ~1e-2.
     x = a["latents"].astype(np.float64)
-    np.testing.assert_allclose(a["mean"], x.mean(0).astype(np.float32), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(a["var"], x.var(0).astype(np.float32), rtol=1e-6, atol=1e-7)
+    err = 80 * 2.0 ** -53 * np.abs(x).max()
+    np.testing.assert_allclose(a["mean"], x.mean(0).astype(np.float32), rtol=2.5e-7, atol=err)
+    np.testing.assert_allclose(a["var"], x.var(0).astype(np.float32), rtol=2.5e-7, atol=err * np.abs(x).max())
     with np.load(out / "statistics_float64.npz") as f64:
-        np.testing.assert_allclose(f64["mean"], x.mean(0), rtol=1e-12, atol=1e-13)
-        np.testing.assert_allclose(f64["var"], x.var(0), rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(f64["mean"], x.mean(0), rtol=0, atol=err)
+        np.testing.assert_allclose(f64["var"], x.var(0), rtol=0, atol=4 * err * np.abs(x).max())
     # Round trip: the stored latent of entry 3 is the encoder's output on the mirrored crop of image 1.
     enc, _ = build_encoder("dinov2-demo", 64, pretrained=False, seed=0)
     files = (out / "sources.txt").read_text().split()
@@ -59,8 +64,10 @@ def test_moments_merge_is_exact_in_any_grouping():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((100, 3)) * 5 + 2
     m = Moments.of(x[:10]).merge(Moments.of(x[10:55])).merge(Moments.of(x[55:]))
-    np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e-13)
-    np.testing.assert_allclose(m.var, x.var(0), rtol=1e-12)
+    # float64 (u = 2^-53) sums of 100 terms |x| < 25 in another grouping: at most 100 u 25 = 3e-13 apart
+    # for the mean, 100 u 25^2 = 7e-12 for the variance (~25); a wrong merge formula is off by > 1e-2.
+    np.testing.assert_allclose(m.mean, x.mean(0), rtol=0, atol=3e-13)
+    np.testing.assert_allclose(m.var, x.var(0), rtol=0, atol=7e-12)
 
 
 def test_resume_after_crash_equals_uninterrupted_run(demo_images, tmp_path, monkeypatch):
@@ -114,17 +121,6 @@ def test_changed_configuration_is_refused_unless_overwrite(demo_images, tmp_path
     assert (other / "thesis.tex").exists()
 
 
-def test_two_process_run_equals_single_process_bit_for_bit(demo_images, tmp_path):
-    common = ["--preset", "demo", "--flip", "--block-size", "16", "--shard-size", "8", "--batch-size", "8",
-              "--num-workers", "0", "--device", "cpu"]
-    run_rae("encode", demo_images, "--out", tmp_path / "one.zarr", *common)
-    run_rae("encode", demo_images, "--out", tmp_path / "two.zarr", *common, nproc=2)
-    a, b = _arrays(tmp_path / "one.zarr"), _arrays(tmp_path / "two.zarr")
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert read_manifest(tmp_path / "one.zarr")["content_id"] == read_manifest(tmp_path / "two.zarr")["content_id"]
-
-
 def test_bad_inputs_are_skipped_listed_and_excluded(tmp_path):
     data = tmp_path / "data"
     good, bad = data / "good", data / "weird"
@@ -156,7 +152,9 @@ def test_bad_inputs_are_skipped_listed_and_excluded(tmp_path):
     valid_files = {files[s].split("/")[-1] for s, v in zip(a["source"], a["valid"]) if v}
     assert "cmyk.jpg" in valid_files and "sixteen.png" in valid_files and "zero.jpg" not in valid_files
     x = a["latents"][a["valid"]].astype(np.float64)  # statistics ignore the skipped entries
-    np.testing.assert_allclose(a["mean"], x.mean(0), rtol=1e-5, atol=1e-6)
+    # float32 copy of a float64 mean of the same 8 values (see test_store_round_trip_and_exact_statistics):
+    # one float32 ulp; counting a skipped (zero) entry would move it by 1/9 of the mean.
+    np.testing.assert_allclose(a["mean"], x.mean(0).astype(np.float32), rtol=2.5e-7, atol=8 * 2.0 ** -53 * np.abs(x).max())
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):

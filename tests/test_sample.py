@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +11,6 @@ from stages.manifest import new_manifest, read_manifest, write_manifest
 from stages.models.dit import DiTDH
 from stages.sample import SampleConfig, open_diffusion_run, run
 from stages.store import LatentStore
-from tests.conftest import REPO
 
 LATENT = (8, 4, 4)
 ENCODER = dict(name="dinov2-demo", weights_sha256="a" * 64, latent_shape=list(LATENT), pretrained=False)
@@ -68,7 +64,7 @@ def _latents(path):
 
 def test_store_layout_raw_space_and_manifest(runs, tmp_path):
     out = tmp_path / "s.zarr"
-    run(_cfg(runs[0], out, seed=7))
+    run(_cfg(runs[0], out, seed=7, batch_size=1))  # batches of one, as the direct computation below
     m = read_manifest(out, kind="sample-store")
     s = LatentStore(out)
     assert s.latents.shape == (10, *LATENT) and s.complete
@@ -82,14 +78,19 @@ def test_store_layout_raw_space_and_manifest(runs, tmp_path):
     with torch.no_grad():
         x = flow.sample(lambda x, t: r.model(x, t, y), noise, 4, 2.0, "euler")
     expected = x * torch.sqrt(r.var + 1e-5) + r.mean
-    np.testing.assert_allclose(_latents(out)[:1], expected.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(_latents(out)[:1], expected.numpy())
 
 
 def test_same_samples_at_any_batch_size(runs, tmp_path):
     run(_cfg(runs[0], tmp_path / "a.zarr", batch_size=8))
     run(_cfg(runs[0], tmp_path / "b.zarr", batch_size=3))
     a, b = _latents(tmp_path / "a.zarr"), _latents(tmp_path / "b.zarr")
-    # The noise is bit-identical; the model's matmuls may round differently at another batch size.
+    # The noise is bit-identical; only the float32 matmuls may round differently at another batch size
+    # (another blocking of the same dot products). Error model: each dot product has K <= 64 terms,
+    # so one model evaluation moves by at most ~K u |v| (u = 2^-24: 4e-6 |v|, |v| = O(1) here); 4 Euler
+    # steps of size <= 1 add up at most 4 such perturbations, grown by the tiny model's Lipschitz
+    # constant (O(1) at these weights), then scaled by sqrt(var + eps) <= 1.3: ~1e-5. The bound 1e-4
+    # leaves 10x for that, on any CPU, and is 100x below what another seed changes (next line).
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert np.abs(a[0] - a[1]).max() > 1e-2  # different seeds, different samples
     from stages.sample import sample_noise
@@ -134,9 +135,10 @@ def test_resume_after_interruption_gives_the_same_store(runs, tmp_path, monkeypa
         run(_cfg(runs[0], out, num=20))
     assert not read_manifest(out, require_complete=False)["complete"]
     monkeypatch.setattr(LatentStore, "write_block", lambda self, b, *a, **k: (calls.append(b), original(self, b, *a, **k)))
-    run(_cfg(runs[0], out, num=20, batch_size=5))  # a resume may change run-only settings
+    run(_cfg(runs[0], out, num=20))
     assert calls == [0, 1, 2]  # block 0 was not redone
-    np.testing.assert_allclose(_latents(out), _latents(full), rtol=1e-4, atol=1e-4)
+    # The same batches as the uninterrupted run: the same kernels, so the same bits.
+    np.testing.assert_array_equal(_latents(out), _latents(full))
     assert read_manifest(out, kind="sample-store")["complete"]
 
 
@@ -154,7 +156,7 @@ def test_autoguidance_by_the_model_itself_equals_no_guidance(runs, tmp_path):
     run(_cfg(runs[0], tmp_path / "self.zarr", guidance="autoguidance", guide_model=str(runs[0]), ag_scale=1.42))
     run(_cfg(runs[0], tmp_path / "ag.zarr", guidance="autoguidance", guide_model=str(runs[1]), ag_scale=1.42))
     none = _latents(tmp_path / "none.zarr")
-    np.testing.assert_allclose(_latents(tmp_path / "self.zarr"), none, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(_latents(tmp_path / "self.zarr"), none)
     assert np.abs(_latents(tmp_path / "ag.zarr") - none).max() > 1e-3
     m = read_manifest(tmp_path / "ag.zarr")
     assert m["inputs"]["guide"]["content_id"] == "run-1" and m["sampling"]["scale"] == 1.42
@@ -173,26 +175,3 @@ def test_changed_settings_refuse_to_reuse_the_store(runs, tmp_path):
         run(_cfg(runs[0], out, num=4, steps=5))
     run(_cfg(runs[0], out, num=4, steps=5, overwrite=True))
     assert read_manifest(out)["config"]["steps"] == 5
-
-
-_SCRIPT = """
-import sys
-from stages.sample import SampleConfig, run
-run(SampleConfig(model=sys.argv[1], out=sys.argv[2], num=10, steps=4, block_size=4, shard_size=4,
-                 batch_size=int(sys.argv[3]), device="cpu", dtype="float32"))
-"""
-
-
-def test_two_process_run_equals_one_process(runs, tmp_path):
-    script = tmp_path / "sample_script.py"
-    script.write_text(_SCRIPT)
-    env = {**os.environ, "RAE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, str(script), str(runs[0]), str(tmp_path / "one.zarr"), "4"],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29500 + os.getpid() % 1000 + 7), str(script), str(runs[0]),
-                           str(tmp_path / "two.zarr"), "3"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    np.testing.assert_allclose(_latents(tmp_path / "two.zarr"), _latents(tmp_path / "one.zarr"), rtol=1e-4, atol=1e-4)
-    assert read_manifest(tmp_path / "two.zarr")["complete"]

@@ -95,7 +95,9 @@ def test_gan_lambda_from_image_gradients_equals_adaptive_gan_weight():
     g_rec = torch.autograd.grad((image - x).abs().mean(), image)[0]
     g_gan = torch.autograd.grad(-torch.tanh(3 * image).mean(), image)[0]
     ours = gan_lambda(x_hat, g_rec, g_gan, decoder.last_layer_weight)
-    assert torch.allclose(ours, direct, rtol=1e-5), (ours, direct)
+    # The same norms reached by another order of float32 operations through a 16-wide layer: each
+    # gradient entry sums at most 3 x 4 x 16 terms, so the ratio moves by well under 1e-5 (~170 u).
+    assert torch.allclose(ours, direct, rtol=1e-5, atol=0), (ours, direct)
 
 
 def test_decoder_gradients_equal_the_single_loss_formulation():
@@ -123,8 +125,61 @@ def test_decoder_gradients_equal_the_single_loss_formulation():
     training.step(0, z, images)
     expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     assert grads.keys() == expected.keys()
+    # One backward of the summed loss vs the image's gradient pushed through the decoder: the same
+    # float32 products summed in another order (u = 2^-24). Norm-wise per tensor (entries whose
+    # gradient is ~0 are all rounding): reductions of at most 4608 terms (LPIPS-VGG) chained ~20 deep
+    # give at most ~20 sqrt(4608) u = 8e-5 relative; a wrong lambda or a missing term moves it by O(1).
     for name in expected:
-        assert torch.allclose(grads[name], expected[name], rtol=1e-4, atol=1e-7), name
+        assert (grads[name] - expected[name]).norm() <= 1e-4 * expected[name].norm(), name
+
+
+def _step_gradients(grad_accum: int, share=None):
+    """One step with L1, LPIPS, the GAN term (adaptive lambda) and a D update, all on: the decoder's
+    and the discriminator heads' gradients as the optimisers see them, and the logged values."""
+    cfg = TrainDecoderConfig(latents="", out="", **{**TINY, "batch_size": 8, "grad_accum": grad_accum,
+                                                   "disc_aug_prob": 0.0})  # DiffAug draws per micro-batch
+    lpips, disc, _ = build_loss_networks(cfg)
+    arch = dict(in_dim=8, grid=2, patch_size=16, width=32, depth=1, heads=2, mlp_dim=64)
+    schedule = Schedule(total=10, warmup=1, steps_per_epoch=10, losses=GanSchedule(disc_start=0, gan_start=0))
+    training = DecoderTraining(cfg, arch, schedule, Dist(0, 1, 0, torch.device("cpu")), lpips, disc, "fp32")
+    g = torch.Generator().manual_seed(3)
+    z, images = torch.randn(8, 8, 2, 2, generator=g), torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    first = 0
+    if share is not None:  # this process's share of the global batch, as a rank's
+        z, images, first = z[share[0]: share[1]], images[share[0]: share[1]], share[0]
+    grads = {}
+    training.opt.step = lambda: grads.update(
+        decoder=torch.cat([p.grad.flatten() for p in training.decoder.parameters() if p.grad is not None]))
+    training.opt_d.step = lambda: grads.update(
+        heads=torch.cat([p.grad.flatten() for p in training.disc.heads.parameters() if p.grad is not None]))
+    metrics = training.step(2, z, images, first=first)
+    return grads, {k: float(v) for k, v in metrics.items()}
+
+
+def test_gradient_accumulation_gives_the_batch_gradient_lambda_and_d_update():
+    """--grad-accum A: the step's gradients, lambda, the D update and the logged values are the whole
+    batch's. Across processes this is exact (tests/test_pipeline_distributed.py: one process with
+    A = 2 against two); within one process the micro-batches change the batch size of every kernel,
+    hence the order of float32 sums (u = 2^-24 = 6e-8). Error model: a reordered sum of n terms moves by
+    at most ~log2(n) u sum|terms| (blocked/pairwise summation) and typically sqrt(n) u |sum|; the
+    backward chains ~20 reductions of at most n = 4608 terms (LPIPS-VGG's 512 x 3 x 3), so the
+    gradient moves norm-wise by about 20 * 68 * u = 8e-5 at most: bound 1e-4. Logged losses are means
+    of positive terms (L1 over 24,576 pixels: log2(n) u = 9e-7 relative) or of such gradients' images:
+    bound 1e-5. Both bounds are orders of magnitude below a real bug: rank 0's gradient without the
+    all-reduce (a lost micro-batch) moves the whole gradient by over 10%."""
+    whole, m_whole = _step_gradients(1)
+
+    def rel(a, b):
+        return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
+
+    for accum in (2, 4):
+        got, m_got = _step_gradients(accum)
+        assert got.keys() == whole.keys() == {"decoder", "heads"} and rel(got, whole) < 1e-4, accum
+        assert m_got.keys() == m_whole.keys() and {"lambda", "gan", "d_loss", "lpips"} <= m_got.keys()
+        for k in m_whole:
+            assert m_got[k] == pytest.approx(m_whole[k], rel=1e-5, abs=1e-7), (accum, k)
+    half, _ = _step_gradients(1, share=(0, 4))
+    assert min(((half[k] - whole[k]).norm() / whole[k].norm()).item() for k in whole) > 0.1
 
 
 def test_loss_networks_load_weight_files_through_the_real_path(tmp_path):
@@ -254,25 +309,6 @@ def test_upsampling_decoder_learns_crops_at_its_output_size(store, demo_images, 
     _, _, images = reader(np.array([1]))
     files = (store / "sources.txt").read_text().split()
     assert np.array_equal(images[0].permute(1, 2, 0).numpy(), load_crop(demo_images / files[1], 128))
-
-
-def test_two_process_run_equals_single_process(store, tmp_path):
-    # DiffAug off: its draws are per rank, so with it the runs agree in distribution only.
-    schedule = dict(steps=4, disc_start_step=1, gan_start_step=2, disc_aug_prob=0.0)
-    single = tmp_path / "one"
-    run(_cfg(store, single, **schedule))
-    double = tmp_path / "two"
-    run_rae("train-decoder", "--latents", store, "--out", double, "--batch-size", 4, "--steps", 4,
-            "--disc-start-step", 1, "--gan-start-step", 2, "--disc-aug-prob", 0.0, *CLI_TINY, nproc=2)
-    a, b = _weights(single), _weights(double)
-    for file in a:
-        for name in a[file]:
-            assert torch.allclose(a[file][name], b[file][name], rtol=1e-4, atol=1e-5), (file, name)
-    for ra, rb in zip(read_metrics(single), read_metrics(double), strict=True):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            if k != "img_per_s":
-                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (ra["step"], k)
 
 
 def test_store_of_another_encoder_is_refused_on_resume_in_one_line(store, demo_images, tmp_path):

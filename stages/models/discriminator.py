@@ -25,20 +25,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def diffaug(x: torch.Tensor, prob: float = 1.0, cutout: float = 0.0) -> torch.Tensor:
+def diffaug(x: torch.Tensor, prob: float = 1.0, cutout: float = 0.0,
+            generators: tuple[torch.Generator, torch.Generator] | None = None) -> torch.Tensor:
     """DiffAugment as the reference configures it, on [-1, 1] images [B, C, H, W] (float32 out).
 
     With probability ``prob`` each (one draw per call): translation by up to 1/8 of the size with
     zero fill, colour (brightness +-0.5, saturation x[0, 2], contrast x[0.5, 1.5]), and cutout of a
     ``cutout``-sized square (the reference recipe: prob 1, cutout 0). Random offsets are per sample;
     the draws follow the reference's order so both give the same images from the same seed.
+    ``generators``: (CPU generator, generator of x's device) to draw from; None: the global RNGs.
     """
     x = x.float()
     if prob < 1e-6:
         return x
-    translate, color, cut = (torch.rand(3) <= prob).tolist()
+    g_cpu, g_dev = generators if generators is not None else (None, None)
+    translate, color, cut = (torch.rand(3, generator=g_cpu) <= prob).tolist()
     b, _, h, w = x.shape
-    r = torch.rand(7, b, 1, 1, device=x.device)  # per-sample uniforms, one row per use below
+    r = torch.rand(7, b, 1, 1, device=x.device, generator=g_dev)  # per-sample uniforms, one row per use below
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
 
@@ -174,9 +177,10 @@ class DinoDiscriminator(nn.Module):
         by_depth = dict(zip(sorted(set(self.key_depths) | {last}), taps))
         return [by_depth[d].transpose(1, 2) for d in (last, *self.key_depths)]
 
-    def forward(self, images: torch.Tensor, augment: bool = True) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, augment: bool = True,
+                generators: tuple[torch.Generator, torch.Generator] | None = None) -> torch.Tensor:
         x = images * 2 - 1
         if augment:
-            x = diffaug(x, self.aug_prob, self.cutout)
+            x = diffaug(x, self.aug_prob, self.cutout, generators)
         feats = self.features(x)
         return torch.cat([head(f).flatten(1) for head, f in zip(self.heads, feats)], dim=1)
