@@ -1,6 +1,7 @@
-"""Every stage through the real command line under 2 processes (torchrun, gloo, CPU) against the
-same stages in one process: the stores, weights, logged losses, samples and images are identical,
-bit for bit.
+"""The whole chain through the real command line, at the smallest sizes, as `make all` runs it (each
+stage reads the previous stage's artifacts from disk), once in one process and once with every stage
+under 2 processes (torchrun, gloo, CPU): the stores, weights, logged losses, samples and images of
+the two are identical, bit for bit.
 
 Identical by construction, not by tolerance: the single-process chain trains with ``--grad-accum 2``,
 so its micro-batch k computes exactly what rank k computes (same samples, same shapes, same noise,
@@ -128,6 +129,21 @@ def test_sample_two_processes_equal_one(chains):
     # Both ranks' blocks were written (rank 1's block 64-69 is not left at zero).
     assert (np.abs(lb.astype(np.float32)).reshape(70, -1).max(axis=1) > 0).all()
     np.testing.assert_array_equal(lb, la)
+
+
+def test_chain_outputs_evaluate_and_finished_stages_are_reused(chains, demo_images):
+    o = chains[1]
+    with np.load(o / "img" / "samples.npz") as f:
+        assert f["arr_0"].shape == (70, 64, 64, 3) and f["arr_0"].dtype == np.uint8
+        assert sorted(f["arr_1"].tolist()) == sorted(list(range(10)) * 7)
+    assert (o / "img" / "grid.png").is_file() and (o / "dec" / "reconstructions.png").is_file()
+    run_rae("eval", o / "img", "--ref", demo_images, "--fd-encoder", o / "lat.zarr", "--offline",
+            "--metrics", "fd_dinov2", "--device", "cpu", "--num-workers", "0")
+    result = json.loads((o / "img" / "eval.json").read_text())
+    assert np.isfinite(result["metrics"]["fd_rae"]) and result["metrics"]["fd_rae"] > 0
+    # Running a finished stage again reuses it.
+    again = run_rae("sample", "--model", o / "dit", "--out", o / "s.zarr", *SAMPLE_ARGS)
+    assert "already complete" in " ".join((again.stdout + again.stderr).split())
 
 
 def test_decode_two_processes_equal_one(chains):
