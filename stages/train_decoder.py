@@ -19,7 +19,7 @@ Everything a step draws is a function of (seed, step) and of the position in the
 the interrupted one stopped, and the batches, the latent noise and lambda do not depend on the
 number of GPUs. ``--grad-accum A`` splits each process's share of the batch into A micro-batches
 whose gradients are summed before the step: one process with A = 2 computes, micro-batch by
-micro-batch, what two processes compute (bit for bit: tests/test_pipeline_distributed.py). With the
+micro-batch, what two processes compute (bit for bit: tests/test_pipeline_chain.py). With the
 GAN term on, lambda needs every micro-batch's gradients at the last layer before any backward, so
 each micro-batch's decoder forward runs twice (once for lambda, once for the backward).
 """

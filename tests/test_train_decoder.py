@@ -158,7 +158,7 @@ def _step_gradients(grad_accum: int, share=None):
 
 def test_gradient_accumulation_gives_the_batch_gradient_lambda_and_d_update():
     """--grad-accum A: the step's gradients, lambda, the D update and the logged values are the whole
-    batch's. Across processes this is exact (tests/test_pipeline_distributed.py: one process with
+    batch's. Across processes this is exact (tests/test_pipeline_chain.py: one process with
     A = 2 against two); within one process the micro-batches change the batch size of every kernel,
     hence the order of float32 sums (u = 2^-24 = 6e-8). Error model: a reordered sum of n terms moves by
     at most ~log2(n) u sum|terms| (blocked/pairwise summation) and typically sqrt(n) u |sum|; the
