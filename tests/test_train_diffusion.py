@@ -206,7 +206,7 @@ def _step_gradients(grad_accum: int, x, labels, share=None) -> dict[str, torch.T
 
 def test_gradient_accumulation_gives_the_batch_gradient():
     """--grad-accum A: each micro-batch's loss is its mean over B/A samples, divided by A, so the
-    summed gradients are the batch mean's. Multi-process equality is exact (test_pipeline_distributed);
+    summed gradients are the batch mean's. Multi-process equality is exact (test_pipeline_chain.py);
     within one process the micro-batches change only the order of floating-point sums. Error model,
     in float64 (u = 2^-53 = 1.1e-16): reordering a sum of n terms moves it by at most n u sum|terms|;
     here n <= 8 samples x 16 tokens x 192 features and the backward chains ~20 such sums, so the
