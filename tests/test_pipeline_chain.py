@@ -1,7 +1,8 @@
 """The whole chain through the real command line, at the smallest sizes, as `make all` runs it (each
 stage reads the previous stage's artifacts from disk), once in one process and once with every stage
 under 2 processes (torchrun, gloo, CPU): the stores, weights, logged losses, samples and images of
-the two are identical, bit for bit.
+the two are identical, bit for bit. The 2-process run is two simulated machines (two torchrun
+launches of one process each, c10d rendezvous on localhost, one shared filesystem).
 
 Identical by construction, not by tolerance: the single-process chain trains with ``--grad-accum 2``,
 so its micro-batch k computes exactly what rank k computes (same samples, same shapes, same noise,
@@ -16,9 +17,10 @@ as a difference.
 Sizes: the demo preset, 40 images of 64 px (80 entries with --flip), 6 training steps of 8. The
 sample run draws 70 samples with the demo preset's blocks of 64, so the second rank gets a real
 block (ranks take alternate blocks: 0-63 on rank 0, 64-69 on rank 1); decode's chunks of 64 split
-the same way. One torchrun launch runs the whole 2-process chain (tests/torchrun_chain.py)."""
+the same way. Each simulated machine runs the whole chain in one launch (tests/torchrun_chain.py)."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -59,11 +61,20 @@ def chains(demo_images, tmp_path_factory):
         run_rae(*argv)
     spec = root / "chain.json"
     spec.write_text(json.dumps([[str(a) for a in argv] for argv in _chain(demo_images, two, [])]))
+    # Two simulated machines: two torchrun launches of one process each, meeting through a c10d
+    # rendezvous on localhost, sharing the filesystem (the store and run folders), as on a cluster.
     env = {**os.environ, "RAE_NO_PROGRESS": "1", "OMP_NUM_THREADS": THREADS}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29500 + os.getpid() % 1000), str(REPO / "tests" / "torchrun_chain.py"),
-                           str(spec)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_id", "rae-test",
+                               "--rdzv_endpoint", f"127.0.0.1:{port}", str(REPO / "tests" / "torchrun_chain.py"),
+                               str(spec)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    for node in nodes:
+        out, _ = node.communicate(timeout=900)
+        assert node.returncode == 0, out[-5000:]
     return {1: one, 2: two}
 
 
