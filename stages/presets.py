@@ -30,7 +30,17 @@ PRESETS: dict[str, dict[str, dict]] = {
         # 448 px encoder input -> 32x32 tokens; ViT-XL with p_d 16 decodes them to 512x512.
         "train_decoder": dict(model="vit-xl", decoder_patch=16, epochs=16, batch_size=512, noise_tau=0.8,
                               lpips_weight=1.0, gan_weight=0.75, disc_start_epoch=6, gan_start_epoch=8),
-        "sample": dict(per_class=50, solver="euler", steps=50),
+        # The released 512 DiT^DH-XL (DiTDH-XL_ep400) on [768, 32, 32] latents: the reference's 512 training
+        # config (the 256 recipe, decay to epoch 800) stopped at epoch 400, as released; the shift follows
+        # the latent, sqrt(32*32*768 / 4096) = sqrt(192). (That config's latent_size still says 16x16; the
+        # sampling config's 32x32 is the one that fits the checkpoints.)
+        "train_diffusion": dict(model="ditdh-xl", batch_size=1024, lr=2e-4, final_lr=2e-5, beta1=0.9, beta2=0.95,
+                                weight_decay=0.0, warmup_epochs=40, decay_end_epoch=800, epochs=400,
+                                warmup_from_zero=False, grad_clip=1.0, ema_decay=0.9995, label_dropout=0.1,
+                                time_dist="logit_normal", t_mean=0.0, t_std=1.0, shift_base=4096,
+                                log_every=100, checkpoint_every=5000, sample_every=10000),
+        # The reference's 512 sampling config: 50 points, AutoGuidance by DiT^DH-S (ep20) at 1.5.
+        "sample": dict(per_class=50, solver="euler", steps=50, ag_scale=1.5),
         "decode": dict(batch_size=64),
     },
     "demo": {

@@ -249,3 +249,41 @@ def test_imported_models_sample_with_autoguidance_and_decode(imported, tmp_path)
         assert f["arr_0"].shape == (10, 64, 64, 3) and sorted(f["arr_1"].tolist()) == list(range(10))
     sampling = json.loads((tmp_path / "s.zarr" / "manifest.json").read_text())["sampling"]
     assert sampling["guidance"] == "autoguidance" and sampling["shift"] == pytest.approx(math.sqrt(96 * 16 / 4096))
+
+
+def test_imagenet512_release_imports_samples_with_autoguidance_and_decodes_at_512(tmp_path):
+    """The four released 512 files (ViTXL_n08_i512, imagenet1k_512/stat.pt, DiTDH-XL_ep400 and its
+    DiTDH-S_ep20 guide) on the [C, 32, 32] grid of DINOv2 at 448 px (tiny widths, real grid), then
+    `--preset imagenet512` sampling (AutoGuidance 1.5, the shift of a 32 x 32 grid) and decoding to
+    512 px, all through the command line."""
+    c, grid = 96, 32
+    g = torch.Generator().manual_seed(0)
+    mean, var = torch.randn(c, grid, grid, generator=g), torch.rand(c, grid, grid, generator=g) + 0.1
+    torch.save({"mean": mean, "var": var}, tmp_path / "stat.pt")
+
+    def dit_512(seed, width):
+        return _randomised(dit.DiTDH(in_channels=c, input_size=grid, width=width, depth=1, num_heads=2,
+                                     head_width=128, head_depth=1, head_num_heads=4, num_classes=10), seed)
+
+    xl, s = dit_512(1, 48), dit_512(2, 32)
+    torch.save(dit.to_reference_state_dict(xl), tmp_path / "xl.pt")
+    torch.save(dit.to_reference_state_dict(s), tmp_path / "s.pt")
+    decoder = _randomised(dec.ViTDecoder(in_dim=c, grid=grid, patch_size=16, width=64, depth=1, heads=4, mlp_dim=128), 3)
+    torch.save(dec.to_reference_state_dict(decoder.state_dict()), tmp_path / "model.pt")
+    demo = ("--encoder", "dinov2-demo")
+    run_rae("import", "stats", tmp_path / "stat.pt", "--out", tmp_path / "stats")
+    run_rae("import", "diffusion", tmp_path / "xl.pt", "--out", tmp_path / "xl", "--stats", tmp_path / "stats", *demo)
+    run_rae("import", "diffusion", tmp_path / "s.pt", "--out", tmp_path / "s", "--stats", tmp_path / "stats", *demo)
+    run_rae("import", "decoder", tmp_path / "model.pt", "--out", tmp_path / "dec", "--heads", "4", *demo)
+    for run in ("xl", "s"):
+        info = json.loads((tmp_path / run / "config.json").read_text())
+        assert info["latent_shape"] == [c, grid, grid] and info["image_size"] == 512
+        assert info["flow"]["shift"] == pytest.approx(math.sqrt(c * grid * grid / 4096))
+    run_rae("sample", "--model", tmp_path / "xl", "--out", tmp_path / "s.zarr", "--preset", "imagenet512",
+            "--per-class", "1", "--classes", "3", "--classes", "7", "--guidance", "autoguidance",
+            "--guide-model", tmp_path / "s", "--steps", "2", "--device", "cpu")
+    sampling = read_manifest(tmp_path / "s.zarr")["sampling"]
+    assert sampling["guidance"] == "autoguidance" and sampling["scale"] == 1.5
+    run_rae("decode", tmp_path / "s.zarr", "--decoder", tmp_path / "dec", "--out", tmp_path / "img", "--device", "cpu")
+    with np.load(tmp_path / "img" / "samples.npz") as f:
+        assert f["arr_0"].shape == (2, 512, 512, 3) and sorted(f["arr_1"].tolist()) == [3, 7]
