@@ -1,6 +1,6 @@
 """Numerical parity of the decoder-training models with the authors' reference code (dev script).
 
-    python benchmarks/parity_decoder.py --reference /path/to/RAE-checkout [--sizes vit-b,vit-xl]
+    python benchmarks/parity_decoder.py --reference /path/to/RAE-checkout [--sizes vit-b,vit-xl] [--image-sizes 256,512]
 
 Builds the reference modules and ours with the same random weights (decoder through
 ``from_reference_state_dict``) and prints the max absolute and relative difference of the
@@ -59,7 +59,7 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() > 1 else 0.1) + centre)
 
 
-def check_decoder(ref_root: Path, size: str, patch_size: int, batch: int, device: str = "cpu") -> float:
+def check_decoder(ref_root: Path, size: str, patch_size: int, batch: int, device: str = "cpu", grid: int = 16) -> float:
     import json
 
     from transformers import ViTMAEConfig
@@ -67,14 +67,14 @@ def check_decoder(ref_root: Path, size: str, patch_size: int, batch: int, device
     dec = importlib.import_module("ref_decoders.decoder")
     cfg_dir = ref_root / "configs/decoder" / {"vit-b": "ViTB", "vit-l": "ViTL", "vit-xl": "ViTXL"}[size]
     fields = json.loads((cfg_dir / "config.json").read_text())
-    in_dim, grid = 768, 16
-    # as the reference RAE sets it up for DINOv2-B at 224 (256 tokens)
+    in_dim = 768
+    # as the reference RAE sets it up for DINOv2-B at 224 (256 tokens) or at 448 (1024 tokens, 512 px)
     fields.update(hidden_size=in_dim, patch_size=patch_size, image_size=patch_size * grid)
     config = ViTMAEConfig(**{k: v for k, v in fields.items() if not k.startswith("_")})
     torch.manual_seed(0)
     ref = dec.GeneralDecoder(config, num_patches=grid * grid).eval()
     ours = ViTDecoder(in_dim, grid, patch_size, **DECODER_SIZES[size]).eval()
-    print(f"{size} p_d={patch_size}: params reference {sum(p.numel() for p in ref.parameters()) / 1e6:.2f}M, "
+    print(f"{size} p_d={patch_size} grid {grid}x{grid}: params reference {sum(p.numel() for p in ref.parameters()) / 1e6:.2f}M, "
           f"ours {sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M")
     report(f"  {size} fixed position embedding (as built)", ours.pos_embed, ref.decoder_pos_embed)
 
@@ -91,10 +91,10 @@ def check_decoder(ref_root: Path, size: str, patch_size: int, batch: int, device
         x_ref = ref.unpatchify(ref(tokens, drop_cls_token=False).logits) * std + mean
         x_ours = ours(z)
     assert x_ours.shape == x_ref.shape == (batch, 3, grid * patch_size, grid * patch_size)
-    return report(f"  {size} p_d={patch_size} decoded images [{device}]", x_ours, x_ref)
+    return report(f"  {size} p_d={patch_size} {grid}x{grid} tokens -> {grid * patch_size} px [{device}]", x_ours, x_ref)
 
 
-def check_encoder(ref_root: Path, batch: int, device: str = "cpu") -> float:
+def check_encoder(ref_root: Path, batch: int, device: str = "cpu", image_size: int = 256) -> float:
     """Our timm DINOv2-B (+4 registers) encoder vs the reference's ``Dinov2withNorm`` (Hugging Face
     ``Dinov2WithRegistersModel``, final LayerNorm without affine) from the same random weights: the
     Hugging Face model is saved with ``save_pretrained`` (the layout of ``facebook/dinov2-with-
@@ -102,7 +102,7 @@ def check_encoder(ref_root: Path, batch: int, device: str = "cpu") -> float:
     ``rae encode --encoder-weights`` (converted to the original DINOv2 layout, then timm's filter
     resamples the 37x37 position embedding to 16x16 once at load time; the reference interpolates
     at every forward). Images: 256x256 -> bicubic 224 -> ImageNet mean/std, as the reference's
-    ``RAE.encode``."""
+    ``RAE.encode`` (512x512 -> 448 -> [768, 32, 32] for ``image_size`` 512)."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     from stages.encoders import build_encoder
@@ -117,23 +117,24 @@ def check_encoder(ref_root: Path, batch: int, device: str = "cpu") -> float:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ref = dinov2.Dinov2withNorm(dinov2_path=tmp).eval()
-        ours, _ = build_encoder("dinov2-b", 256, weights=str(Path(tmp) / "model.safetensors"))
+        ours, _ = build_encoder("dinov2-b", image_size, weights=str(Path(tmp) / "model.safetensors"))
     ref.to(device), ours.to(device)
+    size, grid = image_size * 7 // 8, image_size * 7 // 8 // 14  # 224 -> 16x16, 448 -> 32x32
     g = torch.Generator().manual_seed(8)
-    images = (torch.rand(batch, 3, 256, 256, generator=g) * 255).round().to(torch.uint8).to(device)
+    images = (torch.rand(batch, 3, image_size, image_size, generator=g) * 255).round().to(torch.uint8).to(device)
     mean = torch.tensor((0.485, 0.456, 0.406), device=device).view(1, 3, 1, 1)
     std = torch.tensor((0.229, 0.224, 0.225), device=device).view(1, 3, 1, 1)
     with torch.no_grad():
-        x = torch.nn.functional.interpolate(images.float() / 255, size=(224, 224), mode="bicubic",
+        x = torch.nn.functional.interpolate(images.float() / 255, size=(size, size), mode="bicubic",
                                             align_corners=False)
         tokens = ref((x - mean) / std)
-        z_ref = tokens.transpose(1, 2).reshape(batch, 768, 16, 16)
+        z_ref = tokens.transpose(1, 2).reshape(batch, 768, grid, grid)
         z_ours = ours(images)
         emb = hf.to(device).embeddings
-        pos_ref = emb.interpolate_pos_encoding(torch.zeros(1, 257, 768, device=device), 224, 224)[:, 1:]
-    report(f"  position embedding at 16x16 (timm at load vs HF per forward) [{device}]",
+        pos_ref = emb.interpolate_pos_encoding(torch.zeros(1, grid * grid + 1, 768, device=device), size, size)[:, 1:]
+    report(f"  position embedding at {grid}x{grid} (timm at load vs HF per forward) [{device}]",
            ours.vit.pos_embed, pos_ref)
-    return report(f"  DINOv2-B/14+reg4 latents [768, 16, 16] [{device}]", z_ours, z_ref)
+    return report(f"  DINOv2-B/14+reg4 latents [768, {grid}, {grid}] from {image_size} px [{device}]", z_ours, z_ref)
 
 
 def check_discriminator(ref_root: Path, batch: int) -> float:
@@ -206,6 +207,8 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list of parts to skip: "
                                                    "encoder,decoder,discriminator,lpips")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (encoder and decoder; fp32, TF32 off)")
+    parser.add_argument("--image-sizes", default="256", help="comma list: 256 (16x16 tokens) and/or 512 "
+                                                              "(DINOv2 at 448: 32x32 tokens, the 512 decoder)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_grad_enabled(True)
@@ -217,12 +220,17 @@ def main() -> None:
     sys.modules["ref_encoders"].register_encoder = lambda *a, **k: (lambda cls: cls)  # its registry decorator
 
     worst = 0.0
+    image_sizes = [int(v) for v in args.image_sizes.split(",")]
     if "encoder" not in skip:
-        worst = max(worst, check_encoder(args.reference, args.batch, args.device))
+        for image_size in image_sizes:
+            worst = max(worst, check_encoder(args.reference, args.batch, args.device, image_size))
     if "decoder" not in skip:
-        for size in args.sizes.split(","):
-            worst = max(worst, check_decoder(args.reference, size, 16, args.batch, args.device))
-        worst = max(worst, check_decoder(args.reference, "vit-b", 32, args.batch, args.device))  # p_d = 2 p_e
+        for image_size in image_sizes:
+            grid = image_size // 16
+            for size in args.sizes.split(","):
+                worst = max(worst, check_decoder(args.reference, size, 16, args.batch, args.device, grid))
+            if image_size == 256:  # p_d = 2 p_e: 16x16 tokens to 512 px
+                worst = max(worst, check_decoder(args.reference, "vit-b", 32, args.batch, args.device))
     if "discriminator" not in skip:
         worst = max(worst, check_discriminator(args.reference, args.batch))
     if "lpips" not in skip:

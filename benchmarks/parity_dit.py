@@ -92,7 +92,7 @@ def report(rows, name, ours, ref):
 
 @torch.no_grad()
 def compare(label, ref_cls, ref_kwargs, guide_kwargs, Sampler, create_transport, batch, steps_full,
-            seed, rows, guided_full=True, device="cpu"):
+            seed, rows, guided_full=True, device="cpu", shift=math.sqrt(196608 / 4096), ag_scale=1.42):
     print(f"{label} [{device}]:")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -124,7 +124,6 @@ def compare(label, ref_cls, ref_kwargs, guide_kwargs, Sampler, create_transport,
     if guide_kwargs is None:
         return
 
-    shift = math.sqrt(196608 / 4096)
     ref_sampler = Sampler(create_transport("Linear", "velocity", time_dist_shift=shift))
     noise = torch.randn(batch, C, H, H, generator=gen)
     y = torch.randint(0, num_classes, (batch,), generator=gen)
@@ -151,11 +150,11 @@ def compare(label, ref_cls, ref_kwargs, guide_kwargs, Sampler, create_transport,
             lambda fn: fn(noise_both, ref.forward_with_cfg, y=y_both, cfg_scale=1.5,
                           cfg_interval=(0.1, 0.8))[-1].chunk(2)[0],
             flow.guided_velocity(ours, y, "cfg", 1.5, (0.1, 0.8))),
-        "AutoGuidance 1.42": (
-            lambda fn: fn(noise_both, ref.forward_with_autoguidance, y=y_both, cfg_scale=1.42,
+        f"AutoGuidance {ag_scale}": (
+            lambda fn: fn(noise_both, ref.forward_with_autoguidance, y=y_both, cfg_scale=ag_scale,
                           additional_model_forward=guide_ref.forward,
                           cfg_interval=(0.0, 1.0))[-1].chunk(2)[0],
-            flow.guided_velocity(ours, y, "autoguidance", 1.42, guide_model=guide)),
+            flow.guided_velocity(ours, y, "autoguidance", ag_scale, guide_model=guide)),
     }
     for num_points in (2, steps_full):
         fn = ref_sampler.sample_ode(sampling_method="euler", num_steps=num_points)
@@ -202,6 +201,16 @@ def main():
             dict(input_size=8, in_channels=32, hidden_size=[32, 96], depth=[1, 2],
                  num_heads=[2, 4], **common),
             Sampler, create_transport, 4, 50, args.seed, rows, device=args.device)
+    # ImageNet 512's grid: 32 x 32 tokens (DINOv2-B at 448 px), the 512 sampling config's shift
+    # sqrt(32*32*768 / 4096) = sqrt(192) and AutoGuidance scale 1.5; small widths.
+    compare("DiTwDDTHead (DiT^DH), 512 grid: C=32, 32x32, trunk 64x2, head 96x2; guide trunk 32x1",
+            DiTwDDTHead,
+            dict(input_size=32, in_channels=32, hidden_size=[64, 96], depth=[2, 2],
+                 num_heads=[4, 4], **common),
+            dict(input_size=32, in_channels=32, hidden_size=[32, 96], depth=[1, 2],
+                 num_heads=[2, 4], **common),
+            Sampler, create_transport, 2, 50, args.seed, rows, device=args.device,
+            shift=math.sqrt(786432 / 4096), ag_scale=1.5)
     if args.real:
         real = dict(input_size=16, in_channels=768, patch_size=1, mlp_ratio=4.0, num_classes=1000)
         compare("DiTwDDTHead real size: DiT^DH-S on [768, 16, 16] (guide: 1-block trunk)",
