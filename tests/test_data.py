@@ -54,6 +54,12 @@ def test_reader_returns_latents_labels_and_matching_images(demo_images, tmp_path
                                 for k in range(flip_plan.steps_per_epoch)])
         assert len(np.unique(source[taken])) == len(taken)  # no image twice in an epoch
         mirrored.append(flipped[taken].mean())
-    assert 0.2 < np.mean(mirrored) < 0.8 and len(set(mirrored)) > 1  # both versions, varying per epoch
-    mean, var = torch.randn(96, 4, 4), torch.rand(96, 4, 4)
-    torch.testing.assert_close(denormalize(normalize(lat, mean, var), mean, var), lat, rtol=1e-5, atol=1e-5)
+    # both versions, varying per epoch: a seeded numpy plan (the same draws on every machine) gives 0.52;
+    # 4 epochs x 40 images of p = 1/2 coin flips have standard error 0.04: 0.2 and 0.8 are 7 SE away.
+    assert 0.2 < np.mean(mirrored) < 0.8 and len(set(mirrored)) > 1
+    g = torch.Generator().manual_seed(0)
+    mean, var = torch.randn(96, 4, 4, generator=g), torch.rand(96, 4, 4, generator=g)
+    # float32 round trip: z - m, / s, * s, + m round once each (s = sqrt(var + eps) is the same number
+    # both ways): |err| <= 3 u32 |z - m| + u32 |z| + O(u32^2) <= 5 u32 (|z| + |m|), elementwise.
+    back = denormalize(normalize(lat, mean, var), mean, var)
+    assert ((back - lat).abs() <= 5 * 2.0**-24 * (lat.abs() + mean.abs())).all()

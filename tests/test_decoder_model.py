@@ -1,4 +1,8 @@
-"""The RAE pixel decoder (stages/models/decoder.py): sizes, reference key mapping, shapes, noise."""
+"""The RAE pixel decoder (stages/models/decoder.py): sizes, reference key mapping, shapes, noise.
+
+Floating-point comparisons are exact where both sides run the same operations; otherwise the bound
+comes from the error model written beside it, so it holds on any CPU, vector instruction set and
+thread count."""
 import pytest
 import torch
 
@@ -86,7 +90,8 @@ def test_output_undoes_encoder_normalisation():
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.fill_(1.0)  # "+1 std" in encoder input space
-    assert torch.allclose(model(torch.randn(1, 8, 4, 4)), torch.ones(1, 3, 16, 16))
+    # 0 * finite + 1 = 1 and 1 * 0.5 + 0.5 = 1: exact
+    assert torch.equal(model(torch.randn(1, 8, 4, 4)), torch.ones(1, 3, 16, 16))
     assert "image_mean" not in model.state_dict()  # configuration, not weights
     assert torch.equal(tiny().image_mean.flatten(), torch.tensor(IMAGENET_MEAN))
 
@@ -101,8 +106,10 @@ def test_position_embedding_is_fixed_sincos_with_zero_cls_slot():
     # MAE convention: first half encodes the column, second half the row; sin(0) = 0, cos(0) = 1
     assert torch.equal(table[:, 0, :8], torch.zeros(4, 8)) and torch.equal(table[:, 0, 8:16], torch.ones(4, 8))
     assert torch.equal(table[0, :, 16:24], torch.zeros(4, 8))
-    assert torch.allclose(table[2, 3, :16], table[0, 3, :16])  # same column
-    assert not torch.allclose(table[2, 3, 16:], table[0, 3, 16:])  # different row
+    # Same column: sin/cos of the same float64 angles, but possibly one through a vector and one through
+    # a scalar routine (each within 1 ulp), then rounded to float32: at most 1 float32 ulp apart.
+    torch.testing.assert_close(table[2, 3, :16], table[0, 3, :16], rtol=2.0**-23, atol=0)
+    assert (table[2, 3, 16:] - table[0, 3, 16:]).abs().max() > 0.1  # different row: O(1) apart
 
 
 def test_last_layer_weight_is_the_pixel_head():
@@ -120,7 +127,7 @@ def test_tiny_decoder_overfits_a_few_latents():
     torch.set_num_threads(1)  # tiny ops: thread hand-offs cost more than they save on a busy CPU
     try:
         losses = []
-        for _ in range(200):
+        for _ in range(150):
             loss = (model(z) - images).abs().mean()
             opt.zero_grad()
             loss.backward()
@@ -128,17 +135,26 @@ def test_tiny_decoder_overfits_a_few_latents():
             losses.append(loss.item())
     finally:
         torch.set_num_threads(threads)
-    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+    # The best output that ignores the latents (each pixel's median over the 4 images) has 30% of the
+    # initial L1 loss (0.20 of 0.67); fitting each image from its latent goes below. Training is chaotic
+    # in the last bits (other CPUs take other trajectories), so the bound is statistical: seeds 0-2 end
+    # at 0.156-0.160 of the initial loss.
+    assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
 
 
 def test_noise_augmentation_draws_one_sigma_below_tau_per_sample():
     tau, z = 0.8, torch.zeros(64, 16, 16, 16)
     noisy = add_noise(z, tau, generator=torch.Generator().manual_seed(0))
-    sigma = noisy.flatten(1).std(dim=1)  # 4096 values per sample: std estimate within a few %
+    # Seeded draws (the normal ones may differ in their last bits between CPUs, which moves these
+    # statistics by ~1e-7): a std estimate from n normal values has relative standard error
+    # 1 / sqrt(2n), 1.1% for a sample's 4096 values, so 5% above the largest sigma (< tau) is > 4 SE.
+    sigma = noisy.flatten(1).std(dim=1)
     assert (sigma < tau * 1.05).all()
+    # 64 uniform sigmas: P(none below 0.2 tau or none above 0.8 tau) = 2 * 0.8^64 = 1e-6 (and seeded)
     assert sigma.min() < 0.2 * tau and sigma.max() > 0.8 * tau  # spread over [0, tau)
-    per_channel = noisy.flatten(2).std(dim=2)  # the same sigma for all of a sample's channels
-    assert torch.allclose(per_channel / sigma[:, None], torch.ones(64, 16), atol=0.25)
+    # the same sigma for all of a sample's channels: 256 values each, relative SE 4.4%; 0.25 is 5.7 SE
+    per_channel = noisy.flatten(2).std(dim=2)
+    assert ((per_channel / sigma[:, None] - 1).abs() <= 0.25).all()
     again = add_noise(z, tau, generator=torch.Generator().manual_seed(0))
     assert torch.equal(noisy, again)
     assert add_noise(z, 0.0) is z
@@ -149,4 +165,4 @@ def test_forward_adds_no_noise_in_train_or_eval_mode():
     model.train()
     a, b = model(z), model(z)
     model.eval()
-    assert torch.equal(a, b) and torch.equal(a, model(z))
+    assert torch.equal(a, b) and torch.equal(a, model(z))  # the same operations each time

@@ -1,7 +1,11 @@
 """stages.evaluate / rae eval: formats, references, the weights paths, and whole runs (1 and 2 ranks).
 
 Networks are the real ones (torch-fidelity's InceptionV3, timm's DINOv2 ViT-S/14) with random
-weights that the tests write to files and load through the real loading paths."""
+weights that the tests write to files and load through the real loading paths.
+
+Floating-point comparisons are exact where both sides run the same operations on the same inputs;
+otherwise the tolerance comes from the error model written beside it (u64 = 2^-53, u16 = 2^-11), so it
+holds on any CPU, BLAS kernel, vector instruction set and thread count."""
 import json
 import os
 import socket
@@ -13,12 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
+from stages import metrics as M
 from stages.errors import ArtifactError, RaeError
 from stages.evaluate import (EvalConfig, ImageSet, RefStats, _Collector, inception_cache_path, load_dinov2,
                              load_inception, load_ref_stats, open_reference, read_adm_npz, run, save_adm_npz,
                              save_ref_stats)
 from stages.weights import MissingWeightsError, WeightsFileError
 
+U64, U16 = 2.0**-53, 2.0**-11
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 DINO_SMALL = "vit_small_patch14_dinov2.lvd142m"
 
@@ -161,13 +167,13 @@ def test_inception_features_through_torch_fidelity_from_the_hub_cache(torch_home
     net = load_inception(offline=True)  # found where torch-fidelity's own download would have put it
     assert net.identity["weights"] == str(torch_home / "hub" / "checkpoints" / INCEPTION_FILE)
     assert net.identity["official"] is False  # random test weights: not the published file's digest
-    x = torch.from_numpy(_smooth_images(3, 40, seed=5)).permute(0, 3, 1, 2).contiguous()
+    x = torch.from_numpy(_smooth_images(2, 40, seed=5)).permute(0, 3, 1, 2).contiguous()
     pool, logits = net(x)
-    assert pool.shape == (3, 2048) and logits.shape == (3, 1008)
+    assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
     assert torch.isfinite(pool).all() and torch.isfinite(logits).all() and pool.std() > 0
-    # The same file through --inception-weights gives the same features.
+    # The same file through --inception-weights gives the same features (same weights, same kernels).
     same, _ = load_inception(torch_home / "hub" / "checkpoints" / INCEPTION_FILE)(x)
-    torch.testing.assert_close(same, pool, rtol=0, atol=0)
+    assert torch.equal(same, pool)
 
 
 def test_inception_file_of_the_wrong_network_is_one_line_error(tmp_path):
@@ -193,32 +199,60 @@ def test_dinov2_loads_from_a_file_at_224_with_the_hub_position_embedding(dino_fi
 
 def test_eval_end_to_end_fid_is_pr_kid_then_save_ref_and_reuse(torch_home, folders, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    # The four runs load the same Inception file: read it once (~1 s each; loading is tested above).
+    import stages.evaluate
+
+    real_load, loaded = stages.evaluate.load_inception, {}
+
+    def load_once(*args):
+        if repr(args) not in loaded:
+            loaded[repr(args)] = real_load(*args)
+        return loaded[repr(args)]
+
+    monkeypatch.setattr(stages.evaluate, "load_inception", load_once)
     a, b = folders
     base = dict(metrics=("fid", "is", "pr", "kid"), offline=True, num_workers=0, device="cpu", kid_subsets=5)
     r = run(EvalConfig(images=str(a), ref=str(b), save_ref=str(tmp_path / "a_stats.safetensors"), **base))
     m = r["metrics"]
     assert set(m) == {"fid", "is", "is_std", "precision", "recall", "kid", "kid_std"} and r["skipped"] == {}
-    assert np.isfinite(m["fid"]) and m["fid"] > 0 and m["is"] >= 1.0 and 0 <= m["precision"] <= 1
+    # FID(A, B) = 10.3 here; IS = exp(KL) >= 1 (KL = 4e-5 here, float64 rounding ~1e-13)
+    assert np.isfinite(m["fid"]) and m["fid"] > 1 and m["is"] >= 1.0 and 0 <= m["precision"] <= 1
     assert r["num_images"] == 4 and r["num_ref_images"] == 4 and r["fid_reference"] == "computed from the reference images"
     on_disk = json.loads((a / "eval.json").read_text())
-    assert on_disk["metrics"] == m
+    assert on_disk["metrics"] == m  # JSON writes floats with repr: exact round trip
     assert on_disk["extractors"]["inception"]["weights_sha256"] == r["extractors"]["inception"]["weights_sha256"]
     assert len(on_disk["reference"]["stats_sha256"]) == 64 and on_disk["reference"]["kind"] == "folder"
 
-    # An ADM reference batch: FID against its mu/sigma (here A's own: ~0), precision/recall against
-    # its images (B's: the same as above).
+    # An ADM reference batch: FID against its mu/sigma (here A's own), precision/recall against its images
+    # (B's: the same as above). FID's maths is test_metrics' and the first run's; what matters here is
+    # which statistics it is given, so frechet_distance is spied on (and the 2048 x 2048 eigenproblems,
+    # seconds each, are skipped).
     saved = load_ref_stats(tmp_path / "a_stats.safetensors")
     assert saved.pool.shape == (4, 2048) and saved.sigma.shape == (2048, 2048)
     b_images = np.stack([np.asarray(Image.open(p)) for p in sorted(b.glob("*.png"))])
     np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=b_images, mu=saved.mu, sigma=saved.sigma)
-    r_adm = run(EvalConfig(images=str(a), ref=str(tmp_path / "VIRTUAL_ref.npz"), out=str(tmp_path / "adm.json"),
-                           **{**base, "metrics": ("fid", "pr")}))
+    calls = []
+    with monkeypatch.context() as spy:
+        spy.setattr(M, "frechet_distance", lambda *stats: calls.append(stats) or 0.125)
+        r_adm = run(EvalConfig(images=str(a), ref=str(tmp_path / "VIRTUAL_ref.npz"), out=str(tmp_path / "adm.json"),
+                               **{**base, "metrics": ("fid", "pr")}))
     assert r_adm["reference"]["kind"] == "adm-ref-batch"
-    assert r_adm["fid_reference"] == "precomputed mu/sigma of the reference"
-    assert r_adm["metrics"]["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert r_adm["fid_reference"] == "precomputed mu/sigma of the reference" and r_adm["metrics"]["fid"] == 0.125
+    # A's statistics, recomputed bit for bit (same images, batches and kernels, float64 sums in the same
+    # order), against the batch's mu/sigma as stored: exact.
+    (mu1, sigma1, mu2, sigma2), = calls
+    for got, want in ((mu1, saved.mu), (sigma1, saved.sigma), (mu2, saved.mu), (sigma2, saved.sigma)):
+        np.testing.assert_array_equal(got, want)
+    # The same pool features on both sides (A's recomputed, B's from the same pixels): exactly the same
     assert (r_adm["metrics"]["precision"], r_adm["metrics"]["recall"]) == (m["precision"], m["recall"])
 
-    # The cached statistics of A (its pool features) as the reference for A: precision = recall = 1.
+    # The cached statistics of A (its pool features) as the reference for A: precision = recall = 1, as
+    # each point's float16 distance to itself (<= 8 u16 ||u||^2: float32 accumulation, float16 roundings
+    # of the terms and sums) is below every radius (the farthest of the 3 others, minus as much).
+    pool = saved.pool.astype(np.float64)
+    sq = (pool ** 2).sum(1)
+    radii = (sq[:, None] - 2 * pool @ pool.T + sq[None]).max(1)
+    assert 2 * 8 * U16 * sq.max() < radii.min()
     r2 = run(EvalConfig(images=str(a), ref=str(tmp_path / "a_stats.safetensors"), out=str(tmp_path / "self.json"),
                         **{**base, "metrics": ("pr",)}))
     assert (r2["metrics"]["precision"], r2["metrics"]["recall"]) == (1.0, 1.0)
@@ -240,6 +274,10 @@ def test_offline_eval_reports_psnr_ssim_and_fd_and_says_what_it_skipped(no_cache
                        device="cpu", fd_model=DINO_SMALL, dinov2_weights=str(dino_file)))
     m = r["metrics"]
     assert set(m) == {"psnr", "ssim", f"fd_{DINO_SMALL}"}
+    # Seeded integer noise, uniform on [-8, 8] (clipped): PSNR 34.4 dB, exact up to float64 rounding (the
+    # MSE of integer images is exact); SSIM 0.94. The random ViT's features are small: FD >= |mu1 - mu2|^2
+    # = 2.2e-10, and float64 rounding (rank-3 covariances of 384-dim features, ||sigma|| = 4.3e-7) can
+    # lower it by at most 2 * 381 sqrt(384 u64) ||sigma|| = 7e-11 (see test_metrics): FD > 0.
     assert 25 < m["psnr"] < 40 and 0 < m["ssim"] < 1 and m[f"fd_{DINO_SMALL}"] > 0
     assert set(r["skipped"]) == {"fid", "is", "pr", "kid"}
     assert all(INCEPTION_FILE in why for why in r["skipped"].values())
@@ -319,23 +357,43 @@ def test_two_ranks_reduce_to_the_single_process_numbers(folders, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_two_rank_worker, args=(2, port, {**cfg, "out": str(tmp_path / "2.json")}, str(tmp_path)),
-                                nprocs=2, join=True)
+    # Forked (not spawned) ranks where the platform can: no second import of torch and timm (~5 s). The
+    # workers run on one thread each.
+    import multiprocessing
+
+    torch.multiprocessing.start_processes(
+        _two_rank_worker, args=(2, port, {**cfg, "out": str(tmp_path / "2.json")}, str(tmp_path)), nprocs=2,
+        join=True, start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     got = np.load(tmp_path / "ranks.npz")
     assert int(got["world"]) == 2
 
     single = run(EvalConfig(**{**cfg, "out": str(tmp_path / "1.json")}))["metrics"]
     multi = json.loads(str(got["metrics"]))
     assert set(single) == set(multi) == {"psnr", "ssim"}
-    for k in single:
-        assert multi[k] == pytest.approx(single[k], rel=1e-12), k
+    # Per-image PSNR is exact (integer MSE in float64, the same log10 of a 1-element tensor); only the
+    # order of the 4-term float64 sum differs: <= 3 u64 relative.
+    assert multi["psnr"] == pytest.approx(single["psnr"], rel=1e-14)
+    # Per-image SSIM in float64 through convolutions whose kernels may differ with the thread count (the
+    # ranks run one thread): each window's moments carry <= 67 u64 * 255^2 = 5e-10, moving its SSIM by
+    # <= 4 * 5e-10 / C2 (58.5) = 3.4e-11 (see test_metrics), on either side.
+    assert multi["ssim"] == pytest.approx(single["ssim"], rel=0, abs=1e-10)
 
     col = _collect(_test_images(), 0, 1)
     mu, sigma = col.inc_stats.mean_cov()
     assert int(got["n"]) == 11 and col.inc_stats.sum.dtype == torch.float64
-    np.testing.assert_allclose(got["mu"], mu, rtol=1e-13)
-    np.testing.assert_allclose(got["sigma"], sigma, rtol=1e-10, atol=1e-10 * np.abs(sigma).max())
-    assert float(got["is_"]) == pytest.approx(col.is_parts.compute()[0], rel=1e-12)
+    # The fake features are exact per image (integer pixel sums in float64, one rounding each), so the
+    # gathered pool features are equal bit for bit, and the statistics differ only in the order of
+    # their float64 sums over 11 images: the mean of positive values by <= 12 u64 relative ...
+    feats = col.pool.astype(np.float64)
+    assert feats.min() >= 0
+    np.testing.assert_allclose(got["mu"], mu, rtol=1e-14, atol=0)
+    # ... the covariance entries by <= 2 * 12 u64 * sum_k |x_ki x_kj| / (n - 1) on each side.
+    bound = 2 * 2 * 12 * U64 * (np.abs(feats).T @ np.abs(feats)) / 10
+    assert (np.abs(got["sigma"] - sigma) <= bound).all()
+    # IS = exp(KL) per split (3 splits of <= 4 images): the KL is a difference of float64 sums of <= 4 x
+    # 1008 terms of total size <= 4 log(1008) = 28, summed in other orders: <= 2 * 4032 u64 * 28 / 4
+    # = 6.3e-12 on each KL, hence on each score (~1) and their mean.
+    assert float(got["is_"]) == pytest.approx(col.is_parts.compute()[0], rel=1e-11)
     np.testing.assert_array_equal(got["pool"], col.pool)  # gathered back in image order
     np.testing.assert_array_equal(col.pool, _FakeInception()(_test_images())[0].numpy())
 
@@ -355,6 +413,7 @@ def test_cli_prints_a_table_and_user_errors_as_one_line(no_cache, folders, tmp_p
                              "--out", str(tmp_path / "e.json")])
     assert ok.exit_code == 0, ok.output
     assert "PSNR" in ok.output and "SSIM" in ok.output and "skipped" in ok.output
-    assert json.loads((tmp_path / "e.json").read_text())["metrics"]["ssim"] == pytest.approx(1.0)
+    # SSIM of images with themselves: every window's ratio is 1 within 8 u64 (see test_metrics)
+    assert json.loads((tmp_path / "e.json").read_text())["metrics"]["ssim"] == pytest.approx(1.0, rel=1e-14)
     bad = runner.invoke(app, ["eval", str(tmp_path / "missing"), "--offline"])
     assert bad.exit_code == 1 and "error:" in bad.output and "not found" in bad.output

@@ -1,5 +1,9 @@
 """Flow-matching maths: shift, time distribution, path/loss, solvers (against the exact
-Gaussian case), the reference time grid, and CFG / AutoGuidance with guidance intervals."""
+Gaussian case), the reference time grid, and CFG / AutoGuidance with guidance intervals.
+
+Floating-point comparisons are exact where both sides run the same operations on the same shapes;
+otherwise the tolerance comes from the error model written beside it (u32 = 2^-24, u64 = 2^-53 are
+the unit roundoffs), so it holds on any CPU, vector instruction set and thread count."""
 
 import math
 
@@ -13,14 +17,18 @@ from stages.models.dit import DiT
 
 
 def test_shift_formula_and_default_shift():
-    assert flow.shift_time(0.5, 3.0) == pytest.approx(0.75)  # 3*0.5 / (1 + 2*0.5)
+    # Python floats, every operation exact here: 3*0.5 = 1.5, 1 + 2*0.5 = 2, 1.5/2 = 0.75.
+    assert flow.shift_time(0.5, 3.0) == 0.75
     t = torch.linspace(0, 1, 11, dtype=torch.float64)
     shifted = flow.shift_time(t, 4.0)
-    assert shifted[0] == 0 and shifted[-1] == 1 and (shifted[1:-1] > t[1:-1]).all()
+    assert shifted[0] == 0 and shifted[-1] == 1 and (shifted[1:-1] > t[1:-1]).all()  # 0/1 and 4/4: exact
     assert torch.equal(flow.shift_time(t, 1.0), t)
-    torch.testing.assert_close(flow.unshift_time(shifted, 4.0), t)
-    assert flow.default_shift((768, 16, 16)) == pytest.approx(math.sqrt(48))  # 196608 / 4096
-    assert flow.default_shift((768, 32, 32)) == pytest.approx(math.sqrt(192))
+    # float64 round trip: 3 + 3 correctly rounded operations, and the inverse's relative condition
+    # number 4 / (4 - 3s) <= 4 amplifies them: |err| <= (3 + 4*3) u64 |t| < 2e-15 |t|.
+    torch.testing.assert_close(flow.unshift_time(shifted, 4.0), t, rtol=1e-14, atol=0)
+    # 196608 / 4096 = 48 exactly, and sqrt is correctly rounded: the same float on both sides.
+    assert flow.default_shift((768, 16, 16)) == math.sqrt(48)
+    assert flow.default_shift((768, 32, 32)) == math.sqrt(192)
     assert flow.default_shift((768, 16, 16), base=196608) == 1.0
 
 
@@ -37,7 +45,9 @@ def test_shifted_time_sampler_matches_closed_form_cdf(kind, mean, std):
     n, shift = 20000, math.sqrt(48)
     t = flow.sample_t(n, kind, mean, std, shift=shift, generator=torch.Generator().manual_seed(0))
     assert t.shape == (n,) and t.dtype == torch.float32 and 0 <= t.min() and t.max() <= 1
-    critical = 1.95 / math.sqrt(n)  # Kolmogorov-Smirnov at the 0.1% level
+    # Kolmogorov-Smirnov at the 0.1% level. Seeded: the statistic is a fixed number (0.0076 here) up to
+    # the last bits of ndtri/sigmoid/float32 rounding on another CPU, which move it by < 1e-6.
+    critical = 1.95 / math.sqrt(n)
     assert _ks_statistic(t, lambda s: flow.t_cdf(s, kind, mean, std, shift)) < critical
     # The test has power: the unshifted distribution is rejected.
     assert _ks_statistic(t, lambda s: flow.t_cdf(s, kind, mean, std, 1.0)) > 10 * critical
@@ -52,8 +62,13 @@ def test_time_sampling_is_reproducible_from_generator():
 
 def test_training_times_truncated_like_reference():
     t = flow.sample_t(100000, "uniform", generator=torch.Generator().manual_seed(0))
+    # Exact: u * t_max < t_max in float64, and rounding to float32 is monotone (the comparison rounds
+    # REFERENCE_T_MAX to float32 too).
     assert t.max() <= flow.REFERENCE_T_MAX
-    assert flow.t_cdf(flow.shift_time(flow.REFERENCE_T_MAX, 5.0), "logit_normal", shift=5.0) == 1.0
+    # float64: the CDF at the shifted truncation point is 1 up to a few roundings near 1 (< 100 u64);
+    # without the truncation it would be 1 - 2.5e-12.
+    cdf = flow.t_cdf(flow.shift_time(flow.REFERENCE_T_MAX, 5.0), "logit_normal", shift=5.0).item()
+    assert abs(cdf - 1.0) < 1e-14
 
 
 # ----------------------------------------------------------------------------- path and loss
@@ -68,17 +83,25 @@ def test_path_endpoints_and_velocity_target():
     x, eps = x.double(), eps.double()
     h = 1e-6
     numeric = (flow.interpolate(x, eps, t + h) - flow.interpolate(x, eps, t)) / h
-    torch.testing.assert_close(numeric, flow.target(x, eps), atol=1e-6, rtol=1e-6)
-    # t is per sample
-    torch.testing.assert_close(flow.interpolate(x, eps, t)[2], 0.5 * x[2] + 0.5 * eps[2])
+    # The path is linear in t, so the difference quotient has no truncation error, only float64
+    # rounding: each x_t carries <= 3 u64 (|x| + |eps|), t + h is off by <= u64, the difference
+    # <= u64 |x_t|; divided by h: <= (8 u64 (|x| + |eps|) + u64 |eps - x|) / h < 1.2e-8 for |x|, |eps| < 6.
+    assert max(x.abs().max(), eps.abs().max()) < 6
+    torch.testing.assert_close(numeric, flow.target(x, eps), rtol=0, atol=2e-8)
+    # t is per sample; t = 0.5 makes (1 - t) x + t eps the same float64 operations as 0.5 x + 0.5 eps
+    assert torch.equal(flow.interpolate(x, eps, t)[2], 0.5 * x[2] + 0.5 * eps[2])
 
 
 def test_loss_is_mean_squared_error():
     g = torch.Generator().manual_seed(0)
     pred, tgt = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
     per_sample = flow.loss(pred, tgt, reduction="none")
-    torch.testing.assert_close(per_sample, ((pred - tgt) ** 2).mean(dim=(1, 2, 3)))
-    torch.testing.assert_close(flow.loss(pred, tgt), ((pred - tgt) ** 2).mean())
+    # Against float64: the float32 loss rounds the difference and the square (2 u32 each term) and sums
+    # 48 positive terms in some order (<= 47 u32 of the sum): relative error <= 50 u32 = 3e-6; the
+    # batch mean adds 5 more terms: 55 u32 = 3.3e-6.
+    exact = ((pred.double() - tgt.double()) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(per_sample.double(), exact, rtol=3.5e-6, atol=0)
+    torch.testing.assert_close(flow.loss(pred, tgt).double(), exact.mean(), rtol=3.5e-6, atol=0)
     assert flow.loss(pred.bfloat16(), tgt).dtype == torch.float32
     assert flow.loss(tgt, tgt) == 0
 
@@ -88,6 +111,8 @@ def test_label_dropout_rate_and_null_label():
     dropped = flow.drop_labels(y, 0.1, 1000, torch.Generator().manual_seed(1))
     changed = dropped != y
     assert (dropped[changed] == 1000).all() and torch.equal(dropped[~changed], y[~changed])
+    # Seeded uniform draws (bit-identical on every CPU): 0.1003 here; the binomial standard error
+    # sqrt(0.1 * 0.9 / 20000) = 0.0021 puts 0.01 at 4.7 standard errors.
     assert abs(changed.float().mean().item() - 0.1) < 0.01
     assert torch.equal(dropped, flow.drop_labels(y, 0.1, 1000, torch.Generator().manual_seed(1)))
 
@@ -97,8 +122,12 @@ def test_label_dropout_rate_and_null_label():
 
 def test_standard_grid_runs_from_noise_to_data_on_the_shifted_schedule():
     grid = flow.time_grid(10, 3.0)
+    # shift_time maps 1 and 0 to 3/3 and 0/1: exact
     assert grid.shape == (11,) and grid[0] == 1 and grid[-1] == 0 and (grid.diff() < 0).all()
-    torch.testing.assert_close(grid, flow.shift_time(torch.linspace(1, 0, 11), 3.0))
+    # The float32 formula: linspace (<= 3 u32 of 1) and 4 operations on values <= 3, whose relative
+    # condition number is <= 1: |err| <= 10 u32 < 1e-6 for times in [0, 1] (the grid's float32
+    # rounding of the float64 result adds u32 / 2).
+    torch.testing.assert_close(grid, flow.shift_time(torch.linspace(1, 0, 11), 3.0), rtol=0, atol=1e-6)
 
 
 def test_reference_grid_has_fifty_points_and_stops_short_of_zero():
@@ -106,7 +135,10 @@ def test_reference_grid_has_fifty_points_and_stops_short_of_zero():
     grid = flow.time_grid(49, shift, "reference")
     assert grid.shape == (50,) and grid.dtype == torch.float32
     assert grid[0] == 1 and (grid.diff() < 0).all()
-    assert grid[-1].item() == pytest.approx(flow.shift_time(0.001, shift), rel=1e-4)
+    # The grid is float32: 1 - float32(0.999) is 0.001 up to float32's rounding of 0.999 (<= 2^-25, i.e.
+    # 3e-5 relative to 0.001); the shift's relative condition number is <= 1 and its 4 float32
+    # operations add 4 u32. Ending at 0 or at the unshifted 0.001 would be off by 100% / 85%.
+    assert grid[-1].item() == pytest.approx(flow.shift_time(0.001, shift), rel=3.5e-5, abs=0)
     assert 0.0068 < grid[-1] < 0.0070
     # the authors' expression, bit for bit
     u = 1 - torch.linspace(0, 1 - 1 / 1000, 50)
@@ -133,14 +165,24 @@ def _affine_error(solver, steps, shift=3.0):
 
 
 def test_solvers_transport_noise_to_the_gaussian_data_distribution():
-    noise = torch.randn(200000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # The solvers are affine in x for this field, so N(0, 1) noise becomes exactly N(b, a^2): check that
+    # a batch of noise is mapped sample by sample to b + a * noise, and that (b, a) is (MU, SIGMA) up
+    # to the discretisation error (euler 200 steps: 0.007, heun 50: 0.0001, deterministic float64).
+    noise = torch.randn(4096, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for solver, steps in [("euler", 200), ("heun", 50)]:
         x = flow.sample(gaussian_velocity, noise, steps, 3.0, solver)
-        assert x.mean().item() == pytest.approx(MU, abs=0.01)
-        assert x.std().item() == pytest.approx(SIGMA, abs=0.01)
+        ends = flow.sample(gaussian_velocity, torch.tensor([[0.0], [1.0]], dtype=torch.float64), steps, 3.0,
+                           solver)
+        b, a = ends[0, 0].item(), (ends[1, 0] - ends[0, 0]).item()
+        # float64 rounding only: <= 2 * steps velocity evaluations of ~6 operations on values < 6, each
+        # <= 6 * 6 u64, grown at most 2x by the flow: < 400 * 36 * 2 u64 = 3.2e-12; 1e-10.
+        torch.testing.assert_close(x, b + a * noise, rtol=0, atol=1e-10)
+        assert abs(b - MU) < 0.01 and abs(a - SIGMA) < 0.01
 
 
 def test_heun_is_more_accurate_than_euler_and_both_converge():
+    # Discretisation errors are >= 2.8e-5 (heun 100 steps) and the ratios asserted hold with >= 14%
+    # to spare; float64 rounding moves each error by < 1e-11.
     for steps in (5, 10, 20):
         assert _affine_error("heun", steps) < 0.2 * _affine_error("euler", steps)
     assert _affine_error("euler", 40) < 0.6 * _affine_error("euler", 20)
@@ -156,10 +198,10 @@ def test_solvers_evaluate_the_model_once_or_twice_per_step():
         return torch.zeros_like(x)
 
     flow.sample(velocity, torch.zeros(3, 2), 7, 2.0, "euler")
-    assert len(calls) == 7 and calls[0].shape == (3,) and (calls[0] == 1).all()
+    assert len(calls) == 7 and calls[0].shape == (3,) and (calls[0] == 1).all()  # 2/2: exact
     calls.clear()
     flow.sample(velocity, torch.zeros(3, 2), 7, 2.0, "heun")
-    assert len(calls) == 14 and (calls[-1] == 0).all()
+    assert len(calls) == 14 and (calls[-1] == 0).all()  # 0/1: exact
     calls.clear()
     flow.sample(velocity, torch.zeros(3, 2), 49, 2.0, "euler-ref")
     assert len(calls) == 49 and calls[-1][0] > 0  # never evaluates at the last grid point
@@ -202,6 +244,10 @@ def random_dit(seed):
     return model.eval()
 
 
+# The guidance tests compare the guided velocity with the model's own outputs computed on the same
+# batches (CFG: the batched [cond; null] pass), so every comparison is exact.
+
+
 @pytest.fixture(scope="module")
 def setup():
     g = torch.Generator().manual_seed(0)
@@ -226,8 +272,14 @@ def test_cfg_extrapolates_from_unconditional_in_one_batched_pass(setup):
     t = torch.full((4,), 0.5)
     v = flow.guided_velocity(recording, y, "cfg", scale=3.0)(x, t)
     assert recording.batches == [8]
-    cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, K))
-    torch.testing.assert_close(v, uncond + 3.0 * (cond - uncond))
+    cond, uncond = _batched_cond_uncond(model, x, t, y)
+    assert torch.equal(v, uncond + 3.0 * (cond - uncond))
+
+
+def _batched_cond_uncond(model, x, t, y):
+    """The conditional and unconditional velocities as CFG computes them: one pass over [x; x]."""
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, K)]))
+    return both.chunk(2)
 
 
 @torch.no_grad()
@@ -243,8 +295,8 @@ def test_autoguidance_extrapolates_away_from_the_bad_model(setup):
     model, guide, x, y = setup
     t = torch.full((4,), 0.5)
     v = flow.guided_velocity(model, y, "autoguidance", scale=1.42, guide_model=guide)(x, t)
-    good, bad = model(x, t, y), guide(x, t, y)
-    torch.testing.assert_close(v, bad + 1.42 * (good - bad))
+    good, bad = model(x, t, y), guide(x, t, y)  # the same batches as the guided velocity's
+    assert torch.equal(v, bad + 1.42 * (good - bad))
 
 
 @pytest.mark.parametrize("method", ["cfg", "autoguidance"])
@@ -255,12 +307,14 @@ def test_guidance_interval_switches_guidance_per_sample_in_model_time(setup, met
                                     guide_model=guide)
     t = torch.tensor([0.2, 0.3, 0.6, 0.7])  # the interval is closed: 0.3 and 0.6 are inside
     v = velocity(x, t)
-    cond = model(x, t, y)
-    other = model(x, t, torch.full_like(y, K)) if method == "cfg" else guide(x, t, y)
+    if method == "cfg":
+        cond, other = _batched_cond_uncond(model, x, t, y)
+    else:
+        cond, other = model(x, t, y), guide(x, t, y)
     guided = other + 2.0 * (cond - other)
-    torch.testing.assert_close(v[[0, 3]], cond[[0, 3]], rtol=0, atol=1e-6)
-    torch.testing.assert_close(v[[1, 2]], guided[[1, 2]])
-    assert not torch.allclose(v[[1, 2]], cond[[1, 2]])
+    assert torch.equal(v[[0, 3]], cond[[0, 3]])
+    assert torch.equal(v[[1, 2]], guided[[1, 2]])
+    assert (v[[1, 2]] - cond[[1, 2]]).abs().max() > 0.1  # guidance moves v by O(1), not by rounding
 
 
 @torch.no_grad()

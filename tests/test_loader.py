@@ -27,7 +27,10 @@ def _fill_failing(task, out):
 
 
 def _fill_dying(task, out):
-    if task == 2:
+    # Task 0 is the first a worker takes, so the dying worker has sent nothing yet: dying in the middle of
+    # a send would leave the result queue's lock held, and the other worker unable to finish (close()
+    # then waits 5 s for it before terminating it).
+    if task == 0:
         os._exit(7)  # a crash in native code, as far as the main process can tell
     return task, 0
 
@@ -60,7 +63,10 @@ def test_a_failing_fill_is_reraised_with_the_workers_traceback():
 
 
 def test_a_dead_worker_ends_the_run_with_one_line():
-    loader = SlotLoader(_fill_dying, list(range(6)), 2, 16)
+    loader = SlotLoader(_fill_dying, list(range(6)), 2, 16).start()
+    # The loader looks for dead workers whenever no result has come for a while (5 s); 0.2 s here.
+    get = loader.result_q.get
+    loader.result_q.get = lambda block=True, timeout=None: get(block, None if timeout is None else min(timeout, 0.2))
     with pytest.raises(RaeError) as e:
         for _ in loader:
             pass
