@@ -1,4 +1,4 @@
-"""Evaluate images: FID, IS, precision/recall, KID and FD_DINOv2 as the ADM suite computes them; PSNR/SSIM with --pairs."""
+"""Evaluate images: FID, sFID, IS, precision/recall, KID and FD_DINOv2 as the ADM suite computes them; PSNR/SSIM with --pairs."""
 from __future__ import annotations
 
 import os
@@ -11,11 +11,13 @@ from rich.table import Table
 
 from .common import user_errors
 
-METRICS_HELP = "Comma-separated: fid, is, pr (precision/recall), kid, fd_dinov2."
+METRICS_HELP = ("Comma-separated: fid, sfid (ADM's spatial FID: Inception mixed_6/conv, first 7 channels), is, "
+                "pr (precision/recall), kid, fd_dinov2.")
 
 # How each value is printed (name in the table, format).
 _SHOWN = {
-    "fid": ("FID", "{:.4f}"), "is": ("Inception Score", "{:.3f}"), "is_std": ("  IS std over splits", "{:.3f}"),
+    "fid": ("FID", "{:.4f}"), "sfid": ("sFID", "{:.4f}"),
+    "is": ("Inception Score", "{:.3f}"), "is_std": ("  IS std over splits", "{:.3f}"),
     "precision": ("Precision", "{:.4f}"), "recall": ("Recall", "{:.4f}"),
     "kid": ("KID", "{:.6f}"), "kid_std": ("  KID std over subsets", "{:.6f}"),
     "fd_dinov2": ("FD_DINOv2", "{:.3f}"), "psnr": ("PSNR (dB)", "{:.3f}"), "ssim": ("SSIM", "{:.4f}"),
@@ -26,13 +28,15 @@ _SHOWN = {
 def eval_cmd(
     images: Path = typer.Argument(..., help="Images to evaluate: a folder of PNGs or an ADM .npz "
                                   "(arr_0: uint8 N x H x W x 3)."),
-    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference: an ADM reference batch .npz (its mu/sigma are the "
-                                       "FID reference, its images the precision/recall one), an image folder or .npz, or a "
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference: an ADM reference batch .npz (its mu/sigma and "
+                                       "mu_s/sigma_s are the FID and sFID reference, its images the precision/recall "
+                                       "one), an image folder or .npz, or a "
                                        "statistics file written by --save-ref."),
     pairs: bool = typer.Option(False, "--pairs", help="Also PSNR and SSIM over matched pairs (IMAGES[i] vs REF[i]: sorted "
                                "file names or .npz order). With reconstructions vs originals, FID is rFID."),
-    save_ref: Optional[Path] = typer.Option(None, "--save-ref", help="Write IMAGES' statistics (Inception mu/sigma and pool "
-                                            "features, DINOv2 mu/sigma) to this .npz or .safetensors, for later --ref."),
+    save_ref: Optional[Path] = typer.Option(None, "--save-ref", help="Write IMAGES' statistics (Inception mu/sigma, spatial "
+                                            "mu_s/sigma_s and pool features, DINOv2 mu/sigma) to this .npz or "
+                                            ".safetensors, for later --ref."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="torch-fidelity's Inception file "
                                                      "(weights-inception-2015-12-05-6726825d.pth); default: the "
                                                      "torch hub cache."),
@@ -44,7 +48,7 @@ def eval_cmd(
     fd_encoder: Optional[Path] = typer.Option(None, "--fd-encoder", help="A latent store: compute the FD in its RAE "
                                               "encoder's space (mean-pooled latent tokens) instead of DINOv2-L; "
                                               "needs no downloaded weights when the store's encoder is local."),
-    metrics: str = typer.Option("fid,is,pr,kid,fd_dinov2", "--metrics", help=METRICS_HELP),
+    metrics: str = typer.Option("fid,sfid,is,pr,kid,fd_dinov2", "--metrics", help=METRICS_HELP),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass (per GPU)."),
     num_workers: int = typer.Option(4, "--num-workers", help="Image-decoding processes per GPU."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
@@ -52,7 +56,7 @@ def eval_cmd(
                                        "or NAME.eval.json beside an .npz)."),
     offline: bool = typer.Option(False, "--offline", help="Never download weights (use caches and files only)."),
 ):
-    """Evaluate images: FID, IS, precision/recall, KID and FD_DINOv2 as the ADM suite computes them; PSNR/SSIM with --pairs.
+    """Evaluate images: FID, sFID, IS, precision/recall, KID and FD_DINOv2 as the ADM suite computes them; PSNR/SSIM with --pairs.
 
     rFID: `rae eval RECONSTRUCTIONS --ref ORIGINALS --pairs` (ImageNet val, 50K, ADM center crop 256).
     Writes eval.json; under `torchrun --nproc_per_node N` the GPUs share the images.

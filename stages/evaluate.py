@@ -1,28 +1,35 @@
-"""``rae eval``: FID, Inception Score, precision/recall, KID, FD_DINOv2 and PSNR/SSIM, in PyTorch,
+"""``rae eval``: FID, sFID, Inception Score, precision/recall, KID, FD_DINOv2 and PSNR/SSIM, in PyTorch,
 giving the numbers of the ADM evaluation suite (openai/guided-diffusion ``evaluations/evaluator.py``).
 
 IMAGES is a folder of images (sorted relative paths, recursive) or an ADM ``.npz`` (``arr_0``: uint8
 N x H x W x 3). REF is one of
 
 * an ADM reference batch (``VIRTUAL_imagenet256_labeled.npz``): its precomputed ``mu``/``sigma``
-  (TF Inception pool3 over the ImageNet training set) are the FID reference, its images (10,000)
-  the precision/recall, KID and FD_DINOv2 reference;
+  (TF Inception pool3 over the ImageNet training set) are the FID reference and its ``mu_s``/
+  ``sigma_s`` (the spatial features below) the sFID reference, its images (10,000) the
+  precision/recall, KID and FD_DINOv2 reference (and the sFID one if it has no ``mu_s``/``sigma_s``);
 * images (a folder or an ``.npz``): everything is computed from them. rFID is this case:
   ``rae eval RECONSTRUCTIONS --ref ORIGINALS --pairs`` (the paper's protocol: the 50,000 ImageNet
   validation images, ADM center crop at 256, reconstructed by the autoencoder) also gives PSNR and
   SSIM over matched pairs (sorted file names, or ``.npz`` order);
 * a statistics file written earlier with ``--save-ref`` (``.npz`` or ``.safetensors``: Inception
-  ``mu``/``sigma``, the pool features for precision/recall, the DINOv2 ``dinov2_mu``/``dinov2_sigma``).
+  ``mu``/``sigma`` and spatial ``mu_s``/``sigma_s`` under ADM's key names, the pool features for
+  precision/recall, the DINOv2 ``dinov2_mu``/``dinov2_sigma``).
 
 Features. Inception: torch-fidelity's TF-exact InceptionV3 (same graph and weights as the ADM
-suite; TF1 bilinear resize to 299 inside), pool3 (2048) for FID/PR/KID and the unbiased logits
-(1008) for IS. Its weights are torch-fidelity's own file, read from the torch hub cache where
-torch-fidelity puts it (downloaded there on first use) or from ``--inception-weights FILE``; the
-file is read with ``weights_only`` (tensors, never pickled code) and handed to torch-fidelity's class. DINOv2 (FD_DINOv2 as EDM2 / dgm-eval report it):
-ViT-L/14, images resized bicubic (antialiased) to 224, ImageNet mean/std, the CLS token after the
-final LayerNorm; the position embedding is resampled to 16x16 the way the torch hub DINOv2 does it.
+suite; TF1 bilinear resize to 299 inside), pool3 (2048) for FID/PR/KID, the unbiased logits
+(1008) for IS and, from the same forward pass, ADM's sFID features: the TF graph's ``mixed_6/conv``
+(the 1x1 branch of ``mixed_6``, torch-fidelity's ``Mixed_6d.branch1x1`` after its batch norm and
+ReLU, [B, 192, 17, 17]), its first 7 channels flattened in TF's NHWC order (17 x 17 x 7 = 2,023).
+Its weights are torch-fidelity's own file, read from the torch hub cache where torch-fidelity puts
+it (downloaded there on first use) or from ``--inception-weights FILE``; the file is read with
+``weights_only`` (tensors, never pickled code) and handed to torch-fidelity's class. DINOv2
+(FD_DINOv2 as EDM2 / dgm-eval report it): ViT-L/14, images resized bicubic (antialiased) to 224,
+ImageNet mean/std, the CLS token after the final LayerNorm; the position embedding is resampled to
+16x16 the way the torch hub DINOv2 does it.
 
-Not reported: sFID (ADM's spatial ``mixed_6/conv`` features are not exposed by torch-fidelity).
+sFID is the Frechet distance of those features' mean/covariance (FID's functions, float64) between
+the images and the reference, the same reference batch as FID.
 
 Under ``torchrun`` each rank takes a round-robin share of the images; feature sums are float64 and
 summed across ranks; pool features are gathered (in image order) for precision/recall and KID,
@@ -55,11 +62,21 @@ from .progress import console, progress
 from .weights import (MissingWeightsError, WeightsFileError, create_timm_model, hf_download_hint,
                       load_state_dict_file, sha256_file)
 
-METRICS = ("fid", "is", "pr", "kid", "fd_dinov2")
-INCEPTION_METRICS = ("fid", "is", "pr", "kid")
+METRICS = ("fid", "sfid", "is", "pr", "kid", "fd_dinov2")  # all of them: `rae eval`'s default
+# EvalConfig's default: the Python API's set from before sFID, which callers (and their tests) expect to
+# be all that is reported or skipped; pass metrics=METRICS for sFID too.
+API_DEFAULT_METRICS = ("fid", "is", "pr", "kid", "fd_dinov2")
+INCEPTION_METRICS = ("fid", "sfid", "is", "pr", "kid")
 DINOV2_DEFAULT = "vit_large_patch14_dinov2.lvd142m"   # DINOv2 ViT-L/14, as EDM2's FD_DINOv2
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 STATS_FORMAT = "rae-eval-stats"
+# ADM's sFID features: the TF graph's "mixed_6/conv:0" (blocks mixed, mixed_1, ... = torchvision's
+# Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d: mixed_6 is Mixed_6d, its "conv" the 1x1 branch, whose op is the
+# ReLU after the batch norm), [N, 17, 17, 192] NHWC; ADM keeps spatial[..., :7] and flattens per image.
+SPATIAL_LAYER = "Mixed_6d.branch1x1"
+SPATIAL_CHANNELS = 7
+SPATIAL_GRID = 17
+SPATIAL_DIM = SPATIAL_GRID * SPATIAL_GRID * SPATIAL_CHANNELS  # 2,023
 
 
 @dataclass
@@ -69,7 +86,7 @@ class EvalConfig:
     pairs: bool = False                          # PSNR/SSIM over matched (images[i], ref[i]) pairs
     save_ref: str | None = None                  # write IMAGES' statistics here (.npz or .safetensors)
     out: str | None = None                       # eval.json (default: next to the images)
-    metrics: tuple[str, ...] = METRICS           # any of fid, is, pr, kid, fd_dinov2
+    metrics: tuple[str, ...] = API_DEFAULT_METRICS  # any of fid, sfid, is, pr, kid, fd_dinov2 (METRICS)
     inception_weights: str | None = None         # torch-fidelity Inception file; None = torch hub cache
     dinov2_weights: str | None = None            # DINOv2 file; None = timm / Hugging Face cache
     fd_model: str = DINOV2_DEFAULT               # timm DINOv2 name for the FD in representation space
@@ -234,16 +251,18 @@ class ImageSet:
 
 @dataclass
 class RefStats:
-    """What a reference contributes without its images: Inception mu/sigma (FID), pool features
-    (precision/recall, KID), DINOv2 mu/sigma (FD_DINOv2) and where they came from."""
+    """What a reference contributes without its images: Inception mu/sigma (FID), spatial mu_s/sigma_s
+    (sFID), pool features (precision/recall, KID), DINOv2 mu/sigma (FD_DINOv2) and where they came from."""
     mu: np.ndarray | None = None
     sigma: np.ndarray | None = None
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
     pool: np.ndarray | None = None
     dinov2_mu: np.ndarray | None = None
     dinov2_sigma: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
-    ARRAYS = ("mu", "sigma", "pool", "dinov2_mu", "dinov2_sigma")
+    ARRAYS = ("mu", "sigma", "mu_s", "sigma_s", "pool", "dinov2_mu", "dinov2_sigma")
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in self.ARRAYS if getattr(self, k) is not None}
@@ -257,8 +276,8 @@ class RefStats:
 
 
 def save_ref_stats(path: str | os.PathLike, stats: RefStats) -> None:
-    """Write statistics as .npz (the ADM key names ``mu``/``sigma``, plus ``pool``, ``dinov2_*`` and a
-    JSON ``rae_meta`` string) or as .safetensors (same tensors, JSON in the metadata)."""
+    """Write statistics as .npz (the ADM key names ``mu``/``sigma``/``mu_s``/``sigma_s``, plus ``pool``,
+    ``dinov2_*`` and a JSON ``rae_meta`` string) or as .safetensors (same tensors, JSON in the metadata)."""
     path = Path(path)
     meta = json.dumps({"format": STATS_FORMAT, "version": 1, **jsonable(stats.meta)})
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -276,7 +295,8 @@ def save_ref_stats(path: str | os.PathLike, stats: RefStats) -> None:
 
 
 def load_ref_stats(path: str | os.PathLike) -> RefStats:
-    """Read a statistics file written by ``save_ref_stats`` (or any .npz with ADM ``mu``/``sigma``)."""
+    """Read a statistics file written by ``save_ref_stats`` (or any .npz with ADM ``mu``/``sigma``,
+    ``mu_s``/``sigma_s``)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"reference statistics not found: {path}")
@@ -296,7 +316,18 @@ def load_ref_stats(path: str | os.PathLike) -> RefStats:
     stats = RefStats(**{k: arrays[k] for k in RefStats.ARRAYS if k in arrays}, meta=meta)
     if (stats.mu is None) != (stats.sigma is None):
         raise ArtifactError(f"{path} has only one of mu and sigma")
+    _check_spatial_stats(stats, path)
     return stats
+
+
+def _check_spatial_stats(stats: RefStats, path) -> None:
+    """mu_s/sigma_s come in pairs and are ADM's 2,023-dim spatial statistics."""
+    if (stats.mu_s is None) != (stats.sigma_s is None):
+        raise ArtifactError(f"{path} has only one of mu_s and sigma_s")
+    if stats.mu_s is not None and (np.shape(stats.mu_s) != (SPATIAL_DIM,)
+                                   or np.shape(stats.sigma_s) != (SPATIAL_DIM, SPATIAL_DIM)):
+        raise ArtifactError(f"{path}: mu_s/sigma_s are {np.shape(stats.mu_s)}/{np.shape(stats.sigma_s)}, not ADM's "
+                            f"spatial statistics ({SPATIAL_DIM} = {SPATIAL_GRID}x{SPATIAL_GRID}x{SPATIAL_CHANNELS})")
 
 
 @dataclass
@@ -333,14 +364,17 @@ def open_reference(path: str | os.PathLike) -> Reference:
         raise ArtifactError(f"reference must be an image folder, an .npz or a .safetensors statistics file: {path}")
     keys = npz_keys(path)
     if "arr_0" not in keys:
-        if "mu" not in keys and "dinov2_mu" not in keys:
+        if "mu" not in keys and "mu_s" not in keys and "dinov2_mu" not in keys:
             raise ArtifactError(f"{path} has neither images (arr_0) nor statistics (mu, sigma)")
         return Reference(path, "stats", stats=load_ref_stats(path))
     images = ImageSet(path)
-    if "mu" in keys and "sigma" in keys:
+    pairs = [(m, s) for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")) if m in keys and s in keys]
+    if pairs:  # ADM's reference batches carry both pairs: pool3 (FID) and mixed_6/conv (sFID)
         with np.load(path, allow_pickle=False) as z:
-            stats = RefStats(mu=z["mu"].astype(np.float64), sigma=z["sigma"].astype(np.float64),
-                             meta={"source": "ADM reference batch (TF Inception pool3 statistics)"})
+            arrays = {k: z[k].astype(np.float64) for pair in pairs for k in pair}
+        what = " and ".join({"mu": "pool3", "mu_s": "mixed_6/conv spatial"}[m] for m, _ in pairs)
+        stats = RefStats(**arrays, meta={"source": f"ADM reference batch (TF Inception {what} statistics)"})
+        _check_spatial_stats(stats, path)
         return Reference(path, "adm-ref-batch", images=images, stats=stats)
     return Reference(path, "npz", images=images)
 
@@ -367,25 +401,51 @@ def _sha_prefix(url: str) -> str:
     return os.path.basename(url).rsplit("-", 1)[-1].split(".")[0]
 
 
+def adm_spatial(mixed_6_conv: torch.Tensor) -> torch.Tensor:
+    """ADM's sFID feature from the ``mixed_6/conv`` map [B, C, 17, 17] (NCHW): the first 7 channels,
+    flattened per image in TF's NHWC order ((row * 17 + column) * 7 + channel), float32 [B, 2023]."""
+    x = mixed_6_conv[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
+    return x.reshape(x.shape[0], -1).to(torch.float32)
+
+
 class InceptionV3(nn.Module):
     """torch-fidelity's TF-exact InceptionV3: uint8 [B, 3, H, W] at any size -> (pool3 [B, 2048],
-    unbiased logits [B, 1008])."""
+    unbiased logits [B, 1008]), plus with ``spatial=True`` ADM's sFID features [B, 2023] taken from
+    the same forward pass (a hook on ``Mixed_6d.branch1x1``, the TF graph's ``mixed_6/conv``)."""
 
     def __init__(self, net: nn.Module, identity: dict):
         super().__init__()
         self.net = net
         self.identity = identity
         self.dim = 2048
+        self._capture, self._spatial = False, None
+        net.get_submodule(SPATIAL_LAYER).register_forward_hook(self._spatial_hook)
+
+    def _spatial_hook(self, module, args, output):
+        if self._capture:
+            if tuple(output.shape[1:]) != (192, SPATIAL_GRID, SPATIAL_GRID):
+                raise RuntimeError(f"{SPATIAL_LAYER} gave {tuple(output.shape[1:])}, not mixed_6/conv's [192, 17, 17]")
+            self._spatial = adm_spatial(output)  # a copy: the block's later ops cannot change it
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pool, logits = self.net(x)
-        return pool, logits
+    def forward(self, x: torch.Tensor, spatial: bool = False):
+        if not spatial:
+            pool, logits = self.net(x)
+            return pool, logits
+        self._capture, self._spatial = True, None
+        try:
+            pool, logits = self.net(x)
+            feats = self._spatial
+        finally:
+            self._capture, self._spatial = False, None
+        if feats is None:
+            raise RuntimeError(f"the Inception forward pass did not run {SPATIAL_LAYER}")
+        return pool, logits, feats
 
 
 def load_inception(weights: str | os.PathLike | None = None, offline: bool = False,
                    device: torch.device | str = "cpu") -> InceptionV3:
-    """The Inception network of FID/IS/PR/KID, on torch-fidelity's real loading path.
+    """The Inception network of FID/sFID/IS/PR/KID, on torch-fidelity's real loading path.
 
     ``weights=None``: torch-fidelity's file in the torch hub cache, downloaded there first if missing
     (unless ``offline``). The file is read as plain tensors (``weights_only``) and handed to
@@ -422,7 +482,8 @@ def load_inception(weights: str | os.PathLike | None = None, offline: bool = Fal
                                f"{_first_line(e)[:200]}") from None
     digest = sha256_file(path)
     identity = {"name": "InceptionV3 (TF 2015-12-05 graph, torch-fidelity FeatureExtractorInceptionV3)",
-                "features": "pool3 2048-d (FID, PR, KID); unbiased logits 1008-d (IS)",
+                "features": "pool3 2048-d (FID, PR, KID); unbiased logits 1008-d (IS); mixed_6/conv "
+                            "(Mixed_6d.branch1x1 after BN+ReLU) channels 0-6 at 17x17, NHWC, 2023-d (sFID)",
                 "weights": str(path), "weights_sha256": digest, "official": digest.startswith(_sha_prefix(url))}
     return InceptionV3(net, identity).to(device).eval()
 
@@ -571,13 +632,15 @@ class _Items(torch.utils.data.Dataset):
 
 
 class _Collector:
-    """What one image set yields in a pass: float64 Inception and DINOv2 statistics, the pool
-    features (kept with their indices), the Inception Score parts."""
+    """What one image set yields in a pass: float64 Inception (pool3 and spatial) and DINOv2
+    statistics, the pool features (kept with their indices), the Inception Score parts."""
 
     def __init__(self, n: int, device, inception: InceptionV3 | None = None, dinov2: DINOv2 | None = None,
-                 fid_stats: bool = False, keep_pool: bool = False, with_is: bool = False, is_split_size: int = 5000):
+                 fid_stats: bool = False, keep_pool: bool = False, with_is: bool = False, is_split_size: int = 5000,
+                 spatial_stats: bool = False):
         self.inception, self.dinov2 = inception, dinov2
         self.inc_stats = M.FeatureStats(2048, device) if inception is not None and fid_stats else None
+        self.sp_stats = M.FeatureStats(SPATIAL_DIM, device) if inception is not None and spatial_stats else None
         self.dino_stats = M.FeatureStats(dinov2.dim, device) if dinov2 is not None else None
         self.is_parts = M.InceptionScoreParts(1008, n, is_split_size, device) if inception is not None and with_is else None
         self.keep_pool = inception is not None and keep_pool
@@ -586,24 +649,28 @@ class _Collector:
 
     @property
     def busy(self) -> bool:
-        return self.inc_stats is not None or self.keep_pool or self.is_parts is not None or self.dino_stats is not None
+        return (self.inc_stats is not None or self.sp_stats is not None or self.keep_pool
+                or self.is_parts is not None or self.dino_stats is not None)
 
     def update(self, x: torch.Tensor, idx: torch.Tensor) -> None:
-        if self.inc_stats is not None or self.keep_pool or self.is_parts is not None:
+        if self.sp_stats is not None:  # one forward pass gives pool3, logits and the spatial features
+            pool, logits, spatial = self.inception(x, spatial=True)
+            self.sp_stats.update(spatial)
+        elif self.inc_stats is not None or self.keep_pool or self.is_parts is not None:
             pool, logits = self.inception(x)
-            if self.inc_stats is not None:
-                self.inc_stats.update(pool)
-            if self.is_parts is not None:
-                self.is_parts.update(logits, idx)
-            if self.keep_pool:
-                self.pool_idx.append(idx.numpy())
-                self.pool_rows.append(pool.float().cpu().numpy())
+        if self.inc_stats is not None:
+            self.inc_stats.update(pool)
+        if self.is_parts is not None:
+            self.is_parts.update(logits, idx)
+        if self.keep_pool:
+            self.pool_idx.append(idx.numpy())
+            self.pool_rows.append(pool.float().cpu().numpy())
         if self.dino_stats is not None:
             self.dino_stats.update(self.dinov2(x))
 
     def finish(self) -> "_Collector":
         """Sum statistics over ranks; gather pool features in image order (every rank gets them)."""
-        for s in (self.inc_stats, self.dino_stats, self.is_parts):
+        for s in (self.inc_stats, self.sp_stats, self.dino_stats, self.is_parts):
             if s is not None:
                 s.all_reduce()
         if self.keep_pool:
@@ -764,11 +831,12 @@ def _run(cfg: EvalConfig, d) -> dict:
     pre = ref.stats if ref is not None and ref.stats is not None else RefStats()
     fd_name = {"fd_dinov2": fdk}
     if ref is None:
-        for m in ("fid", "pr", "kid", "fd_dinov2"):
+        for m in ("fid", "sfid", "pr", "kid", "fd_dinov2"):
             if m in wanted:
                 skipped[fd_name.get(m, m)] = "needs a reference (--ref)"
     elif ref.kind == "stats":
         for m, present, what in (("fid", pre.mu, "Inception mu/sigma"),
+                                 ("sfid", pre.mu_s, "Inception spatial statistics (mu_s/sigma_s)"),
                                  ("pr", pre.pool, "Inception pool features"),
                                  ("kid", pre.pool, "Inception pool features"),
                                  ("fd_dinov2", pre.dinov2_mu, "DINOv2 statistics")):
@@ -810,18 +878,24 @@ def _run(cfg: EvalConfig, d) -> dict:
             _warn(d, f"{e}; skipping {fdk}")
     if ref is not None and ref.kind == "stats":
         _check_stats_identity(ref, inception, dinov2)
-    if ref is not None and ref.kind == "adm-ref-batch" and want("fid") and not inception.identity["official"]:
-        _warn(d, "FID against an ADM reference batch's mu/sigma is only meaningful with the official Inception weights")
+    if ref is not None and ref.kind == "adm-ref-batch" and inception is not None and not inception.identity["official"]:
+        given = [name for m, name, present in (("fid", "FID", pre.mu), ("sfid", "sFID", pre.mu_s))
+                 if want(m) and present is not None]
+        if given:
+            _warn(d, f"{' and '.join(given)} against an ADM reference batch's precomputed statistics "
+                     "is only meaningful with the official Inception weights")
 
     fd_ok = dinov2 is not None and want("fd_dinov2")
     want_pool = want("pr") or want("kid")
     img_col = _Collector(len(images), d.device, inception, dinov2 if fd_ok or cfg.save_ref else None,
                          fid_stats=want("fid") or bool(cfg.save_ref), keep_pool=want_pool or bool(cfg.save_ref),
-                         with_is=want("is"), is_split_size=cfg.is_split_size)
+                         with_is=want("is"), is_split_size=cfg.is_split_size,
+                         spatial_stats=want("sfid") or bool(cfg.save_ref))
     ref_col = None
     if ref is not None and ref.images is not None:
         ref_col = _Collector(len(ref.images), d.device, inception, dinov2 if fd_ok and pre.dinov2_mu is None else None,
-                             fid_stats=want("fid") and pre.mu is None, keep_pool=want_pool and pre.pool is None)
+                             fid_stats=want("fid") and pre.mu is None, keep_pool=want_pool and pre.pool is None,
+                             spatial_stats=want("sfid") and pre.mu_s is None)
     if not img_col.busy and not cfg.pairs:
         if missing:
             raise missing[0]
@@ -869,6 +943,8 @@ def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, 
         computed_ref = RefStats()
         if ref_col.inc_stats is not None:
             computed_ref.mu, computed_ref.sigma = _mean_cov(ref_col.inc_stats, ref.path)
+        if ref_col.sp_stats is not None:
+            computed_ref.mu_s, computed_ref.sigma_s = _mean_cov(ref_col.sp_stats, ref.path)
         if ref_col.dino_stats is not None:
             computed_ref.dinov2_mu, computed_ref.dinov2_sigma = _mean_cov(ref_col.dino_stats, ref.path)
         computed_ref.pool = ref_col.pool
@@ -880,6 +956,9 @@ def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, 
     if want("fid"):
         mu, sigma = _mean_cov(img_col.inc_stats, images.path)
         values["fid"] = M.frechet_distance(mu, sigma, ref_value("mu"), ref_value("sigma"))
+    if want("sfid"):  # ADM's sFID: the same Frechet distance on the mixed_6/conv spatial statistics
+        mu_s, sigma_s = _mean_cov(img_col.sp_stats, images.path)
+        values["sfid"] = M.frechet_distance(mu_s, sigma_s, ref_value("mu_s"), ref_value("sigma_s"))
     if want("is"):
         values["is"], values["is_std"] = img_col.is_parts.compute()
     if want("pr") or want("kid"):
@@ -920,10 +999,15 @@ def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, 
         "reference": ref.identity(computed_ref) if ref is not None else None,
         "fid_reference": (None if "fid" not in values else "precomputed mu/sigma of the reference"
                           if pre.mu is not None else "computed from the reference images"),
+        "sfid_reference": (None if "sfid" not in values else "precomputed mu_s/sigma_s of the reference"
+                           if pre.mu_s is not None else "computed from the reference images"),
         "extractors": extractors,
         "protocol": {
             "is_split_size": cfg.is_split_size, "pr_k": cfg.pr_k,
             "pr_distances": "squared L2, float16 (float32 on overflow), as ADM",
+            "sfid_features": f"Inception mixed_6/conv ({SPATIAL_LAYER}, after batch norm and ReLU), channels "
+                             f"0-{SPATIAL_CHANNELS - 1} of the {SPATIAL_GRID}x{SPATIAL_GRID} map, flattened NHWC: "
+                             f"{SPATIAL_DIM} dims, as ADM",
             "kid": f"polynomial kernel (x.y/d+1)^3, {cfg.kid_subsets} subsets of {cfg.kid_subset_size}, seed {cfg.seed}",
             "psnr_ssim": "per image on [0,255] (data range 255), then averaged; "
                          "SSIM Gaussian window 11, sigma 1.5, per channel",
@@ -941,13 +1025,19 @@ def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, 
                                                   **({"inception": inception.identity} if inception else {}),
                                                   **({"dinov2": dinov2.identity} if dinov2 else {})})
         own = open_reference(images.path) if images.kind == "npz" else None
-        if own is not None and own.kind == "adm-ref-batch":
-            # Saving an ADM reference batch keeps its FID statistics (of the whole training set),
-            # not those of the 10,000 images it carries.
-            stats.mu, stats.sigma = own.stats.mu, own.stats.sigma
+        own = own.stats if own is not None and own.kind == "adm-ref-batch" else RefStats()
+        # Saving an ADM reference batch keeps its precomputed FID and sFID statistics (FID's are of the
+        # whole training set), not those of the 10,000 images it carries.
+        if own.mu is not None:
+            stats.mu, stats.sigma = own.mu, own.sigma
             stats.meta["fid_statistics"] = "precomputed mu/sigma of the ADM reference batch"
         elif img_col.inc_stats is not None:
             stats.mu, stats.sigma = _mean_cov(img_col.inc_stats, images.path)
+        if own.mu_s is not None:
+            stats.mu_s, stats.sigma_s = own.mu_s, own.sigma_s
+            stats.meta["sfid_statistics"] = "precomputed mu_s/sigma_s of the ADM reference batch"
+        elif img_col.sp_stats is not None:
+            stats.mu_s, stats.sigma_s = _mean_cov(img_col.sp_stats, images.path)
         if img_col.dino_stats is not None:
             stats.dinov2_mu, stats.dinov2_sigma = _mean_cov(img_col.dino_stats, images.path)
         if not stats.arrays():
