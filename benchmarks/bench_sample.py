@@ -122,6 +122,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU: checks the script runs")
     parser.add_argument("--parity-only", action="store_true", help="the parity check alone, no timing")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", type=int, default=16, help="latent grid: 16 (ImageNet 256) or 32 (ImageNet 512: "
+                                                            "[768, 32, 32], decoded to 512 px; use --scale 1.5)")
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -129,7 +131,7 @@ def main():
     if args.smoke:
         args.n, args.batch, args.parity_batch = min(args.n, 4), min(args.batch, 2), min(args.parity_batch, 2)
         args.no_compile, args.precision = True, "fp32"  # bf16 autocast is slow on CPU
-    C, H, classes = (32, 4, 10) if args.smoke else (768, 16, 1000)
+    C, H, classes = (32, 4, 10) if args.smoke else (768, args.grid, 1000)
     common = dict(input_size=H, in_channels=C, patch_size=1, mlp_ratio=4.0, num_classes=classes)
     shift = math.sqrt(C * H * H / 4096) if not args.smoke else math.sqrt(48)
 
@@ -234,7 +236,7 @@ def main():
         rows[key] = (name, speed)
         print(f"{name}: {speed:.2f} img/s", flush=True)
     print()
-    print(f"## Sampling + decoding, {card}, batch {args.batch}, {args.n} images per row"
+    print(f"## Sampling + decoding, [{C}, {H}, {H}] latents, {card}, batch {args.batch}, {args.n} images per row"
           f"{' (SMOKE: tiny models on CPU)' if args.smoke else ''}"
           f"{' (torchdiffeq stand-in)' if stubbed else ''}")
     print("| configuration (sample + ViT-XL decode + uint8) | img/s | FID-50K time |")

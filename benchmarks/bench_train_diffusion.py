@@ -303,7 +303,11 @@ def main() -> None:
     ap.add_argument("--loader-steps", type=int, default=100)
     ap.add_argument("--workers", default="4,8,15", help="loader worker counts to measure")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model and store: checks that the script works")
+    ap.add_argument("--grid", type=int, default=16, help="latent grid of the real models: 16 (ImageNet 256) or "
+                                                         "32 (ImageNet 512: [768, 32, 32])")
     args = ap.parse_args()
+    for name in ("ditdh-xl", "ditdh-s"):  # the latent of --grid
+        MODELS[name] = (*MODELS[name][:2], (768, args.grid, args.grid))
     os.environ["RAE_NO_PROGRESS"] = "1"
     if args.smoke:
         args.models, args.batches, args.compile = "tiny", "4", args.compile if "--compile" in sys.argv else "off"
