@@ -62,10 +62,7 @@ from .progress import console, progress
 from .weights import (MissingWeightsError, WeightsFileError, create_timm_model, hf_download_hint,
                       load_state_dict_file, sha256_file)
 
-METRICS = ("fid", "sfid", "is", "pr", "kid", "fd_dinov2")  # all of them: `rae eval`'s default
-# EvalConfig's default: the Python API's set from before sFID, which callers (and their tests) expect to
-# be all that is reported or skipped; pass metrics=METRICS for sFID too.
-API_DEFAULT_METRICS = ("fid", "is", "pr", "kid", "fd_dinov2")
+METRICS = ("fid", "sfid", "is", "pr", "kid", "fd_dinov2")  # all of them: the default
 INCEPTION_METRICS = ("fid", "sfid", "is", "pr", "kid")
 DINOV2_DEFAULT = "vit_large_patch14_dinov2.lvd142m"   # DINOv2 ViT-L/14, as EDM2's FD_DINOv2
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -86,7 +83,7 @@ class EvalConfig:
     pairs: bool = False                          # PSNR/SSIM over matched (images[i], ref[i]) pairs
     save_ref: str | None = None                  # write IMAGES' statistics here (.npz or .safetensors)
     out: str | None = None                       # eval.json (default: next to the images)
-    metrics: tuple[str, ...] = API_DEFAULT_METRICS  # any of fid, sfid, is, pr, kid, fd_dinov2 (METRICS)
+    metrics: tuple[str, ...] = METRICS  # any of fid, sfid, is, pr, kid, fd_dinov2 (METRICS)
     inception_weights: str | None = None         # torch-fidelity Inception file; None = torch hub cache
     dinov2_weights: str | None = None            # DINOv2 file; None = timm / Hugging Face cache
     fd_model: str = DINOV2_DEFAULT               # timm DINOv2 name for the FD in representation space
