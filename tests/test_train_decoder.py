@@ -309,6 +309,10 @@ def test_upsampling_decoder_learns_crops_at_its_output_size(store, demo_images, 
     _, _, images = reader(np.array([1]))
     files = (store / "sources.txt").read_text().split()
     assert np.array_equal(images[0].permute(1, 2, 0).numpy(), load_crop(demo_images / files[1], 128))
+    # The same `rae decode` turns the store's 4x4 latents into 128 px images (16 x 16 -> 512 px at full size).
+    run_rae("decode", store, "--decoder", out, "--out", tmp_path / "img", "--device", "cpu")
+    with np.load(tmp_path / "img" / "samples.npz") as f:
+        assert f["arr_0"].shape == (40, 128, 128, 3)
 
 
 def test_store_of_another_encoder_is_refused_on_resume_in_one_line(store, demo_images, tmp_path):
