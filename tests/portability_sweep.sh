@@ -11,15 +11,18 @@ shift || true
 caps="default avx2"
 grep -qw avx512f /proc/cpuinfo 2>/dev/null && caps="$caps avx512"
 cpu=$(grep -m1 "model name" /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')
+logs=$(mktemp -d)
 results=()
 status=0
 for cap in $caps; do
   for threads in 1 2; do
     echo "=== ATEN_CPU_CAPABILITY=$cap OMP_NUM_THREADS=$threads" >&2
     start=$(date +%s)
-    line=$(ATEN_CPU_CAPABILITY=$cap OMP_NUM_THREADS=$threads "$PY" -m pytest tests -p no:cacheprovider "$@" 2>&1 \
-           | tee /dev/stderr | grep -E "^[0-9]+ (passed|failed)|[0-9]+ (passed|failed).* in " | tail -1)
-    rc=${PIPESTATUS[0]}
+    log="$logs/$cap-$threads.log"
+    ATEN_CPU_CAPABILITY=$cap OMP_NUM_THREADS=$threads "$PY" -m pytest tests -p no:cacheprovider "$@" >"$log" 2>&1
+    rc=$?
+    tail -3 "$log" >&2
+    line=$(grep -E "[0-9]+ (passed|failed)" "$log" | tail -1)
     [ "$rc" -ne 0 ] && status=1
     results+=("$(printf '| %-8s | %7s | %4s | %5ss | %s |' "$cap" "$threads" "$rc" "$(( $(date +%s) - start ))" "$line")")
   done
@@ -29,4 +32,5 @@ echo "CPU: ${cpu:-unknown}; torch $("$PY" -c 'import torch; print(torch.__versio
 echo "| ATEN_CPU_CAPABILITY | threads | exit | time | pytest |"
 echo "|---|---|---|---|---|"
 printf '%s\n' "${results[@]}"
+echo "full logs: $logs"
 exit $status
