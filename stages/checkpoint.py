@@ -129,6 +129,38 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Any, keep: int
     return path
 
 
+def load_latest(run_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+    """``(path, state, skipped)`` of the newest readable checkpoint of ``run_dir``, or None if there
+    is none. Checkpoint files are complete once they exist (atomic rename), so the newest is tried
+    first; one that cannot be read (a disk error, a copy cut short) is skipped for the one before it
+    and listed in ``skipped`` as (path, reason), so the caller can say so. None readable: the error."""
+    folder = Path(run_dir) / "checkpoints"
+    files = sorted((p for p in folder.glob("step_*.safetensors") if _STEP.search(p.name)),
+                   key=lambda p: int(_STEP.search(p.name).group(1)), reverse=True) if folder.is_dir() else []
+    skipped = []
+    for path in files:
+        try:
+            return path, load_state(path, device), skipped
+        except ArtifactError as e:
+            skipped.append((path, str(e)))
+    if skipped:
+        raise ArtifactError(f"no readable checkpoint in {folder}: {skipped[0][1]}; remove the folder to start again")
+    return None
+
+
+def resume_state(run_dir: str | os.PathLike, say=None):
+    """``(path, state)`` of the checkpoint a run resumes from (``load_latest``), or None; each
+    unreadable newer checkpoint is reported through ``say`` (a print function) as one line."""
+    found = load_latest(run_dir)
+    if found is None:
+        return None
+    path, state, skipped = found
+    for bad, why in skipped:
+        if say is not None:
+            say(f"warning: skipping checkpoint {bad.name}, which cannot be read ({why}); resuming from {path.name}")
+    return path, state
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     folder = Path(run_dir) / "checkpoints"
     pointer = folder / "latest"

@@ -35,6 +35,26 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines log (metrics.jsonl); [] if there is none. A torn last line (the
+    run was killed while writing it) is dropped: the resume that reads it rewrites the log up to its
+    checkpoint anyway. A bad line before the last is corruption: one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ArtifactError(f"{path} line {i + 1} is not JSON (a corrupt log): remove that line, or the run "
+                                "folder to start again") from None
+    return records
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

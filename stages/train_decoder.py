@@ -40,11 +40,12 @@ import torch
 import torch.nn as nn
 
 from . import dist
-from .checkpoint import latest_checkpoint, load_state, save_checkpoint, save_weights
+from .checkpoint import resume_state, save_checkpoint, save_weights
 from .data import BatchPlan, StoreReader, batches
 from .errors import ArtifactError, RaeError
 from .losses import LPIPS, GanSchedule, generator_loss, hinge_d_loss
-from .manifest import atomic_write_json, digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
+from .manifest import (atomic_write_json, digest_json, has_manifest, input_ref, jsonable, new_manifest, read_jsonl,
+                       read_manifest, write_manifest)
 from .models.decoder import DECODER_SIZES, ViTDecoder, add_noise
 from .models.discriminator import DINO_TIMM_NAME, DinoDiscriminator, round_to_8bit
 from .progress import console, progress
@@ -601,6 +602,21 @@ class _Metrics:
             self.counts[k] = self.counts.get(k, 0) + 1
         self.steps += 1
 
+    def partial_state(self) -> dict:
+        """The interval logged so far, summed over ranks (a collective: every rank calls it). A
+        checkpoint keeps it, so a run resumed between two log steps writes the same interval means as
+        an uninterrupted one."""
+        keys = sorted(self.sums)
+        values = [] if not keys else dist.all_reduce_sum(
+            torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device="cpu") for k in keys])).tolist()
+        return {"sums": dict(zip(keys, values)), "counts": dict(self.counts), "steps": self.steps}
+
+    def restore(self, state: dict | None, is_main: bool) -> None:
+        """Continue the interval of ``partial_state``: its sums on rank 0 (they are over all ranks already)."""
+        if state:
+            self.sums = {k: v if is_main else 0.0 for k, v in state["sums"].items()}
+            self.counts, self.steps = {k: int(v) for k, v in state["counts"].items()}, int(state["steps"])
+
     def flush(self, step: int, world: int) -> dict | None:
         if not self.steps:
             return None
@@ -619,8 +635,7 @@ class _Metrics:
 
 
 def read_metrics(run: str | os.PathLike) -> list[dict]:
-    path = Path(run) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_jsonl(Path(run) / METRICS)
 
 
 def _truncate_metrics(path: Path, step: int) -> list[dict]:
@@ -716,9 +731,9 @@ def run(cfg: TrainDecoderConfig) -> dict:
     lpips, disc, loss_nets = build_loss_networks(cfg)
     training = DecoderTraining(cfg, arch, schedule, d, lpips, disc, precision)
     start = 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        saved = load_state(ckpt)
+    found = resume_state(out, say=lambda line: console.print(line, highlight=False) if d.is_main else None)
+    if found is not None:
+        ckpt, saved = found
         if saved.get("identity") != digest_json(wanted):
             raise ArtifactError(f"{ckpt} belongs to another configuration than {out}/manifest.json; remove it or --overwrite")
         training.load_state_dict(saved["training"])
@@ -729,6 +744,8 @@ def run(cfg: TrainDecoderConfig) -> dict:
     preview_every = cfg.preview_every or every_epoch
 
     metrics = _Metrics(out / METRICS if d.is_main else None, cfg.batch_size)
+    if found is not None:
+        metrics.restore(saved.get("metrics"), d.is_main)
     previews = None
     if d.is_main:  # (re)written on every start: the same content, and a kill right after creation loses nothing
         save_weights(out / LATENT_STATS, {"mean": torch.from_numpy(mean), "var": torch.from_numpy(var)})
@@ -758,7 +775,7 @@ def run(cfg: TrainDecoderConfig) -> dict:
             step += 1
             done += 1
             info = {}
-            if step % cfg.log_every == 0 or step == stop:
+            if step % cfg.log_every == 0 or step == schedule.total:  # (--stop-after keeps the interval open)
                 record = metrics.flush(step, d.world)
                 info = {k: record[k] for k in ("l1", "lpips", "gan", "d_loss") if k in record}
             advance(cfg.batch_size, **info)
@@ -766,8 +783,9 @@ def run(cfg: TrainDecoderConfig) -> dict:
                 _preview(training, previews, out / "previews" / f"step_{step:08d}.png")
                 plot_losses(metrics.records, out / "losses.png")
             if step % ckpt_every == 0 or step == stop:
+                partial = metrics.partial_state()
                 if d.is_main:
-                    save_checkpoint(out, step, {"step": step, "identity": digest_json(wanted),
+                    save_checkpoint(out, step, {"step": step, "identity": digest_json(wanted), "metrics": partial,
                                                 "training": training.state_dict()}, keep=cfg.keep_checkpoints)
                 dist.barrier()
     elapsed = time.time() - t0

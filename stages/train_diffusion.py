@@ -32,10 +32,11 @@ import torch
 import torch.nn as nn
 
 from . import dist, flow
-from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, save_weights
+from .checkpoint import resume_state, rng_state, save_checkpoint, save_weights
 from .data import BatchPlan, StoreReader, batches, denormalize, normalize
 from .errors import ArtifactError, RaeError
-from .manifest import digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
+from .manifest import (digest_json, has_manifest, input_ref, jsonable, new_manifest, read_jsonl, read_manifest,
+                       write_manifest)
 from .models.dit import PRESETS as MODEL_PRESETS
 from .models.dit import build_model, width_rule_warning
 from .progress import console, progress
@@ -350,8 +351,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records past ``step`` (written after the checkpoint a resumed run restarts from)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    path.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step))
 
 
 def draw_loss_curve(records: list[dict], path: Path, size: tuple[int, int] = (720, 420)) -> None:
@@ -489,9 +489,10 @@ def run(cfg: TrainDiffusionConfig) -> dict:
 
     trainer = Trainer(model, cfg, device, shift, null_label, d.rank, d.world)
     start = 0
-    ckpt = latest_checkpoint(out) if state == "resume" else None
-    if ckpt is not None:
-        saved = load_state(ckpt)
+    found = resume_state(out, say=lambda line: console.print(line, highlight=False) if d.is_main else None) \
+        if state == "resume" else None
+    if found is not None:
+        ckpt, saved = found
         if saved.get("identity") != identity:
             raise ArtifactError(f"{ckpt} belongs to another configuration; pass --overwrite to start again")
         trainer.load_state_dict(saved)
@@ -606,9 +607,7 @@ def run(cfg: TrainDiffusionConfig) -> dict:
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def summary(out: str | os.PathLike) -> dict:

@@ -48,3 +48,33 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     with pytest.raises(ArtifactError) as e:
         load_state(tmp_path / "c.safetensors")
     assert "\n" not in str(e.value)
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint_and_says_so(tmp_path):
+    from stages.checkpoint import resume_state
+
+    for step in (10, 20):
+        save_checkpoint(tmp_path, step, {"step": step}, keep=2)
+    newest = tmp_path / "checkpoints" / "step_00000020.safetensors"
+    newest.write_bytes(newest.read_bytes()[:20])  # cut short
+    said = []
+    path, state = resume_state(tmp_path, say=said.append)
+    assert path.name == "step_00000010.safetensors" and state["step"] == 10
+    assert len(said) == 1 and "step_00000020" in said[0] and "\n" not in said[0]
+    (tmp_path / "checkpoints" / "step_00000010.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="no readable checkpoint"):
+        resume_state(tmp_path)
+    assert resume_state(tmp_path / "fresh") is None
+
+
+def test_metrics_log_with_a_torn_last_line_reads_and_a_corrupt_middle_is_one_line(tmp_path):
+    from stages.manifest import read_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')  # killed mid-write
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2]
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n{"step": 3, "loss": 0.3}\n')
+    with pytest.raises(ArtifactError, match="line 2") as info:
+        read_jsonl(log)
+    assert "\n" not in str(info.value)
+    assert read_jsonl(tmp_path / "none.jsonl") == []

@@ -256,9 +256,10 @@ def test_resume_after_kill_equals_uninterrupted_run(store, full_run, tmp_path):
     first = run(_cfg(store, out, stop_after=3, **cfg))
     assert first["complete"] is False and first["step"] == 3
     assert not read_manifest(out, require_complete=False)["complete"]
-    # What a kill leaves behind: a metrics line past the checkpoint and a half-written checkpoint.
+    # What a kill leaves behind: a metrics line past the checkpoint, one torn mid-write, and a
+    # half-written checkpoint.
     with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 4, "l1": 123.0}) + "\n")
+        f.write(json.dumps({"step": 4, "l1": 123.0}) + "\n" + '{"step": 5, "l1": 1')
     (out / "checkpoints" / ".step_00000004.safetensors.tmp99").write_bytes(b"partial")
     run(_cfg(store, out, **cfg))
 
@@ -268,6 +269,19 @@ def test_resume_after_kill_equals_uninterrupted_run(store, full_run, tmp_path):
             assert torch.equal(ours[file][name], ref[file][name]), (file, name)
     assert _losses(read_metrics(out)) == _losses(read_metrics(full_run))
     assert read_manifest(out)["content_id"] == read_manifest(full_run)["content_id"]
+
+
+def test_resume_between_log_steps_logs_the_same_interval_means(store, tmp_path):
+    """Checkpoints every 4 steps, records every 5: a run stopped (or killed) at step 6 resumes with
+    the interval 6-10 half summed; its records equal the uninterrupted run's, bit for bit."""
+    cfg = dict(steps=12, checkpoint_every=4, log_every=5, lpips_weight=0.0, gan_weight=0.0)
+    run(_cfg(store, tmp_path / "full", **cfg))
+    run(_cfg(store, tmp_path / "cut", stop_after=6, **cfg))
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [5]  # 6 is inside an interval: not logged
+    run(_cfg(store, tmp_path / "cut", **cfg))
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in full] == [5, 10, 12]
+    assert _losses(cut) == _losses(full)
 
 
 def test_outputs_config_and_manifest(store, full_run):

@@ -147,21 +147,28 @@ def test_load_diffusion_run_rebuilds_the_same_model(store, tmp_path):
         assert model(x, t, y).shape == (2, 96, 4, 4)
 
 
-def test_resume_after_interruption_equals_uninterrupted_training(store, tmp_path):
+def test_resume_after_interruption_equals_uninterrupted_training(store, tmp_path, capsys):
     full = tmp_path / "full"
     cfg = _cfg(store, full, steps=6, decay_end_step=6, checkpoint_every=2, keep_checkpoints=3, log_every=1)
     run(cfg)
-    # The same run killed after its step-4 checkpoint: finals not written, manifest not complete.
+    # The same run killed after its step-4 checkpoint: finals not written, manifest not complete, the
+    # metrics log torn in the middle of a line; and the newest checkpoint file unreadable (a disk error):
+    # the run resumes from the one before it, and says so.
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
-    (cut / "checkpoints" / "latest").write_text("step_00000004.safetensors")
-    (cut / "checkpoints" / "step_00000006.safetensors").unlink()
+    newest = cut / "checkpoints" / "step_00000006.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
     for name in ("model.safetensors", "model_ema.safetensors"):
         (cut / name).unlink()
     manifest = read_manifest(cut, require_complete=False)
     manifest["complete"] = False
     write_manifest(cut, manifest)
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 0.12')
+    capsys.readouterr()
     run(_cfg(store, cut, steps=6, decay_end_step=6, checkpoint_every=2, keep_checkpoints=3, log_every=1))
+    said = " ".join(capsys.readouterr().err.split())
+    assert "skipping checkpoint step_00000006.safetensors" in said and "resuming from step_00000004" in said
     for name in ("model.safetensors", "model_ema.safetensors"):
         a, b = _weights(full, name), _weights(cut, name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
