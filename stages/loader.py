@@ -22,7 +22,7 @@ import os
 import queue
 import signal
 import traceback
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
