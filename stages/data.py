@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ArtifactError
+from .errors import ArtifactError, RaeError
 from .store import LatentStore
 
 
@@ -136,9 +136,22 @@ def batches(plan: BatchPlan, reader: StoreReader, start_step: int, stop_step: in
             pin_memory: bool = False):
     """Iterate this rank's batches for steps [start_step, stop_step), in order, prefetched by workers."""
     ds = _Steps(plan, start_step, stop_step, reader)
-    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
-                                       pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
-                                       persistent_workers=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
+                                         persistent_workers=False)
+    return _one_line_errors(loader)
+
+
+def _one_line_errors(loader):
+    """The loader's batches; a user-facing error raised in a worker process (a damaged shard, a
+    missing source image) comes out as its own one line, not wrapped in the worker's traceback."""
+    try:
+        yield from loader
+    except RaeError as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if len(lines) > 1:  # "Caught ArtifactError in DataLoader worker process 0. ... Original Traceback ..."
+            raise type(e)(lines[-1].split(": ", 1)[-1]) from None
+        raise
 
 
 def store_statistics(store_path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:

@@ -140,6 +140,15 @@ class Moments:
 _MISSING = np.uint64(2**64 - 1)
 
 
+def ShardError(path: Path, what: str) -> ArtifactError:
+    """A shard file of a finished store is missing or damaged: one line naming it and what to do.
+    (A plain ArtifactError, so that it crosses DataLoader worker processes as itself.)"""
+    store = next((p for p in Path(path).parents if p.name.endswith(".zarr") or (p / "manifest.json").is_file()),
+                 Path(path).parent)
+    return ArtifactError(f"{path} {what}: the store {store} is damaged; make it again with the command that "
+                         "made it and --overwrite (or restore the file from a copy)")
+
+
 class ShardIO:
     """Direct reads and writes of the latents' Zarr v3 shards, bypassing Zarr's per-chunk machinery.
 
@@ -210,10 +219,29 @@ class ShardIO:
         f.seek(-(size + 4), os.SEEK_END)
         return np.frombuffer(f.read(size), dtype="<u8").reshape(self.shard_size, 2)
 
-    def read(self, indices: np.ndarray) -> np.ndarray:
+    def _checked_index(self, f, path: Path) -> np.ndarray:
+        """The shard's index, verified: its CRC32C, and every entry inside the file."""
+        import google_crc32c
+
+        size, total = self.shard_size * 16, os.fstat(f.fileno()).st_size
+        if total < size + 4:
+            raise ShardError(path, f"is {total} bytes, shorter than its index (truncated)")
+        f.seek(total - size - 4)
+        raw, crc = f.read(size), f.read(4)
+        if google_crc32c.value(raw).to_bytes(4, "little") != crc:
+            raise ShardError(path, "fails its index checksum (corrupt)")
+        index = np.frombuffer(raw, dtype="<u8").reshape(self.shard_size, 2)
+        written = index[:, 0] != _MISSING
+        if (index[written, 0] + index[written, 1] > total - size - 4).any():
+            raise ShardError(path, "has entries outside the file (corrupt)")
+        return index
+
+    def read(self, indices: np.ndarray, strict: bool = True) -> np.ndarray:
+        """Entries ``indices`` (any order). ``strict`` (readers of a finished store): a missing or
+        damaged shard file is an ``ArtifactError`` naming it, never zeros or a codec's traceback."""
         out = np.zeros((len(indices), *self.sample_shape), dtype=self.dtype)
         order = np.argsort(indices, kind="stable")
-        handle, index, current = None, None, -1
+        handle, index, current, path = None, None, -1, None
         try:
             for pos in order:
                 i = int(indices[pos])
@@ -225,14 +253,19 @@ class ShardIO:
                     path = self._path(shard)
                     if path.is_file():
                         handle = open(path, "rb")
-                        index = self.read_shard_index(handle)
+                        index = self._checked_index(handle, path) if strict else self.read_shard_index(handle)
+                    elif strict:
+                        raise ShardError(path, "is missing")
                 if handle is None or index[within, 0] == _MISSING:
                     continue  # never written: the fill value, as Zarr returns
                 offset, nbytes = index[within]
                 handle.seek(int(offset))
                 blob = handle.read(int(nbytes))
-                raw = self.codec.decode(blob) if self.codec is not None else blob
-                out[pos] = np.frombuffer(raw, dtype=self.dtype).reshape(self.sample_shape)
+                try:
+                    raw = self.codec.decode(blob) if self.codec is not None else blob
+                    out[pos] = np.frombuffer(raw, dtype=self.dtype).reshape(self.sample_shape)
+                except Exception as e:  # a damaged entry: the codec's error, or the wrong size
+                    raise ShardError(path, f"entry {i} cannot be decoded ({type(e).__name__}: corrupt)") from None
         finally:
             if handle:
                 handle.close()
@@ -378,10 +411,10 @@ class LatentStore:
         idx = np.asarray(indices, dtype=np.int64)
         if len(idx) == 0:
             return np.zeros((0, *self.latent_shape), dtype=self.latents.dtype)
+        if self.shards is not None:  # checked reads: a missing or damaged shard is an error naming it
+            return self.shards.read(idx)
         if np.all(np.diff(idx) == 1):
             return np.asarray(self.latents[int(idx[0]): int(idx[-1]) + 1])
-        if self.shards is not None:
-            return self.shards.read(idx)
         order = np.argsort(idx, kind="stable")
         out = np.empty((len(idx), *self.latent_shape), dtype=self.latents.dtype)
         out[order] = np.asarray(self.latents.get_orthogonal_selection((idx[order],)))

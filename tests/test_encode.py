@@ -225,3 +225,48 @@ def test_chunked_batches_in_workers_with_buffer_overflow_equal_pillow_in_process
     assert a["valid"].all() and len(a["latents"]) == 2 * len(sizes)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def finished_store(demo_images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "s.zarr"
+    run(_cfg(demo_images, out))  # 40 entries in shards of 8
+    return out
+
+
+@pytest.mark.parametrize("damage", ["missing", "random bytes", "truncated", "index bytes flipped"])
+def test_a_damaged_shard_is_a_one_line_error_naming_it(finished_store, tmp_path, damage):
+    """Readers of a finished store never read zeros for a lost shard, nor a codec's traceback for a
+    damaged one: one line naming the file and what to do. Through the command line as well, with
+    the training loader's worker processes between the file and the message."""
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(finished_store, store)
+    shard = store / "latents" / "c" / "3" / "0" / "0" / "0"  # entries 24-31
+    raw = shard.read_bytes()
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "random bytes":
+        shard.write_bytes(np.random.default_rng(0).integers(0, 256, len(raw), dtype=np.uint8).tobytes())
+    elif damage == "truncated":
+        shard.write_bytes(raw[: len(raw) // 2])
+    else:  # 40 bytes of the index flipped (the index has a checksum; entry bytes are the codec's to check)
+        data = bytearray(raw)
+        for pos in np.random.default_rng(1).choice(np.arange(len(raw) - 8 * 16 - 4, len(raw) - 4), 40, replace=False):
+            data[pos] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    s = LatentStore(store)
+    np.testing.assert_array_equal(s.read(np.arange(24)), LatentStore(finished_store).read(np.arange(24)))  # others fine
+    with pytest.raises(ArtifactError) as info:
+        s.read(np.arange(40))
+    message = str(info.value)
+    assert "\n" not in message and str(shard) in message and "--overwrite" in message
+    if damage == "missing":
+        proc = run_rae("train-diffusion", "--latents", store, "--out", tmp_path / "run", "--model", "ditdh-s",
+                       "--width", 32, "--depth", 1, "--num-heads", 2, "--head-width", 96, "--head-depth", 1,
+                       "--head-num-heads", 4, "--batch-size", 40, "--steps", 1, "--num-workers", 1,
+                       "--sample-every", 0, "--device", "cpu", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert lines[-1].startswith("error:") and str(shard) in " ".join(proc.stderr.split()), proc.stderr
