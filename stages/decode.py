@@ -30,6 +30,7 @@ from . import dist
 from .checkpoint import load_weights
 from .encoders import UNKNOWN_DIGEST
 from .errors import ArtifactError, RaeError
+from .options import AT_LEAST_1, NON_NEGATIVE, check_options
 from .manifest import digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
 from .progress import console, progress
 from .store import open_complete_store
@@ -55,6 +56,8 @@ class DecodeConfig:
     overwrite: bool = False
 
     RUN_ONLY = ("batch_size", "chunk_size", "device", "compile", "overwrite", "out", "grid_classes", "grid_per_row")
+    BOUNDS = {"batch_size": AT_LEAST_1, "chunk_size": AT_LEAST_1, "grid_classes": NON_NEGATIVE,
+              "grid_per_row": AT_LEAST_1}
 
     def identity(self) -> dict:
         return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY}
@@ -225,6 +228,7 @@ def _prepare_folder(cfg: DecodeConfig, store_manifest: dict, decoder_manifest: d
 
 
 def run(cfg: DecodeConfig) -> dict:
+    check_options(cfg)
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
     if cfg.batch_size < 1 or cfg.chunk_size < 1:

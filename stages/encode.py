@@ -23,6 +23,7 @@ from PIL import Image
 from . import dist
 from .encoders import build_encoder, encoder_identity, spec_for
 from .errors import ArtifactError, RaeError
+from .options import AT_LEAST_1, check_options
 from .images import (BadImage, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded, crop_batch_extra_bytes,
                      fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops, unpack_crop_batch)
 from .loader import SlotLoader
@@ -62,6 +63,8 @@ class EncodeConfig:
                                          # launch instead of hundreds: the main thread, not the GPU, was the limit)
     overwrite: bool = False
 
+    BOUNDS = {"image_size": (lambda v: v >= 16, "at least 16"), "limit": AT_LEAST_1, "shard_size": AT_LEAST_1,
+              "block_size": AT_LEAST_1, "min_size": AT_LEAST_1, "batch_size": AT_LEAST_1}
     RUN_ONLY = ("batch_size", "num_workers", "device", "compile", "cuda_graph", "overwrite", "out", "resize")
 
     def identity(self) -> dict:
@@ -72,6 +75,7 @@ class EncodeConfig:
 
 
 def _validate(cfg: EncodeConfig) -> None:
+    check_options(cfg)
     spec_for(cfg.encoder)
     if cfg.image_size not in (256, 512) and cfg.encoder != "dinov2-demo" and not cfg.random_init:
         raise RaeError(f"--image-size must be 256 or 512 (got {cfg.image_size})")
@@ -362,22 +366,24 @@ def run(cfg: EncodeConfig) -> dict:
         writer.shutdown(wait=True, cancel_futures=True)
     elapsed = time.time() - t0
     dist.barrier()
-    if d.is_main:
-        _finalize(store, out)
-    dist.barrier()
+    dist.main_decides(lambda: _finalize(store, out, cfg.data))
     result = summary(out)
     result["seconds"] = elapsed
     result["images_per_second"] = total / elapsed if elapsed > 0 else 0.0
     return result
 
 
-def _finalize(store: LatentStore, out: Path) -> None:
+def _finalize(store: LatentStore, out: Path, data: str) -> None:
     missing = store.pending_blocks()
     if missing:
         raise ArtifactError(f"{out}: {len(missing)} blocks were not written (a rank failed?); run the command again")
     skipped = []
     for b in range(store.num_blocks):
         skipped += store.block_info(b).get("skipped", [])
+    if not np.asarray(store.valid[:]).any():  # nothing to keep: not a store that looks interrupted
+        remove_store(out)
+        first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise RaeError(f"no readable image in {data}: all {len(skipped)} files were skipped{first}; nothing written")
     moments = store.finalize_statistics()
     store.mark_complete()
     manifest = read_manifest(out, require_complete=False)

@@ -25,6 +25,7 @@ import torch
 from . import dist, flow
 from .checkpoint import load_weights
 from .errors import ArtifactError, RaeError
+from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options
 from .manifest import digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
 from .progress import progress
 from .store import CODECS, LatentStore, claim_blocks, remove_store
@@ -61,6 +62,8 @@ class SampleConfig:
     compile: bool = False
     overwrite: bool = False
 
+    BOUNDS = {"per_class": AT_LEAST_1, "num": AT_LEAST_1, "steps": NON_NEGATIVE, "shift": POSITIVE,
+              "ag_scale": NON_NEGATIVE, "shard_size": AT_LEAST_1, "block_size": AT_LEAST_1, "batch_size": AT_LEAST_1}
     RUN_ONLY = ("batch_size", "device", "compile", "overwrite", "out")
 
     def identity(self) -> dict:
@@ -68,6 +71,7 @@ class SampleConfig:
 
 
 def _validate(cfg: SampleConfig) -> None:
+    check_options(cfg)
     if cfg.solver not in flow.SOLVERS:
         raise RaeError(f"--solver must be one of {', '.join(flow.SOLVERS)} (got {cfg.solver})")
     if cfg.steps < 0:

@@ -43,6 +43,7 @@ from . import dist
 from .checkpoint import resume_state, save_checkpoint, save_weights
 from .data import BatchPlan, StoreReader, batches
 from .errors import ArtifactError, RaeError
+from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options
 from .losses import LPIPS, GanSchedule, generator_loss, hinge_d_loss
 from .manifest import (atomic_write_json, digest_json, has_manifest, input_ref, jsonable, new_manifest, read_jsonl,
                        read_manifest, write_manifest)
@@ -119,6 +120,15 @@ class TrainDecoderConfig:
     compile: bool = False
     overwrite: bool = False
 
+    BOUNDS = {k: AT_LEAST_1 for k in ("decoder_patch", "width", "depth", "heads", "mlp_dim", "batch_size",
+                                       "grad_accum", "steps", "log_every", "checkpoint_every", "preview_every",
+                                       "stop_after")}
+    BOUNDS.update(lr=POSITIVE, final_lr=NON_NEGATIVE, disc_lr=POSITIVE, disc_final_lr=NON_NEGATIVE,
+                  weight_decay=NON_NEGATIVE, noise_tau=NON_NEGATIVE, lpips_weight=NON_NEGATIVE,
+                  gan_weight=NON_NEGATIVE, max_gan_lambda=NON_NEGATIVE, epochs=POSITIVE, warmup_epochs=NON_NEGATIVE,
+                  warmup_steps=NON_NEGATIVE, ema_decay=UNIT_INTERVAL, disc_aug_prob=(lambda v: 0 <= v <= 1, "in [0, 1]"),
+                  disc_cutout=(lambda v: 0 <= v < 1, "in [0, 1)"), clip_grad=POSITIVE, preview_count=NON_NEGATIVE,
+                  keep_checkpoints=NON_NEGATIVE)
     RUN_ONLY = ("latents", "out", "grad_accum", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count",
                 "log_every", "stop_after", "num_workers", "device", "compile", "overwrite")
 
@@ -128,6 +138,7 @@ class TrainDecoderConfig:
 
 
 def _validate(cfg: TrainDecoderConfig) -> None:
+    check_options(cfg)
     if cfg.model not in DECODER_SIZES:
         raise RaeError(f"unknown decoder --model '{cfg.model}'; choose one of: {', '.join(DECODER_SIZES)}")
     if cfg.precision not in ("auto", "bf16", "fp32"):

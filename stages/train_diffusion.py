@@ -35,6 +35,7 @@ from . import dist, flow
 from .checkpoint import resume_state, rng_state, save_checkpoint, save_weights
 from .data import BatchPlan, StoreReader, batches, denormalize, normalize
 from .errors import ArtifactError, RaeError
+from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, flag
 from .manifest import (digest_json, has_manifest, input_ref, jsonable, new_manifest, read_jsonl, read_manifest,
                        write_manifest)
 from .models.dit import PRESETS as MODEL_PRESETS
@@ -98,6 +99,13 @@ class TrainDiffusionConfig:
     device: str = "auto"
     overwrite: bool = False
 
+    BOUNDS = {k: AT_LEAST_1 for k in ("width", "depth", "num_heads", "head_width", "head_depth", "head_num_heads",
+                                       "batch_size", "grad_accum", "steps", "log_every", "checkpoint_every",
+                                       "sample_steps", "keep_checkpoints")}
+    BOUNDS.update(lr=POSITIVE, final_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, shift=POSITIVE, t_std=POSITIVE,
+                  label_dropout=UNIT_INTERVAL, ema_decay=UNIT_INTERVAL, grad_clip=NON_NEGATIVE, epochs=POSITIVE,
+                  warmup_epochs=NON_NEGATIVE, warmup_steps=NON_NEGATIVE, sample_every=NON_NEGATIVE,
+                  num_samples=NON_NEGATIVE)
     RUN_ONLY = ("latents", "out", "epochs", "steps", "grad_accum", "grad_checkpointing", "compile",
                 "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
                 "sample_steps", "num_workers", "device", "overwrite")
@@ -112,10 +120,17 @@ class TrainDiffusionConfig:
 
 
 def _validate(cfg: TrainDiffusionConfig) -> None:
+    check_options(cfg)
     if cfg.model not in MODEL_PRESETS:
         raise RaeError(f"unknown --model {cfg.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
     if cfg.model.startswith("dit-") and any(getattr(cfg, k) is not None for k in ("head_width", "head_depth", "head_num_heads")):
         raise RaeError(f"{cfg.model} has no wide head: --head-* options need a ditdh model")
+    size = {**MODEL_PRESETS[cfg.model][1], **{k: getattr(cfg, k) for k in ("width", "num_heads", "head_width",
+                                                                            "head_num_heads") if getattr(cfg, k)}}
+    for width, heads in (("width", "num_heads"), ("head_width", "head_num_heads")):
+        if width in size and (size[width] % size[heads] or size[width] // size[heads] % 4):
+            raise RaeError(f"{cfg.model}: {flag(width)} {size[width]} over {flag(heads)} {size[heads]} must give a "
+                           "whole head dimension divisible by 4 (2-D RoPE)")
     checks = [
         (cfg.time_dist in ("logit_normal", "uniform"), f"--time-dist must be logit_normal or uniform (got {cfg.time_dist})"),
         (cfg.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32 (got {cfg.precision})"),

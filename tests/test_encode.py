@@ -270,3 +270,16 @@ def test_a_damaged_shard_is_a_one_line_error_naming_it(finished_store, tmp_path,
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert lines[-1].startswith("error:") and str(shard) in " ".join(proc.stderr.split()), proc.stderr
+
+
+def test_a_folder_without_one_readable_image_writes_nothing(tmp_path):
+    (tmp_path / "data" / "c").mkdir(parents=True)
+    (tmp_path / "data" / "c" / "a.png").write_bytes(b"not an image")
+    (tmp_path / "data" / "c" / "b.jpg").write_bytes(b"")
+    for attempt in range(2):  # the same answer again: no store that looks interrupted in between
+        proc = run_rae("encode", tmp_path / "data", "--out", tmp_path / "s.zarr", "--preset", "demo",
+                       "--num-workers", "0", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and "no readable image" in error[0] and "all 2 files were skipped" in error[0]
+        assert not (tmp_path / "s.zarr").exists()
