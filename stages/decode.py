@@ -31,7 +31,8 @@ from .checkpoint import load_weights
 from .encoders import UNKNOWN_DIGEST
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, check_options
-from .manifest import digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
+from .manifest import (digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest,
+                       remove_temporaries, write_manifest)
 from .progress import console, progress
 from .store import open_complete_store
 
@@ -289,6 +290,7 @@ def _finalize(cfg: DecodeConfig, out: Path, indices: np.ndarray, all_labels: np.
     labels = labels if (labels >= 0).any() else None
     write_npz(out / NPZ, out, indices, labels)
     write_grid(out / GRID, out, indices, labels, cfg.grid_classes, cfg.grid_per_row)
+    remove_temporaries(out)
     first = _read_png(out / png_name(int(indices[0])))
     manifest = read_manifest(out, require_complete=False)
     manifest.update(num_images=len(indices), image_shape=list(first.shape), labelled=labels is not None,

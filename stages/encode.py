@@ -27,7 +27,7 @@ from .options import AT_LEAST_1, check_options
 from .images import (BadImage, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded, crop_batch_extra_bytes,
                      fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops, unpack_crop_batch)
 from .loader import SlotLoader
-from .manifest import digest_json, has_manifest, new_manifest, read_manifest, write_manifest
+from .manifest import digest_json, has_manifest, new_manifest, read_manifest, remove_temporaries, write_manifest
 from .progress import console, progress
 from .store import CODECS, LatentStore, Moments, claim_blocks, remove_store
 
@@ -385,6 +385,7 @@ def _finalize(store: LatentStore, out: Path, data: str) -> None:
         first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         raise RaeError(f"no readable image in {data}: all {len(skipped)} files were skipped{first}; nothing written")
     moments = store.finalize_statistics()
+    remove_temporaries(out)
     store.mark_complete()
     manifest = read_manifest(out, require_complete=False)
     manifest["skipped_files"] = skipped

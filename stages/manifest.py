@@ -11,6 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,21 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             raise ArtifactError(f"{path} line {i + 1} is not JSON (a corrupt log): remove that line, or the run "
                                 "folder to start again") from None
     return records
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp[0-9.]*$")  # what atomic writes name their files before the rename
+
+
+def remove_temporaries(root: str | os.PathLike) -> int:
+    """Delete the temporary files that killed writers left under ``root`` (``.NAME.tmpPID[.TID]``):
+    called once a stage has finished its artifact, when no writer of it is left. Returns how many."""
+    n = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if _TEMPORARY.match(name):
+                Path(folder, name).unlink(missing_ok=True)
+                n += 1
+    return n
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -26,7 +26,8 @@ from . import dist, flow
 from .checkpoint import load_weights
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options
-from .manifest import digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest, write_manifest
+from .manifest import (digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest,
+                       remove_temporaries, write_manifest)
 from .progress import progress
 from .store import CODECS, LatentStore, claim_blocks, remove_store
 
@@ -328,6 +329,7 @@ def _finalize(store: LatentStore, out: Path) -> None:
     if missing:
         raise ArtifactError(f"{out}: {len(missing)} blocks were not written (a rank failed?); run the command again")
     moments = store.finalize_statistics()
+    remove_temporaries(out)
     store.mark_complete()
     manifest = read_manifest(out, require_complete=False)
     manifest["num_valid"] = int(moments.count)

@@ -45,8 +45,8 @@ from .data import BatchPlan, StoreReader, batches
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options
 from .losses import LPIPS, GanSchedule, generator_loss, hinge_d_loss
-from .manifest import (atomic_write_json, digest_json, has_manifest, input_ref, jsonable, new_manifest, read_jsonl,
-                       read_manifest, write_manifest)
+from .manifest import (atomic_write_json, digest_json, has_manifest, input_ref, jsonable, new_manifest,
+                       read_jsonl, read_manifest, remove_temporaries, write_manifest)
 from .models.decoder import DECODER_SIZES, ViTDecoder, add_noise
 from .models.discriminator import DINO_TIMM_NAME, DinoDiscriminator, round_to_8bit
 from .progress import console, progress
@@ -842,6 +842,7 @@ def _finalize(training: DecoderTraining, previews, out: Path, records: list[dict
     save_weights(out / EMA_WEIGHTS, training.ema.state_dict())
     _preview(training, previews, out / "reconstructions.png")
     plot_losses(records, out / "losses.png")
+    remove_temporaries(out)
     manifest = read_manifest(out, require_complete=False)
     manifest["content_id"] = sha256_file(out / EMA_WEIGHTS)
     manifest["final_metrics"] = records[-1] if records else {}

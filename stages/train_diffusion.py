@@ -37,7 +37,7 @@ from .data import BatchPlan, StoreReader, batches, denormalize, normalize
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, flag
 from .manifest import (digest_json, has_manifest, input_ref, jsonable, new_manifest, read_jsonl, read_manifest,
-                       write_manifest)
+                       remove_temporaries, write_manifest)
 from .models.dit import PRESETS as MODEL_PRESETS
 from .models.dit import build_model, width_rule_warning
 from .progress import console, progress
@@ -609,6 +609,7 @@ def run(cfg: TrainDiffusionConfig) -> dict:
         save_weights(out / "model_ema.safetensors", trainer.ema.state_dict(), metadata={"step": total_steps})
         samples(total_steps)
         draw_loss_curve(records, out / "loss.png")
+        remove_temporaries(out)
         m = read_manifest(out, require_complete=False)
         m.update(step=total_steps, content_id=sha256_file(out / "model_ema.safetensors"), complete=True)
         write_manifest(out, m)

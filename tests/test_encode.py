@@ -94,8 +94,11 @@ def test_resume_after_crash_equals_uninterrupted_run(demo_images, tmp_path, monk
     done_before = 5 - len(LatentStore(out).pending_blocks())
     assert 1 <= done_before < 5
     written = []
+    shard_dir = out / "latents" / "c" / "0" / "0" / "0"
+    (shard_dir / ".0.tmp4242.140000").write_bytes(b"a shard cut short")  # a writer killed mid-write
     monkeypatch.setattr(LatentStore, "write_block", lambda self, b, *a, **k: (written.append(b), real_write(self, b, *a, **k)))
     run(_cfg(demo_images, out, flip=True, batch_size=5))  # run settings may change on resume
+    assert not list(out.rglob(".*tmp*"))  # the finished store keeps no temporary file
     assert len(written) == 5 - done_before  # finished blocks are not recomputed
     a, b = _arrays(full), _arrays(out)
     for k in a:

@@ -262,6 +262,7 @@ def test_resume_after_kill_equals_uninterrupted_run(store, full_run, tmp_path):
         f.write(json.dumps({"step": 4, "l1": 123.0}) + "\n" + '{"step": 5, "l1": 1')
     (out / "checkpoints" / ".step_00000004.safetensors.tmp99").write_bytes(b"partial")
     run(_cfg(store, out, **cfg))
+    assert not list(out.rglob(".*tmp*"))  # the finished run keeps no temporary file
 
     ours, ref = _weights(out), _weights(full_run)
     for file in ref:
