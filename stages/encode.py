@@ -394,6 +394,7 @@ def _finalize(store: LatentStore, out: Path, data: str) -> None:
                                           "statistics": hashlib.sha256(moments.mean.tobytes() + moments.var.tobytes()).hexdigest()})
     manifest["complete"] = True
     write_manifest(out, manifest)
+    store.drop_block_records()
 
 
 def summary(out: Path) -> dict:

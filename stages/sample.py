@@ -337,6 +337,7 @@ def _finalize(store: LatentStore, out: Path) -> None:
                                           "statistics": hashlib.sha256(moments.mean.tobytes() + moments.var.tobytes()).hexdigest()})
     manifest["complete"] = True
     write_manifest(out, manifest)
+    store.drop_block_records()
 
 
 def summary(out: Path) -> dict:

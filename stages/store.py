@@ -367,6 +367,7 @@ class LatentStore:
         # Statistics of what is stored (after the cast to the store's dtype), per shard, in order.
         if moments is None:
             moments = Moments.of_shards(latents, valid, self.shard_size)
+        (self.path / ".blocks").mkdir(exist_ok=True)
         np.savez(self.path / ".blocks" / f"{b:08d}.npz", count=np.int64(moments.count), mean=moments.mean, m2=moments.m2)
         atomic_write_text(self._marker(b), json.dumps({"block": b, "valid": int(valid.sum()), **(info or {})}))
 
@@ -390,7 +391,12 @@ class LatentStore:
         return total
 
     def mark_complete(self) -> None:
+        """The store's own flag. The block records stay until the manifest says complete (the commit
+        point): a kill in between leaves every block done, and the re-run only finalizes again."""
         self.group.attrs["complete"] = True
+
+    def drop_block_records(self) -> None:
+        """After the manifest says complete: the per-block records are no longer needed."""
         shutil.rmtree(self.path / ".blocks", ignore_errors=True)
 
     # ---- reading ------------------------------------------------------------------------------
@@ -450,6 +456,7 @@ def claim_blocks(out: str | os.PathLike, prepare, d):
     state, pending = dist.main_decides(decide)
     if state == "done":
         if d.is_main:
+            LatentStore(out).drop_block_records()  # left if the run was killed right after finishing
             console.print(f"{out} is already complete; nothing to do.")
         return state, None, []
     return state, LatentStore(out, mode="r+"), dist.shard(pending, d.rank, d.world)

@@ -286,3 +286,35 @@ def test_a_folder_without_one_readable_image_writes_nothing(tmp_path):
         error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(error) == 1 and "no readable image" in error[0] and "all 2 files were skipped" in error[0]
         assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("stop_at", ["finalize_statistics", "remove_temporaries", "mark_complete",
+                                     "write_manifest", "drop_block_records"])
+def test_a_kill_at_every_step_of_the_end_resumes_to_the_same_store(finished_store, demo_images, tmp_path,
+                                                                    monkeypatch, stop_at):
+    """The end of encode is several writes (statistics, temporaries, the store's flag, the manifest,
+    the block records). Killed before each, the same command finishes the store, equal to an
+    uninterrupted one; the manifest is the commit point."""
+    import stages.encode as encode_mod
+    from stages.store import LatentStore as Store
+
+    owner = {"finalize_statistics": Store, "mark_complete": Store, "drop_block_records": Store}.get(stop_at, encode_mod)
+    original = getattr(owner, stop_at)
+
+    def killed(*a, **k):
+        if stop_at == "write_manifest" and not (len(a) > 1 and a[1].get("complete")):
+            return original(*a, **k)  # only the final manifest write
+        raise KeyboardInterrupt(f"killed at {stop_at}")
+
+    out = tmp_path / "s.zarr"
+    monkeypatch.setattr(owner, stop_at, killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(demo_images, out))
+    monkeypatch.setattr(owner, stop_at, original)
+    assert not read_manifest(out, require_complete=False)["complete"] or stop_at == "drop_block_records"
+    run(_cfg(demo_images, out))
+    a, b = _arrays(finished_store), _arrays(out)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert read_manifest(out)["content_id"] == read_manifest(finished_store)["content_id"]
+    assert not (out / ".blocks").exists() and not list(out.rglob(".*tmp*"))
