@@ -27,7 +27,8 @@ from .options import AT_LEAST_1, check_options
 from .images import (BadImage, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded, crop_batch_extra_bytes,
                      fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops, unpack_crop_batch)
 from .loader import SlotLoader
-from .manifest import digest_json, has_manifest, new_manifest, read_manifest, remove_temporaries, write_manifest
+from .manifest import (create_artifact_dir, digest_json, has_manifest, new_manifest, read_manifest,
+                       remove_temporaries, write_manifest)
 from .progress import console, progress
 from .store import CODECS, LatentStore, Moments, claim_blocks, remove_store
 
@@ -215,16 +216,20 @@ def _prepare_store(cfg: EncodeConfig, listing, identity: dict, enc_id: dict) -> 
     attrs = {"encoder": enc_id, "image_size": cfg.image_size, "crop": "adm-center-crop",
              "class_names": listing.class_names, "num_classes": len(listing.class_names),
              "flip": cfg.flip, "raw_encoder_space": True}
-    LatentStore.create(out, len(src), spec.latent_shape(cfg.image_size), cfg.dtype, labels, src, flipped,
-                       attrs, shard_size=cfg.shard_size, block_size=cfg.block_size, codec=cfg.codec)
-    (out / SOURCES).write_text("".join(f + "\n" for f in listing.files))
     manifest = new_manifest("latent-store", cfg, inputs={"images": {"kind": "image-folder", "path": str(listing.root.resolve()),
                                                                     "content_id": listing.content_id()}},
                             identity=digest_json(wanted), encoder=enc_id,
                             latent_shape=list(spec.latent_shape(cfg.image_size)), num_entries=len(src),
                             num_images=n_images, class_names=listing.class_names, sources_file=SOURCES,
                             ignored_files=listing.ignored)
-    write_manifest(out, manifest)
+
+    def build(folder: Path) -> None:
+        LatentStore.create(folder, len(src), spec.latent_shape(cfg.image_size), cfg.dtype, labels, src, flipped,
+                           attrs, shard_size=cfg.shard_size, block_size=cfg.block_size, codec=cfg.codec)
+        (folder / SOURCES).write_text("".join(f + "\n" for f in listing.files))
+        write_manifest(folder, manifest)
+
+    create_artifact_dir(out, build)
     return "new"
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,22 @@ def remove_temporaries(root: str | os.PathLike) -> int:
                 Path(folder, name).unlink(missing_ok=True)
                 n += 1
     return n
+
+
+def create_artifact_dir(out: str | os.PathLike, build) -> None:
+    """Make a new artifact folder: ``build(folder)`` fills a staging folder beside ``out`` (its
+    manifest included), which is then renamed to ``out`` in one step. A kill leaves either no ``out``
+    or one with its manifest, never a folder that no command recognises; staging folders of killed
+    runs are removed by the next. ``out`` must not exist (or be an empty folder)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.creating*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out.parent / f".{out.name}.creating{os.getpid()}"
+    build(staging)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    os.replace(staging, out)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -26,8 +26,8 @@ from . import dist, flow
 from .checkpoint import load_weights
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options
-from .manifest import (digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest,
-                       remove_temporaries, write_manifest)
+from .manifest import (create_artifact_dir, digest_json, has_manifest, input_ref, jsonable, new_manifest,
+                       read_manifest, remove_temporaries, write_manifest)
 from .progress import progress
 from .store import CODECS, LatentStore, claim_blocks, remove_store
 
@@ -233,13 +233,17 @@ def _prepare_store(cfg: SampleConfig, run: DiffusionRun, guide: DiffusionRun | N
     image_size = run.config.get("image_size", run.manifest.get("image_size"))
     attrs = {"encoder": run.encoder, "image_size": image_size, "class_names": class_names,
              "num_classes": num_classes, "raw_encoder_space": True, "sampling": settings}
-    LatentStore.create(out, n, tuple(run.latent_shape), cfg.dtype, labels, np.arange(n, dtype=np.int64),
-                       np.zeros(n, dtype=bool), attrs, shard_size=cfg.shard_size, block_size=cfg.block_size,
-                       codec=cfg.codec, extra_arrays={"seeds": seeds})
     manifest = new_manifest("sample-store", cfg, inputs=inputs, identity=wanted, encoder=run.encoder,
                             latent_shape=run.latent_shape, num_entries=n, class_names=class_names,
                             sampling=settings)
-    write_manifest(out, manifest)
+
+    def build(folder: Path) -> None:
+        LatentStore.create(folder, n, tuple(run.latent_shape), cfg.dtype, labels, np.arange(n, dtype=np.int64),
+                           np.zeros(n, dtype=bool), attrs, shard_size=cfg.shard_size, block_size=cfg.block_size,
+                           codec=cfg.codec, extra_arrays={"seeds": seeds})
+        write_manifest(folder, manifest)
+
+    create_artifact_dir(out, build)
     return "new"
 
 

@@ -36,8 +36,8 @@ from .checkpoint import resume_state, rng_state, save_checkpoint, save_weights
 from .data import BatchPlan, StoreReader, batches, denormalize, normalize
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, flag
-from .manifest import (digest_json, has_manifest, input_ref, jsonable, new_manifest, read_jsonl, read_manifest,
-                       remove_temporaries, write_manifest)
+from .manifest import (create_artifact_dir, digest_json, has_manifest, input_ref, jsonable, new_manifest,
+                       read_jsonl, read_manifest, remove_temporaries, write_manifest)
 from .models.dit import PRESETS as MODEL_PRESETS
 from .models.dit import build_model, width_rule_warning
 from .progress import console, progress
@@ -353,12 +353,15 @@ def _prepare_run(cfg: TrainDiffusionConfig, identity: str, run_config: dict, man
         remove_store(out)
     elif out.exists() and any(out.iterdir()):
         raise ArtifactError(f"{out} exists and is not a rae run; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
-    # The store's exact statistics travel with the model: sampling must undo the same normalisation.
-    save_weights(out / STATS, {"mean": mean, "var": var})
-    (out / CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
-    write_manifest(out, manifest)
+
+    def build(folder: Path) -> None:
+        (folder / "samples").mkdir(parents=True)
+        # The store's exact statistics travel with the model: sampling must undo the same normalisation.
+        save_weights(folder / STATS, {"mean": mean, "var": var})
+        (folder / CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
+        write_manifest(folder, manifest)
+
+    create_artifact_dir(out, build)
     return "new"
 
 

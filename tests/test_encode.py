@@ -318,3 +318,23 @@ def test_a_kill_at_every_step_of_the_end_resumes_to_the_same_store(finished_stor
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert read_manifest(out)["content_id"] == read_manifest(finished_store)["content_id"]
     assert not (out / ".blocks").exists() and not list(out.rglob(".*tmp*"))
+
+
+def test_a_kill_while_the_store_is_created_leaves_nothing_a_rerun_refuses(demo_images, tmp_path, monkeypatch):
+    """The store is built under a staging name and renamed into place with its manifest: killed
+    before (here: at the manifest write), there is no half-made `--out` and the same command works."""
+    import stages.encode as encode_mod
+
+    original = encode_mod.write_manifest
+
+    def killed(folder, manifest):
+        raise KeyboardInterrupt("killed while creating the store")
+
+    out = tmp_path / "x.zarr"
+    monkeypatch.setattr(encode_mod, "write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(demo_images, out, flip=True))
+    monkeypatch.setattr(encode_mod, "write_manifest", original)
+    assert not out.exists() and list(tmp_path.glob(".x.zarr.creating*"))  # only the staging folder
+    run(_cfg(demo_images, out, flip=True))
+    assert read_manifest(out)["complete"] and not list(tmp_path.glob(".x.zarr.creating*"))
