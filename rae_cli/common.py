@@ -22,11 +22,29 @@ def user_errors(fn):
         except RaeError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
+        except OSError as e:  # the environment: a full disk, a read-only folder, a file where a folder goes
+            err_console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
         except KeyboardInterrupt:
             err_console.print("interrupted: run the same command again to resume", highlight=False)
             sys.exit(130)
 
     return wrapper
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an operating-system error: what, where, and what to do."""
+    import errno
+
+    where = f" {e.filename}" if e.filename else ""
+    what = e.strerror or str(e) or type(e).__name__
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device of{where or ' the output'}: free some space, then run the same command again (it resumes)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where}: {what.lower()}; choose another --out or fix the permissions"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"{where.strip() or 'a path'}: {what.lower()} (a file where a folder is needed, or the reverse); choose another --out"
+    return f"{what}{':' + where if where else ''}"
 
 
 def build_config(cls, stage: str, preset: str | None, **options):

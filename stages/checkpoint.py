@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import ArtifactError
+from .manifest import removed_on_error
 
 _REF = "__tensor__"
 
@@ -70,10 +71,11 @@ def save_state(path: str | os.PathLike, state: Any, metadata: dict | None = None
     tensors = {k: v.clone() if v.numel() else v for k, v in tensors.items()}
     meta = {"rae_state": json.dumps(skeleton), **{k: str(v) for k, v in (metadata or {}).items()}}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with removed_on_error(tmp):
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
@@ -98,8 +100,9 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], m
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    with removed_on_error(tmp):
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ kept, and the ``.npz`` is assembled from the PNGs at the end.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import io
 import json
 import os
 import time
@@ -31,8 +32,8 @@ from .checkpoint import load_weights
 from .encoders import UNKNOWN_DIGEST
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, check_options
-from .manifest import (digest_json, has_manifest, input_ref, jsonable, new_manifest, read_manifest,
-                       remove_temporaries, write_manifest)
+from .manifest import (atomic_write_bytes, digest_json, has_manifest, input_ref, jsonable, new_manifest,
+                       read_manifest, remove_temporaries, removed_on_error, write_manifest)
 from .progress import console, progress
 from .store import open_complete_store
 
@@ -148,9 +149,9 @@ def png_name(index: int) -> str:
 def _write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()  # encoded in memory: a write error is then our own OSError, not PIL's state
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -164,7 +165,7 @@ def write_npz(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray 
     """ADM ``.npz`` streamed from the PNGs (never all images in memory): arr_0 uint8 [N, H, W, 3]."""
     first = _read_png(folder / png_name(int(indices[0])))
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with removed_on_error(tmp), zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                       "shape": (len(indices), *first.shape)}

@@ -6,6 +6,7 @@ stage — so a killed run never leaves something that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -88,14 +89,36 @@ def create_artifact_dir(out: str | os.PathLike, build) -> None:
     os.replace(staging, out)
 
 
+@contextlib.contextmanager
+def removed_on_error(tmp: str | os.PathLike):
+    """Delete the temporary file ``tmp`` if the block writing it fails (a full disk, a kill's
+    KeyboardInterrupt): a failed write leaves nothing behind."""
+    try:
+        yield
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename; nothing is left on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with removed_on_error(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with removed_on_error(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError
-from .manifest import atomic_write_text, has_manifest, read_manifest
+from .manifest import atomic_write_text, has_manifest, read_manifest, removed_on_error
 
 CODECS = ("blosc-lz4", "blosc-zstd", "none")
 DEFAULT_CODEC = "blosc-zstd"
@@ -210,9 +210,10 @@ class ShardIO:
         path = self._path(shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-        with open(tmp, "wb") as f:  # part by part: joining 20 MB first would hold the GIL for milliseconds
-            f.writelines(parts)
-        os.replace(tmp, path)
+        with removed_on_error(tmp):
+            with open(tmp, "wb") as f:  # part by part: joining 20 MB first would hold the GIL for milliseconds
+                f.writelines(parts)
+            os.replace(tmp, path)
 
     def read_shard_index(self, f) -> np.ndarray:
         size = self.shard_size * 16

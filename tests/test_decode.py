@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -148,3 +149,45 @@ def test_end_to_end_cli_sample_then_decode(tmp_path):
                          "--device", "cpu"])
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert model.exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(setup, tmp_path, monkeypatch):
+    """The disk fills while PNGs are written: one line saying so (not PIL's internal error), no
+    temporary file left, and the same command finishes once there is space."""
+    import errno
+
+    from tests.conftest import run_rae
+
+    model, decoder, store = setup
+    real_replace, calls = os.replace, {"n": 0}
+
+    def full_disk(src, dst, *a, **k):
+        if str(dst).endswith(".png"):
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    out = tmp_path / "img"
+    proc = run_rae("decode", store, "--decoder", decoder, "--out", out, "--device", "cpu", check=False)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no space left") and "run the same command again" in lines[0]
+    assert not list(out.glob(".*tmp*")) and not read_manifest(out, require_complete=False)["complete"]
+    run_rae("decode", store, "--decoder", decoder, "--out", out, "--device", "cpu")
+    assert read_manifest(out)["complete"]
+
+
+def test_out_that_is_a_file_is_one_line(setup, tmp_path):
+    from tests.conftest import run_rae
+
+    model, decoder, store = setup
+    (tmp_path / "taken").write_text("a file")
+    for argv in (["decode", store, "--decoder", decoder], ["sample", "--model", model, "--num", "2"]):
+        proc = run_rae(*argv, "--out", tmp_path / "taken", "--device", "cpu", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "taken" in lines[0], proc.stderr
+    assert (tmp_path / "taken").read_text() == "a file"
