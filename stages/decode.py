@@ -213,6 +213,8 @@ def _prepare_folder(cfg: DecodeConfig, store_manifest: dict, decoder_manifest: d
     if out.exists() and has_manifest(out):
         manifest = read_manifest(out, require_complete=False, what="output folder")
         if manifest.get("kind") == "image-folder" and manifest.get("identity") == wanted:
+            if not manifest.get("complete"):  # scores of the unfinished folder no longer describe it
+                (out / "eval.json").unlink(missing_ok=True)
             return "done" if manifest.get("complete") else "resume"
         if not cfg.overwrite:
             raise ArtifactError(f"{out} was made from other latents, decoder or settings; "

@@ -199,6 +199,9 @@ class ImageSet:
             if (self.path / "manifest.json").is_file():  # a `rae decode` folder: its numbered PNGs, not grid.png
                 import re
 
+                from .manifest import read_manifest
+
+                read_manifest(self.path, kind="image-folder", what="image folder")  # unfinished: refused
                 self.files = [f for f in self.files if re.fullmatch(r"\d+\.png", f)]
             if not self.files:
                 raise ArtifactError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {self.path}")
