@@ -151,6 +151,24 @@ def _npz_member(path: Path, name: str) -> tuple[tuple, np.dtype, int | None]:
     return shape, dtype, offset
 
 
+def _check_member_crc(path: Path, name: str) -> None:
+    """The zip CRC-32 of an uncompressed member, streamed (a flipped byte would be scored otherwise)."""
+    import zlib
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{name}.npy")
+        crc, left = 0, info.file_size
+        with z.open(info) as f:
+            f._expected_crc = None  # zipfile's own check at EOF would raise a generic error; ours names the file
+            while left:
+                block = f.read(min(left, 1 << 24))
+                if not block:
+                    break
+                crc, left = zlib.crc32(block, crc), left - len(block)
+    if crc != info.CRC:
+        raise ArtifactError(f"{path}: {name} fails its zip checksum (the file is corrupt); write it again")
+
+
 def npz_keys(path: str | os.PathLike) -> list[str]:
     try:
         with zipfile.ZipFile(path) as z:
@@ -215,8 +233,12 @@ class ImageSet:
                 raise ArtifactError(f"{self.path}: arr_0 must be uint8 N x H x W x 3 (the ADM format), got {dtype} {shape}")
             self.n = shape[0]
             self.mappable = offset is not None  # compressed members are loaded once, in one process
+            if offset is not None:  # memory-mapped reads skip the zip's checksum: check it once here
+                _check_member_crc(self.path, "arr_0")
         else:
             raise ArtifactError(f"{self.path} is neither an image folder nor an .npz")
+        if self.n == 0:
+            raise ArtifactError(f"{self.path} holds no images (arr_0 has 0 of them): nothing to score")
 
     def __len__(self) -> int:
         return self.n
@@ -316,6 +338,10 @@ def load_ref_stats(path: str | os.PathLike) -> RefStats:
     stats = RefStats(**{k: arrays[k] for k in RefStats.ARRAYS if k in arrays}, meta=meta)
     if (stats.mu is None) != (stats.sigma is None):
         raise ArtifactError(f"{path} has only one of mu and sigma")
+    # Checked before any feature pass: FID needs Inception's 2048-dim pool statistics.
+    if stats.mu is not None and (np.shape(stats.mu) != (2048,) or np.shape(stats.sigma) != (2048, 2048)):
+        raise ArtifactError(f"{path}: mu/sigma are {np.shape(stats.mu)}/{np.shape(stats.sigma)}, not Inception's "
+                            "2048-dim pool statistics (ADM's reference batches and `rae eval --save-ref` files are)")
     _check_spatial_stats(stats, path)
     return stats
 
@@ -961,6 +987,7 @@ def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, 
         values["sfid"] = M.frechet_distance(mu_s, sigma_s, ref_value("mu_s"), ref_value("sigma_s"))
     if want("is"):
         values["is"], values["is_std"] = img_col.is_parts.compute()
+    kid_subset = cfg.kid_subset_size
     if want("pr") or want("kid"):
         ref_pool = torch.from_numpy(np.asarray(ref_value("pool"), dtype=np.float32)).to(d.device)
         sam_pool = torch.from_numpy(img_col.pool).to(d.device)
@@ -974,6 +1001,7 @@ def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, 
             try:
                 values["kid"], values["kid_std"] = M.kernel_inception_distance(
                     sam_pool, ref_pool, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+                kid_subset = min(cfg.kid_subset_size, len(sam_pool), len(ref_pool))  # as the metric draws them
             except ValueError as e:
                 skipped["kid"] = str(e)
     if dinov2 is not None and fdk not in skipped and ref is not None:
@@ -1008,7 +1036,7 @@ def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, 
             "sfid_features": f"Inception mixed_6/conv ({SPATIAL_LAYER}, after batch norm and ReLU), channels "
                              f"0-{SPATIAL_CHANNELS - 1} of the {SPATIAL_GRID}x{SPATIAL_GRID} map, flattened NHWC: "
                              f"{SPATIAL_DIM} dims, as ADM",
-            "kid": f"polynomial kernel (x.y/d+1)^3, {cfg.kid_subsets} subsets of {cfg.kid_subset_size}, seed {cfg.seed}",
+            "kid": f"polynomial kernel (x.y/d+1)^3, {cfg.kid_subsets} subsets of {kid_subset}, seed {cfg.seed}",
             "psnr_ssim": "per image on [0,255] (data range 255), then averaged; "
                          "SSIM Gaussian window 11, sigma 1.5, per channel",
             "world_size": d.world,

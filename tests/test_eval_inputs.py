@@ -1,0 +1,42 @@
+"""`rae eval` inputs it must refuse before scoring: a corrupt .npz, an empty one, reference
+statistics of another dimension — one line each, through the command line too."""
+import numpy as np
+import pytest
+
+from stages.errors import ArtifactError
+from stages.evaluate import ImageSet, load_ref_stats, save_adm_npz
+from tests.conftest import run_rae
+
+
+def _images(n=6, size=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_an_npz_with_flipped_pixel_bytes_is_refused_by_its_checksum(tmp_path):
+    path = tmp_path / "s.npz"
+    save_adm_npz(path, _images())
+    assert len(ImageSet(path)) == 6  # intact: read as before
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x55  # a pixel byte in the middle of arr_0
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="checksum") as info:
+        ImageSet(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    proc = run_rae("eval", path, "--offline", "--metrics", "fid", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "checksum" in proc.stderr
+
+
+def test_an_npz_without_images_is_refused(tmp_path):
+    path = tmp_path / "empty.npz"
+    save_adm_npz(path, np.zeros((0, 16, 16, 3), np.uint8))
+    with pytest.raises(ArtifactError, match="no images"):
+        ImageSet(path)
+    assert not (tmp_path / "empty.eval.json").exists()
+
+
+def test_reference_statistics_of_another_dimension_are_refused_when_read(tmp_path):
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ArtifactError, match="2048") as info:
+        load_ref_stats(path)
+    assert "\n" not in str(info.value)
