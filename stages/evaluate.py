@@ -338,10 +338,6 @@ def load_ref_stats(path: str | os.PathLike) -> RefStats:
     stats = RefStats(**{k: arrays[k] for k in RefStats.ARRAYS if k in arrays}, meta=meta)
     if (stats.mu is None) != (stats.sigma is None):
         raise ArtifactError(f"{path} has only one of mu and sigma")
-    # Checked before any feature pass: FID needs Inception's 2048-dim pool statistics.
-    if stats.mu is not None and (np.shape(stats.mu) != (2048,) or np.shape(stats.sigma) != (2048, 2048)):
-        raise ArtifactError(f"{path}: mu/sigma are {np.shape(stats.mu)}/{np.shape(stats.sigma)}, not Inception's "
-                            "2048-dim pool statistics (ADM's reference batches and `rae eval --save-ref` files are)")
     _check_spatial_stats(stats, path)
     return stats
 
@@ -868,6 +864,10 @@ def _run(cfg: EvalConfig, d) -> dict:
                                  ("fd_dinov2", pre.dinov2_mu, "DINOv2 statistics")):
             if m in wanted and present is None:
                 skipped[fd_name.get(m, m)] = f"{ref.path} holds no {what}"
+    # Checked before any feature pass: FID needs Inception's 2048-dim pool statistics.
+    if "fid" in wanted and pre.mu is not None and (np.shape(pre.mu) != (2048,) or np.shape(pre.sigma) != (2048, 2048)):
+        raise ArtifactError(f"{ref.path}: mu/sigma are {np.shape(pre.mu)}/{np.shape(pre.sigma)}, not Inception's "
+                            "2048-dim pool statistics (ADM's reference batches and `rae eval --save-ref` files are)")
 
     def want(m):
         return m in wanted and fd_name.get(m, m) not in skipped

@@ -34,9 +34,14 @@ def test_an_npz_without_images_is_refused(tmp_path):
     assert not (tmp_path / "empty.eval.json").exists()
 
 
-def test_reference_statistics_of_another_dimension_are_refused_when_read(tmp_path):
-    path = tmp_path / "ref.npz"
-    np.savez(path, mu=np.zeros(64), sigma=np.eye(64))
-    with pytest.raises(ArtifactError, match="2048") as info:
-        load_ref_stats(path)
-    assert "\n" not in str(info.value)
+def test_reference_statistics_of_another_dimension_are_refused_before_any_feature_pass(tmp_path):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(64), sigma=np.eye(64))
+    assert load_ref_stats(ref).mu.shape == (64,)  # a readable file ...
+    images = tmp_path / "s.npz"
+    save_adm_npz(images, _images())
+    # ... refused for FID before Inception is even looked for (--offline, no weights here).
+    proc = run_rae("eval", images, "--ref", ref, "--offline", "--metrics", "fid", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "2048" in lines[0] and str(ref) in lines[0], proc.stderr
