@@ -60,7 +60,7 @@ from .images import BadImage, load_rgb
 from .manifest import atomic_write_json, jsonable
 from .progress import console, progress
 from .weights import (MissingWeightsError, WeightsFileError, create_timm_model, hf_download_hint,
-                      load_state_dict_file, sha256_file)
+                      load_state_dict_file, reachable, sha256_file)
 
 METRICS = ("fid", "sfid", "is", "pr", "kid", "fd_dinov2")  # all of them: the default
 INCEPTION_METRICS = ("fid", "sfid", "is", "pr", "kid")
@@ -482,7 +482,7 @@ def load_inception(weights: str | os.PathLike | None = None, offline: bool = Fal
             raise MissingWeightsError(f"Inception weights file not found: {path}")
     else:
         path = inception_cache_path()
-        if not path.is_file() and not offline:
+        if not path.is_file() and not offline and reachable(url):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.hub.download_url_to_file(url, str(path), hash_prefix=_sha_prefix(url), progress=True)

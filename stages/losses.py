@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weights import MissingWeightsError, WeightsFileError, load_state_dict_file
+from .weights import MissingWeightsError, WeightsFileError, load_state_dict_file, reachable
 
 # torchvision's VGG16 IMAGENET1K_V1 weights, cached by torch hub under $TORCH_HOME/hub/checkpoints.
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -53,6 +53,8 @@ def load_vgg16_state_dict(weights: str | os.PathLike | None = None, flag: str = 
     cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
     if not cached.is_file():
         try:
+            if not reachable(VGG16_URL):
+                raise ConnectionError("cannot reach the download host")
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(VGG16_URL, str(cached), hash_prefix="397923af", progress=False)
         except Exception:

@@ -98,6 +98,32 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of ``url`` accepts a connection within ``timeout`` seconds (name lookup
+    included). Checked before a download, so that a machine without network says at once which file
+    to fetch, instead of after the downloaders' retries."""
+    import socket
+    import threading
+    import urllib.parse
+
+    if os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True") and "huggingface.co" in url:
+        return False
+    host = urllib.parse.urlparse(url).hostname
+    answer = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            answer.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    return bool(answer)
+
+
 def cached_pretrained_file(timm_name: str) -> str | None:
     """The file of ``timm_name``'s pretrained weights in the Hugging Face cache, if it is there."""
     try:
@@ -166,10 +192,12 @@ def create_timm_model(timm_name: str, weights: str | os.PathLike | None = None, 
     cfg = timm.models.get_pretrained_cfg(timm_name)
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+    where = hf_download_hint(hub_id, filename) if hub_id else f"the timm weights of {timm_name}"
     try:
+        if hub_id and cached_pretrained_file(timm_name) is None and not reachable(where):
+            raise ConnectionError("not cached, and the hub cannot be reached")
         model = timm.create_model(timm_name, pretrained=True, **timm_kwargs)
     except Exception:
-        where = hf_download_hint(hub_id, filename) if hub_id else f"the timm weights of {timm_name}"
         raise MissingWeightsError(
             f"pretrained weights for '{timm_name}' are not cached and cannot be downloaded: fetch {where} "
             f"and pass it with {flag} FILE (or put it in the Hugging Face cache, $HF_HOME/hub)") from None

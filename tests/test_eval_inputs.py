@@ -45,3 +45,20 @@ def test_reference_statistics_of_another_dimension_are_refused_before_any_featur
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "2048" in lines[0] and str(ref) in lines[0], proc.stderr
+
+
+def test_without_network_missing_weights_are_named_at_once_without_download_attempts(tmp_path, monkeypatch):
+    """No --offline, no cached file, no network: the one-line error comes from a connection probe,
+    not after the downloaders' retries (the download function is never entered)."""
+    import torch
+
+    import stages.evaluate as ev
+    from stages.weights import MissingWeightsError, reachable
+
+    assert reachable("https://rae-test.invalid/file", timeout=1.0) is False  # a name that never resolves
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(ev, "reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not try to download"))
+    with pytest.raises(MissingWeightsError, match="Inception weights not found") as info:
+        ev.load_inception(None, offline=False)
+    assert "\n" not in str(info.value)
