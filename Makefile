@@ -13,7 +13,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 DEMO_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
 PRESET ?= demo
-.PHONY: all install test test-portability clean demo imagenet256 imagenet256-chain
+.PHONY: all install test test-portability fuzz clean demo imagenet256 imagenet256-chain
 
 ifeq ($(PRESET),demo)
 all: install demo
@@ -88,6 +88,10 @@ test: install
 # The suite under OMP_NUM_THREADS 1 and 2 and every ATEN_CPU_CAPABILITY this CPU runs (4-6 full runs).
 test-portability: install
 	tests/portability_sweep.sh $(PY)
+
+# Every stage of the demo chain killed at every write and run again; every shard damaged (minutes).
+fuzz: install
+	$(PY) tests/fuzz_kills.py
 
 clean:
 	rm -rf out .pytest_cache

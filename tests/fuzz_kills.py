@@ -1,0 +1,178 @@
+"""Kill every stage of the demo chain at every write, run it again, and check it ends as an
+uninterrupted run; then damage every shard of a store in every way and check that reading it is
+one line naming the file. Not part of `make test` (several minutes): `make fuzz`, or
+`python tests/fuzz_kills.py [--stride N]` (every N-th write only).
+
+A "write" is a commit of a file: every atomic write of rae ends in ``os.replace`` (manifests,
+shards, checkpoints, weights, PNGs, the .npz, staging folders renamed into place), so the kill is
+a KeyboardInterrupt raised instead of the k-th ``os.replace`` of the stage, for every k (Zarr's
+own small writes, on its event loop's threads, are left alone: in-process, an exception there
+would stop that loop for good). The stages
+run in this process through the real command line (the Typer app), on the demo preset at tiny
+sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAE_NO_PROGRESS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from tests.conftest import run_rae  # noqa: E402
+
+
+def stages(root: Path, images: Path) -> list[tuple[str, callable, str]]:
+    """(name, argv for an output folder, what must be equal afterwards) in chain order."""
+    lat = root / "ref" / "lat.zarr"
+    dec, dit, smp = root / "ref" / "dec", root / "ref" / "dit", root / "ref" / "s.zarr"
+    return [
+        ("encode", lambda o: ["encode", images, "--out", o, "--preset", "demo", "--flip", "--block-size", 16,
+                              "--shard-size", 8, "--num-workers", 0], "content_id"),
+        ("train-decoder", lambda o: ["train-decoder", "--latents", lat, "--out", o, "--preset", "demo", "--steps", 4,
+                                     "--batch-size", 8, "--lpips-start-step", 1, "--disc-start-step", 1,
+                                     "--gan-start-step", 2, "--num-workers", 0, "--preview-every", 2,
+                                     "--checkpoint-every", 2, "--log-every", 1], "content_id"),
+        ("train-diffusion", lambda o: ["train-diffusion", "--latents", lat, "--out", o, "--preset", "demo", "--steps", 4,
+                                       "--batch-size", 8, "--decay-end-step", 4, "--sample-every", 2,
+                                       "--num-samples", 2, "--sample-steps", 2, "--checkpoint-every", 2,
+                                       "--log-every", 1], "content_id"),
+        ("sample", lambda o: ["sample", "--model", dit, "--out", o, "--preset", "demo", "--per-class", 2, "--steps", 2,
+                              "--block-size", 8, "--shard-size", 4], "content_id"),
+        ("decode", lambda o: ["decode", smp, "--decoder", dec, "--out", o, "--batch-size", 4], "npz"),
+    ]
+
+
+def fingerprint(out: Path, what: str):
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest.get("complete"), f"{out} not complete"
+    leftovers = [str(p) for p in out.rglob(".*tmp*")]
+    assert not leftovers, f"temporary files left: {leftovers[:3]}"
+    if what == "npz":
+        with np.load(out / "samples.npz") as f:
+            return f["arr_0"].tobytes(), f["arr_1"].tobytes()
+    return manifest["content_id"]
+
+
+class Killer:
+    """Raises KeyboardInterrupt instead of the k-th os.replace (k from 1); counts them when k is None."""
+
+    def __init__(self, k: int | None):
+        self.k, self.calls, self.real = k, 0, os.replace
+
+    def __call__(self, src, dst, *a, **kw):
+        import threading
+
+        # Zarr's own writes run on its event loop's threads ("asyncio_N"): an exception there would
+        # stop that loop for the rest of this process (a real kill stops all threads at once), so
+        # those are not counted; rae's own writes run on the main thread and its thread pools.
+        if threading.current_thread().name.startswith("asyncio"):
+            return self.real(src, dst, *a, **kw)
+        self.calls += 1
+        if self.k is not None and self.calls == self.k:
+            raise KeyboardInterrupt(f"killed at write {self.k}: {dst}")
+        return self.real(src, dst, *a, **kw)
+
+    def __enter__(self):
+        os.replace = self
+        return self
+
+    def __exit__(self, *exc):
+        os.replace = self.real
+
+
+def kill_everywhere(root: Path, images: Path, stride: int) -> list[str]:
+    rows = []
+    for name, argv, what in stages(root, images):
+        ref = {"encode": "lat.zarr", "train-decoder": "dec", "train-diffusion": "dit", "sample": "s.zarr",
+               "decode": "img"}[name]
+        with Killer(None) as count:
+            run_rae(*argv(root / "ref" / ref))
+        expected, n = fingerprint(root / "ref" / ref, what), count.calls
+        t0, bad = time.time(), []
+        for k in range(1, n + 1, stride):
+            out = root / f"{name}-{k}"
+            with Killer(k):
+                proc = run_rae(*argv(out), check=False)
+            if proc.returncode == 0:  # the k-th write did not happen in this run (fewer writes): nothing to resume
+                pass
+            again = run_rae(*argv(out), check=False)
+            try:
+                assert again.returncode == 0, again.stderr.strip().splitlines()[-1:] or again.stdout[-300:]
+                assert fingerprint(out, what) == expected, "differs from the uninterrupted run"
+            except AssertionError as e:
+                bad.append(f"kill at write {k}: {e}")
+            shutil.rmtree(out, ignore_errors=True)
+        rows.append(f"| {name} | {n} | {len(range(1, n + 1, stride))} | {len(bad)} | {time.time() - t0:.0f} s |")
+        for line in bad[:5]:
+            print(f"  {name}: {line}", flush=True)
+    return rows
+
+
+def damage_every_shard(store: Path) -> list[str]:
+    from stages.errors import ArtifactError
+    from stages.store import LatentStore
+
+    rows, shards = [], sorted((store / "latents" / "c").rglob("[0-9]*"))
+    shards = [p for p in shards if p.is_file()]
+    rng = np.random.default_rng(0)
+    for damage in ("missing", "random bytes", "truncated", "index bytes flipped", "empty"):
+        failures = 0
+        for shard in shards:
+            raw = shard.read_bytes()
+            if damage == "missing":
+                shard.unlink()
+            elif damage == "random bytes":
+                shard.write_bytes(rng.integers(0, 256, len(raw), dtype=np.uint8).tobytes())
+            elif damage == "truncated":
+                shard.write_bytes(raw[: len(raw) // 3])
+            elif damage == "empty":
+                shard.write_bytes(b"")
+            else:
+                data = bytearray(raw)
+                for pos in rng.choice(np.arange(len(raw) - 4 - 16 * 8, len(raw) - 4), 40, replace=False):
+                    data[pos] ^= 0xFF
+                shard.write_bytes(bytes(data))
+            try:
+                LatentStore(store).read(np.arange(LatentStore(store).n))
+                failures += 1  # read without noticing
+            except ArtifactError as e:
+                failures += int("\n" in str(e) or str(shard) not in str(e))
+            shard.write_bytes(raw)
+        rows.append(f"| {damage} | {len(shards)} | {failures} |")
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stride", type=int, default=1, help="kill at every N-th write only")
+    args = ap.parse_args()
+    from stages.demo_data import generate
+
+    root = Path(tempfile.mkdtemp(prefix="rae-fuzz-"))
+    images = generate(root / "images", per_class=2, size=64, seed=0)
+    (root / "ref").mkdir()
+    kills = kill_everywhere(root, images, args.stride)
+    shards = damage_every_shard(root / "ref" / "lat.zarr")
+    print("\n## Killed at every write, then run again (demo preset): must end as the uninterrupted run")
+    print("| stage | writes | kills | runs that did not end identical | time |\n|---|---|---|---|---|")
+    print("\n".join(kills))
+    print("\n## Every shard damaged: reading the store must be one line naming the file")
+    print("| damage | shards | reads that were silent or not one line |\n|---|---|---|")
+    print("\n".join(shards))
+    failed = sum(int(r.split("|")[4]) for r in kills) + sum(int(r.split("|")[3]) for r in shards)
+    shutil.rmtree(root, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
