@@ -46,8 +46,8 @@ def stages(root: Path, images: Path) -> list[tuple[str, callable, str]]:
                                        "--batch-size", 8, "--decay-end-step", 4, "--sample-every", 2,
                                        "--num-samples", 2, "--sample-steps", 2, "--checkpoint-every", 2,
                                        "--log-every", 1], "content_id"),
-        ("sample", lambda o: ["sample", "--model", dit, "--out", o, "--preset", "demo", "--per-class", 2, "--steps", 2,
-                              "--block-size", 8, "--shard-size", 4], "content_id"),
+        ("sample", lambda o: ["sample", "--model", dit, "--out", o, "--preset", "demo", "--per-class", 7, "--steps", 2],
+         "content_id"),
         ("decode", lambda o: ["decode", smp, "--decoder", dec, "--out", o, "--batch-size", 4], "npz"),
     ]
 
