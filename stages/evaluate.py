@@ -787,6 +787,19 @@ def _exact_float32():
         mm.allow_fp16_reduced_precision_reduction = saved_reduced
 
 
+def _artifact_content_id(path: Path) -> str | None:
+    """The content id of the rae artifact at (or holding) ``path``, if it is one."""
+    from .manifest import read_manifest
+
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "manifest.json").is_file():
+        return None
+    try:
+        return read_manifest(folder, require_complete=False).get("content_id")
+    except ArtifactError:
+        return None
+
+
 def default_out(images: str | os.PathLike) -> Path:
     """eval.json inside an image folder; ``NAME.eval.json`` beside an .npz."""
     p = Path(images)
@@ -1023,7 +1036,9 @@ def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, 
         "skipped": skipped,
         "num_images": len(images),
         "num_ref_images": len(ref.images) if ref is not None and ref.images is not None else None,
-        "images": {"path": str(images.path.resolve()), "kind": images.kind},
+        # What was scored: its listing (file names and sizes) and, for a `rae decode` folder, its content id.
+        "images": {"path": str(images.path.resolve()), "kind": images.kind, "listing_sha256": images.listing_sha256(),
+                   "content_id": _artifact_content_id(images.path)},
         "reference": ref.identity(computed_ref) if ref is not None else None,
         "fid_reference": (None if "fid" not in values else "precomputed mu/sigma of the reference"
                           if pre.mu is not None else "computed from the reference images"),

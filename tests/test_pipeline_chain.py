@@ -152,6 +152,11 @@ def test_chain_outputs_evaluate_and_finished_stages_are_reused(chains, demo_imag
             "--metrics", "fd_dinov2", "--device", "cpu", "--num-workers", "0")
     result = json.loads((o / "img" / "eval.json").read_text())
     assert np.isfinite(result["metrics"]["fd_rae"]) and result["metrics"]["fd_rae"] > 0
+    # Tied to what it scored: the decode folder's content id and its listing.
+    from stages.evaluate import ImageSet
+
+    assert result["images"]["content_id"] == read_manifest(o / "img")["content_id"]
+    assert result["images"]["listing_sha256"] == ImageSet(o / "img").listing_sha256()
     # Running a finished stage again reuses it.
     again = run_rae("sample", "--model", o / "dit", "--out", o / "s.zarr", *SAMPLE_ARGS)
     assert "already complete" in " ".join((again.stdout + again.stderr).split())
