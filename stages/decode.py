@@ -235,8 +235,6 @@ def run(cfg: DecodeConfig) -> dict:
     check_options(cfg)
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
-    if cfg.batch_size < 1 or cfg.chunk_size < 1:
-        raise RaeError("--batch-size must be at least 1")
     d = dist.init(cfg.device)
     cfg.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
     store_manifest, store = open_complete_store(cfg.store)

@@ -9,7 +9,6 @@ single-process run.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import math
 import os
 import time
@@ -28,7 +27,7 @@ from .images import (BadImage, banded_crop, bicubic_crop_batch, center_crop_arr,
                      fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops, unpack_crop_batch)
 from .loader import SlotLoader
 from .manifest import (create_artifact_dir, digest_json, has_manifest, new_manifest, read_manifest,
-                       remove_temporaries, write_manifest)
+                       write_manifest)
 from .progress import console, progress
 from .store import CODECS, LatentStore, Moments, claim_blocks, remove_store
 
@@ -90,8 +89,6 @@ def _validate(cfg: EncodeConfig) -> None:
         raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
     if cfg.shard_size < 2 or cfg.shard_size % 2 or cfg.block_size % cfg.shard_size:
         raise RaeError("the shard size must be even and divide the block size")
-    if cfg.batch_size < 1:
-        raise RaeError("--batch-size must be at least 1")
 
 
 class _LoadChunk:
@@ -379,9 +376,7 @@ def run(cfg: EncodeConfig) -> dict:
 
 
 def _finalize(store: LatentStore, out: Path, data: str) -> None:
-    missing = store.pending_blocks()
-    if missing:
-        raise ArtifactError(f"{out}: {len(missing)} blocks were not written (a rank failed?); run the command again")
+    store.require_all_blocks()
     skipped = []
     for b in range(store.num_blocks):
         skipped += store.block_info(b).get("skipped", [])
@@ -389,17 +384,7 @@ def _finalize(store: LatentStore, out: Path, data: str) -> None:
         remove_store(out)
         first = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         raise RaeError(f"no readable image in {data}: all {len(skipped)} files were skipped{first}; nothing written")
-    moments = store.finalize_statistics()
-    remove_temporaries(out)
-    store.mark_complete()
-    manifest = read_manifest(out, require_complete=False)
-    manifest["skipped_files"] = skipped
-    manifest["num_valid"] = int(moments.count)
-    manifest["content_id"] = digest_json({"identity": manifest["identity"], "count": moments.count,
-                                          "statistics": hashlib.sha256(moments.mean.tobytes() + moments.var.tobytes()).hexdigest()})
-    manifest["complete"] = True
-    write_manifest(out, manifest)
-    store.drop_block_records()
+    store.finish(skipped_files=skipped)
 
 
 def summary(out: Path) -> dict:

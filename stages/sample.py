@@ -13,7 +13,6 @@ DiT^DH-XL guided by DiT^DH-S at scale 1.42).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from .checkpoint import load_weights
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options
 from .manifest import (create_artifact_dir, digest_json, has_manifest, input_ref, jsonable, new_manifest,
-                       read_manifest, remove_temporaries, write_manifest)
+                       read_manifest, write_manifest)
 from .progress import progress
 from .store import CODECS, LatentStore, claim_blocks, remove_store
 
@@ -63,7 +62,7 @@ class SampleConfig:
     compile: bool = False
     overwrite: bool = False
 
-    BOUNDS = {"per_class": AT_LEAST_1, "num": AT_LEAST_1, "steps": NON_NEGATIVE, "shift": POSITIVE,
+    BOUNDS = {"per_class": AT_LEAST_1, "num": AT_LEAST_1, "steps": (lambda v: v >= 0, "0 (the pure-noise baseline) or more"), "shift": POSITIVE,
               "ag_scale": NON_NEGATIVE, "shard_size": AT_LEAST_1, "block_size": AT_LEAST_1, "batch_size": AT_LEAST_1}
     RUN_ONLY = ("batch_size", "device", "compile", "overwrite", "out")
 
@@ -75,8 +74,6 @@ def _validate(cfg: SampleConfig) -> None:
     check_options(cfg)
     if cfg.solver not in flow.SOLVERS:
         raise RaeError(f"--solver must be one of {', '.join(flow.SOLVERS)} (got {cfg.solver})")
-    if cfg.steps < 0:
-        raise RaeError("--steps must be 0 (the pure-noise baseline) or more")
     if cfg.guidance not in ("none", "cfg", "autoguidance"):
         raise RaeError(f"--guidance must be none, cfg or autoguidance (got {cfg.guidance})")
     if cfg.guidance == "autoguidance" and not cfg.guide_model:
@@ -88,15 +85,13 @@ def _validate(cfg: SampleConfig) -> None:
         raise RaeError(f"--guidance-interval must be t_min t_max with 0 <= t_min < t_max <= 1 (got {t_min} {t_max})")
     if (cfg.per_class is None) == (cfg.num is None):
         raise RaeError("give exactly one of --per-class K (K samples of every class) or --num N (random labels)")
-    if (cfg.per_class or 1) < 1 or (cfg.num or 1) < 1:
-        raise RaeError("--per-class and --num must be at least 1")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
     if cfg.dtype not in ("float16", "float32"):
         raise RaeError(f"--dtype must be float16 or float32 (got {cfg.dtype})")
     if cfg.codec not in CODECS:
         raise RaeError(f"--codec must be one of {', '.join(CODECS)} (got {cfg.codec})")
-    if cfg.shard_size < 1 or cfg.block_size % cfg.shard_size:
+    if cfg.block_size % cfg.shard_size:
         raise RaeError("the shard size must divide the block size")
     if cfg.batch_size < 1:
         raise RaeError("--batch-size must be at least 1")
@@ -307,7 +302,7 @@ def run(cfg: SampleConfig) -> dict:
     elapsed = time.time() - t0
     dist.barrier()
     if d.is_main:
-        _finalize(store, out)
+        store.finish()
     dist.barrier()
     result = summary(out)
     result["seconds"] = elapsed
@@ -326,22 +321,6 @@ def sample_latents(model_run: DiffusionRun, model, labels, seeds, cfg: SampleCon
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         x = flow.sample(velocity, noise, cfg.steps, shift, cfg.solver)
     return model_run.to_raw(x.float())
-
-
-def _finalize(store: LatentStore, out: Path) -> None:
-    missing = store.pending_blocks()
-    if missing:
-        raise ArtifactError(f"{out}: {len(missing)} blocks were not written (a rank failed?); run the command again")
-    moments = store.finalize_statistics()
-    remove_temporaries(out)
-    store.mark_complete()
-    manifest = read_manifest(out, require_complete=False)
-    manifest["num_valid"] = int(moments.count)
-    manifest["content_id"] = digest_json({"identity": manifest["identity"], "count": moments.count,
-                                          "statistics": hashlib.sha256(moments.mean.tobytes() + moments.var.tobytes()).hexdigest()})
-    manifest["complete"] = True
-    write_manifest(out, manifest)
-    store.drop_block_records()
 
 
 def summary(out: Path) -> dict:

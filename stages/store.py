@@ -22,6 +22,7 @@ processes, the batch size or the order in which blocks were finished.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError
-from .manifest import atomic_write_text, has_manifest, read_manifest, removed_on_error
+from .manifest import (atomic_write_text, digest_json, has_manifest, read_manifest, remove_temporaries,
+                       removed_on_error, write_manifest)
 
 CODECS = ("blosc-lz4", "blosc-zstd", "none")
 DEFAULT_CODEC = "blosc-zstd"
@@ -215,11 +217,6 @@ class ShardIO:
                 f.writelines(parts)
             os.replace(tmp, path)
 
-    def read_shard_index(self, f) -> np.ndarray:
-        size = self.shard_size * 16
-        f.seek(-(size + 4), os.SEEK_END)
-        return np.frombuffer(f.read(size), dtype="<u8").reshape(self.shard_size, 2)
-
     def _checked_index(self, f, path: Path) -> np.ndarray:
         """The shard's index, verified: its CRC32C, and every entry inside the file."""
         import google_crc32c
@@ -237,9 +234,9 @@ class ShardIO:
             raise ShardError(path, "has entries outside the file (corrupt)")
         return index
 
-    def read(self, indices: np.ndarray, strict: bool = True) -> np.ndarray:
-        """Entries ``indices`` (any order). ``strict`` (readers of a finished store): a missing or
-        damaged shard file is an ``ArtifactError`` naming it, never zeros or a codec's traceback."""
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Entries ``indices`` (any order). A missing or damaged shard file is an ``ArtifactError``
+        naming it, never zeros or a codec's traceback."""
         out = np.zeros((len(indices), *self.sample_shape), dtype=self.dtype)
         order = np.argsort(indices, kind="stable")
         handle, index, current, path = None, None, -1, None
@@ -252,12 +249,11 @@ class ShardIO:
                         handle.close()
                     handle, current = None, shard
                     path = self._path(shard)
-                    if path.is_file():
-                        handle = open(path, "rb")
-                        index = self._checked_index(handle, path) if strict else self.read_shard_index(handle)
-                    elif strict:
+                    if not path.is_file():
                         raise ShardError(path, "is missing")
-                if handle is None or index[within, 0] == _MISSING:
+                    handle = open(path, "rb")
+                    index = self._checked_index(handle, path)
+                if index[within, 0] == _MISSING:
                     continue  # never written: the fill value, as Zarr returns
                 offset, nbytes = index[within]
                 handle.seek(int(offset))
@@ -390,6 +386,29 @@ class LatentStore:
         # Keep the float64 values too: the store can say exactly what it computed.
         np.savez(self.path / "statistics_float64.npz", count=np.int64(total.count), mean=total.mean, var=total.var)
         return total
+
+    def require_all_blocks(self) -> None:
+        missing = self.pending_blocks()
+        if missing:
+            raise ArtifactError(f"{self.path}: {len(missing)} blocks were not written (a rank failed?); "
+                                "run the command again")
+
+    def finish(self, **manifest_fields) -> None:
+        """The end of a block-wise stage (encode, sample; rank 0, once every block is written): the
+        statistics, stale temporaries removed, the store's flag, the manifest marked complete with
+        ``manifest_fields`` (the commit point), then the block records. A kill between any two of
+        these writes is resumed by running the command again."""
+        self.require_all_blocks()
+        moments = self.finalize_statistics()
+        remove_temporaries(self.path)
+        self.mark_complete()
+        manifest = read_manifest(self.path, require_complete=False)
+        statistics = hashlib.sha256(moments.mean.tobytes() + moments.var.tobytes()).hexdigest()
+        manifest.update(manifest_fields, num_valid=int(moments.count),
+                        content_id=digest_json({"identity": manifest["identity"], "count": moments.count,
+                                                "statistics": statistics}), complete=True)
+        write_manifest(self.path, manifest)
+        self.drop_block_records()
 
     def mark_complete(self) -> None:
         """The store's own flag. The block records stay until the manifest says complete (the commit

@@ -143,16 +143,6 @@ def _validate(cfg: TrainDecoderConfig) -> None:
         raise RaeError(f"unknown decoder --model '{cfg.model}'; choose one of: {', '.join(DECODER_SIZES)}")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
-    if cfg.batch_size < 1 or cfg.decoder_patch < 1 or cfg.grad_accum < 1:
-        raise RaeError("--batch-size, --grad-accum and --decoder-patch must be at least 1")
-    if min(cfg.noise_tau, cfg.lpips_weight, cfg.gan_weight) < 0:
-        raise RaeError("--noise-tau, --lpips-weight and --gan-weight must not be negative")
-    if not 0 <= cfg.ema_decay < 1:
-        raise RaeError(f"--ema-decay must be in [0, 1) (got {cfg.ema_decay})")
-    if cfg.steps is not None and cfg.steps < 1 or cfg.epochs <= 0:
-        raise RaeError("--steps and --epochs must be positive")
-    if cfg.log_every < 1 or any(v is not None and v < 1 for v in (cfg.checkpoint_every, cfg.preview_every)):
-        raise RaeError("--log-every, --checkpoint-every and --preview-every must be at least 1")
     if cfg.random_loss_nets and (cfg.disc_weights or cfg.lpips_vgg_weights or cfg.lpips_lin_weights):
         raise RaeError("--random-loss-nets and weight files for LPIPS or the discriminator exclude each other")
     size = decoder_size(cfg)
@@ -613,14 +603,18 @@ class _Metrics:
             self.counts[k] = self.counts.get(k, 0) + 1
         self.steps += 1
 
-    def partial_state(self) -> dict:
-        """The interval logged so far, summed over ranks (a collective: every rank calls it). A
-        checkpoint keeps it, so a run resumed between two log steps writes the same interval means as
-        an uninterrupted one."""
+    def _summed_over_ranks(self) -> dict[str, float]:
+        """The interval's sums, in float64, summed over ranks (a collective: every rank calls it)."""
         keys = sorted(self.sums)
-        values = [] if not keys else dist.all_reduce_sum(
-            torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device="cpu") for k in keys])).tolist()
-        return {"sums": dict(zip(keys, values)), "counts": dict(self.counts), "steps": self.steps}
+        if not keys:
+            return {}
+        values = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device="cpu") for k in keys])
+        return dict(zip(keys, dist.all_reduce_sum(values).tolist()))
+
+    def partial_state(self) -> dict:
+        """The interval logged so far, over all ranks. A checkpoint keeps it, so a run resumed between
+        two log steps writes the same interval means as an uninterrupted one."""
+        return {"sums": self._summed_over_ranks(), "counts": dict(self.counts), "steps": self.steps}
 
     def restore(self, state: dict | None, is_main: bool) -> None:
         """Continue the interval of ``partial_state``: its sums on rank 0 (they are over all ranks already)."""
@@ -631,11 +625,9 @@ class _Metrics:
     def flush(self, step: int, world: int) -> dict | None:
         if not self.steps:
             return None
-        keys = sorted(self.sums)
-        values = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device="cpu") for k in keys])
-        values = dist.all_reduce_sum(values) / world
+        sums = self._summed_over_ranks()
         elapsed = max(time.time() - self.t0, 1e-9)
-        record = {"step": step, **{k: float(v) / self.counts[k] for k, v in zip(keys, values.tolist())},
+        record = {"step": step, **{k: v / world / self.counts[k] for k, v in sums.items()},
                   "img_per_s": self.steps * self.global_batch / elapsed}
         self.sums, self.counts, self.steps, self.t0 = {}, {}, 0, time.time()
         if self.path is not None:

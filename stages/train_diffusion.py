@@ -105,7 +105,8 @@ class TrainDiffusionConfig:
     BOUNDS.update(lr=POSITIVE, final_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, shift=POSITIVE, t_std=POSITIVE,
                   label_dropout=UNIT_INTERVAL, ema_decay=UNIT_INTERVAL, grad_clip=NON_NEGATIVE, epochs=POSITIVE,
                   warmup_epochs=NON_NEGATIVE, warmup_steps=NON_NEGATIVE, sample_every=NON_NEGATIVE,
-                  num_samples=NON_NEGATIVE)
+                  num_samples=NON_NEGATIVE, shift_base=POSITIVE,
+                  grad_checkpointing=(lambda v: v >= -1, "a number of blocks, or -1 for all"))
     RUN_ONLY = ("latents", "out", "epochs", "steps", "grad_accum", "grad_checkpointing", "compile",
                 "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
                 "sample_steps", "num_workers", "device", "overwrite")
@@ -134,19 +135,7 @@ def _validate(cfg: TrainDiffusionConfig) -> None:
     checks = [
         (cfg.time_dist in ("logit_normal", "uniform"), f"--time-dist must be logit_normal or uniform (got {cfg.time_dist})"),
         (cfg.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32 (got {cfg.precision})"),
-        (cfg.t_std > 0, "--t-std must be positive"),
-        (cfg.shift is None or cfg.shift > 0, "--shift must be positive"),
-        (cfg.shift_base > 0, "--shift-base must be positive"),
-        (0 <= cfg.label_dropout < 1, "--label-dropout must be in [0, 1)"),
-        (cfg.batch_size >= 1 and cfg.grad_accum >= 1, "--batch-size and --grad-accum must be at least 1"),
-        (cfg.lr > 0 and cfg.final_lr >= 0, "--lr must be positive and --final-lr non-negative"),
-        (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"),
-        (cfg.grad_clip >= 0, "--grad-clip must be non-negative (0: no clipping)"),
-        (cfg.epochs > 0 and (cfg.steps is None or cfg.steps > 0), "the training length must be positive"),
-        (cfg.log_every >= 1 and cfg.checkpoint_every >= 1, "--log-every and --checkpoint-every must be at least 1"),
-        (cfg.sample_every >= 0 and cfg.num_samples >= 0 and cfg.sample_steps >= 1, "bad sampling settings"),
-        (cfg.grad_checkpointing >= -1, "--grad-checkpointing must be a number of blocks, or -1 for all"),
-    ]
+    ]  # the numbers: BOUNDS (check_options)
     for ok, message in checks:
         if not ok:
             raise RaeError(message)

@@ -193,13 +193,14 @@ def create_timm_model(timm_name: str, weights: str | os.PathLike | None = None, 
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
     where = hf_download_hint(hub_id, filename) if hub_id else f"the timm weights of {timm_name}"
+    cached = cached_pretrained_file(timm_name)
     try:
-        if hub_id and cached_pretrained_file(timm_name) is None and not reachable(where):
+        if hub_id and cached is None and not reachable(where):
             raise ConnectionError("not cached, and the hub cannot be reached")
         model = timm.create_model(timm_name, pretrained=True, **timm_kwargs)
     except Exception:
         raise MissingWeightsError(
             f"pretrained weights for '{timm_name}' are not cached and cannot be downloaded: fetch {where} "
             f"and pass it with {flag} FILE (or put it in the Hugging Face cache, $HF_HOME/hub)") from None
-    cached = cached_pretrained_file(timm_name)
+    cached = cached or cached_pretrained_file(timm_name)  # downloaded just now
     return model, sha256_file(cached) if cached else sha256_state_dict(model.state_dict())

@@ -295,10 +295,11 @@ def test_a_kill_at_every_step_of_the_end_resumes_to_the_same_store(finished_stor
     """The end of encode is several writes (statistics, temporaries, the store's flag, the manifest,
     the block records). Killed before each, the same command finishes the store, equal to an
     uninterrupted one; the manifest is the commit point."""
-    import stages.encode as encode_mod
+    import stages.store as store_mod
     from stages.store import LatentStore as Store
 
-    owner = {"finalize_statistics": Store, "mark_complete": Store, "drop_block_records": Store}.get(stop_at, encode_mod)
+    # LatentStore.finish makes these writes, in this order.
+    owner = {"finalize_statistics": Store, "mark_complete": Store, "drop_block_records": Store}.get(stop_at, store_mod)
     original = getattr(owner, stop_at)
 
     def killed(*a, **k):
