@@ -125,7 +125,7 @@ def damage_every_shard(store: Path) -> list[str]:
     rows, shards = [], sorted((store / "latents" / "c").rglob("[0-9]*"))
     shards = [p for p in shards if p.is_file()]
     rng = np.random.default_rng(0)
-    for damage in ("missing", "random bytes", "truncated", "index bytes flipped", "empty"):
+    for damage in ("missing", "random bytes", "truncated", "index bytes flipped", "empty", "entry bit flipped"):
         failures = 0
         for shard in shards:
             raw = shard.read_bytes()
@@ -137,6 +137,10 @@ def damage_every_shard(store: Path) -> list[str]:
                 shard.write_bytes(raw[: len(raw) // 3])
             elif damage == "empty":
                 shard.write_bytes(b"")
+            elif damage == "entry bit flipped":  # one bit in the middle of the first entry's bytes
+                data = bytearray(raw)
+                data[int(np.frombuffer(raw[-4 - 16 * 8: -4], dtype="<u8")[1]) // 2] ^= 0x01
+                shard.write_bytes(bytes(data))
             else:
                 data = bytearray(raw)
                 for pos in rng.choice(np.arange(len(raw) - 4 - 16 * 8, len(raw) - 4), 40, replace=False):

@@ -237,7 +237,8 @@ def finished_store(demo_images, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("damage", ["missing", "random bytes", "truncated", "index bytes flipped"])
+@pytest.mark.parametrize("damage", ["missing", "random bytes", "truncated", "index bytes flipped",
+                                    "entry bytes flipped"])
 def test_a_damaged_shard_is_a_one_line_error_naming_it(finished_store, tmp_path, damage):
     """Readers of a finished store never read zeros for a lost shard, nor a codec's traceback for a
     damaged one: one line naming the file and what to do. Through the command line as well, with
@@ -254,10 +255,15 @@ def test_a_damaged_shard_is_a_one_line_error_naming_it(finished_store, tmp_path,
         shard.write_bytes(np.random.default_rng(0).integers(0, 256, len(raw), dtype=np.uint8).tobytes())
     elif damage == "truncated":
         shard.write_bytes(raw[: len(raw) // 2])
-    else:  # 40 bytes of the index flipped (the index has a checksum; entry bytes are the codec's to check)
+    elif damage == "index bytes flipped":  # 40 of them (the index has its own checksum)
         data = bytearray(raw)
         for pos in np.random.default_rng(1).choice(np.arange(len(raw) - 8 * 16 - 4, len(raw) - 4), 40, replace=False):
             data[pos] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    else:  # one bit in the middle of entry 26's compressed bytes: Blosc decodes it without noticing
+        data = bytearray(raw)
+        offset, nbytes = np.frombuffer(raw[-8 * 16 - 4: -4], dtype="<u8").reshape(8, 2)[2]
+        data[int(offset + nbytes // 2)] ^= 0x01
         shard.write_bytes(bytes(data))
     s = LatentStore(store)
     np.testing.assert_array_equal(s.read(np.arange(24)), LatentStore(finished_store).read(np.arange(24)))  # others fine
@@ -273,6 +279,37 @@ def test_a_damaged_shard_is_a_one_line_error_naming_it(finished_store, tmp_path,
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert lines[-1].startswith("error:") and str(shard) in " ".join(proc.stderr.split()), proc.stderr
+
+
+@pytest.mark.parametrize("codec", ["blosc-zstd", "blosc-lz4", "none", "before entry checksums"])
+def test_shard_reads_and_writes_agree_with_zarr(tmp_path, codec):
+    """The direct shard path and Zarr read each other's files, with every codec; stores written before
+    entries carried a CRC32C (Blosc alone after ``bytes``) are still read by the direct path."""
+    import zarr.codecs as zc
+
+    import stages.store as store_mod
+
+    latents = np.random.default_rng(0).standard_normal((20, 3, 2, 2)).astype(np.float16)
+    n = len(latents)
+    zeros = np.zeros(n, dtype=np.int64)
+    if codec == "before entry checksums":
+        old = [zc.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2, blocksize=24)]
+        store_mod_make = store_mod.make_codec
+        store_mod.make_codec = lambda *a, **k: old
+        try:
+            s = LatentStore.create(tmp_path / "s.zarr", n, (3, 2, 2), "float16", zeros, zeros, zeros.astype(bool), {},
+                                   shard_size=4, block_size=8)
+        finally:
+            store_mod.make_codec = store_mod_make
+    else:
+        s = LatentStore.create(tmp_path / "s.zarr", n, (3, 2, 2), "float16", zeros, zeros, zeros.astype(bool), {},
+                               shard_size=4, block_size=8, codec=codec)
+    assert s.shards is not None and s.shards.entry_crc == (codec != "before entry checksums")
+    s.latents[:8] = latents[:8]  # written by Zarr, read directly
+    for shard in range(2, 5):  # written directly, read by Zarr
+        s.shards.write_shard(shard, latents[shard * 4: shard * 4 + 4])
+    np.testing.assert_array_equal(s.read(np.arange(n)[::-1]), latents[::-1])
+    np.testing.assert_array_equal(np.asarray(LatentStore(tmp_path / "s.zarr").latents[:]), latents)
 
 
 def test_a_folder_without_one_readable_image_writes_nothing(tmp_path):
