@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from stages.errors import ArtifactError
-from stages.evaluate import ImageSet, load_ref_stats, save_adm_npz
+from stages.eval_inputs import ImageSet, save_adm_npz
+from stages.eval_refs import load_ref_stats
 from tests.conftest import run_rae
 
 
@@ -52,7 +53,7 @@ def test_without_network_missing_weights_are_named_at_once_without_download_atte
     not after the downloaders' retries (the download function is never entered)."""
     import torch
 
-    import stages.evaluate as ev
+    import stages.eval_nets as ev
     from stages.weights import MissingWeightsError, reachable
 
     assert reachable("https://rae-test.invalid/file", timeout=1.0) is False  # a name that never resolves

@@ -19,9 +19,11 @@ from PIL import Image
 
 from stages import metrics as M
 from stages.errors import ArtifactError, RaeError
-from stages.evaluate import (EvalConfig, ImageSet, RefStats, _Collector, inception_cache_path, load_dinov2,
-                             load_inception, load_ref_stats, open_reference, read_adm_npz, run, save_adm_npz,
-                             save_ref_stats)
+from stages.eval_features import Collector
+from stages.eval_inputs import ImageSet, read_adm_npz, save_adm_npz
+from stages.eval_nets import inception_cache_path, load_dinov2, load_inception
+from stages.eval_refs import RefStats, load_ref_stats, open_reference, save_ref_stats
+from stages.evaluate import EvalConfig, run
 from stages.weights import MissingWeightsError, WeightsFileError
 
 U64, U16 = 2.0**-53, 2.0**-11
@@ -318,10 +320,10 @@ class _FakeInception:
         return pool.float(), pool[:, :1008].float() / 50
 
 
-def _collect(images: torch.Tensor, rank: int, world: int) -> _Collector:
+def _collect(images: torch.Tensor, rank: int, world: int) -> Collector:
     from stages import dist
 
-    col = _Collector(len(images), "cpu", inception=_FakeInception(), fid_stats=True, keep_pool=True, with_is=True,
+    col = Collector(len(images), "cpu", inception=_FakeInception(), fid_stats=True, keep_pool=True, with_is=True,
                      is_split_size=4)
     mine = dist.shard(list(range(len(images))), rank, world)
     for s in range(0, len(mine), 3):

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 import stages.evaluate as E
 from stages import metrics as M
 from stages.errors import ArtifactError, RaeError
+from stages.eval_nets import adm_spatial, load_inception
+from stages.eval_refs import RefStats, open_reference, save_ref_stats
 from tests.test_evaluate import _smooth_images, _write_folder, torch_home  # noqa: F401  (fixture)
 
 U64 = 2.0**-53
@@ -82,7 +84,7 @@ class _Runs:
 def runs(torch_home, tmp_path_factory):  # noqa: F811
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", str(torch_home))
-        net = E.load_inception(offline=True)  # from the hub cache, as torch-fidelity would find it
+        net = load_inception(offline=True)  # from the hub cache, as torch-fidelity would find it
         r = _Runs(tmp_path_factory.mktemp("sfid"), net)
         mp.setattr(E, "load_inception", lambda *a, **k: net)  # read the 95 MB file once, not per run
 
@@ -213,7 +215,7 @@ def test_spatial_features_are_mixed_6d_branch1x1_nhwc_first_7_channels(runs):
     assert feats.min() == 0 and feats.max() > 0  # post-ReLU, not all zero
     # NHWC order: feature (r * 17 + c) * 7 + k is channel k at row r, column c.
     one = torch.arange(192 * 17 * 17, dtype=torch.float32).reshape(1, 192, 17, 17)
-    flat = E.adm_spatial(one)[0]
+    flat = adm_spatial(one)[0]
     assert flat.shape == (D,) and flat[(5 * 17 + 3) * 7 + 6] == one[0, 6, 5, 3] and flat[7] == one[0, 0, 0, 1]
     assert result["protocol"]["sfid_features"].startswith("Inception mixed_6/conv (Mixed_6d.branch1x1")
 
@@ -289,7 +291,7 @@ def test_skips_and_bad_spatial_statistics_are_one_line_errors(tmp_path):
     images = _write_folder(tmp_path / "i", _smooth_images(2, 16, seed=3))
     base = dict(metrics=("sfid",), offline=True, num_workers=0, device="cpu")
     # No spatial statistics in the reference file, or no reference: nothing else asked for, nothing to do.
-    E.save_ref_stats(tmp_path / "fid_only.npz", E.RefStats(mu=np.zeros(3), sigma=np.eye(3)))
+    save_ref_stats(tmp_path / "fid_only.npz", RefStats(mu=np.zeros(3), sigma=np.eye(3)))
     with pytest.raises(RaeError, match="sfid: .* holds no Inception spatial statistics"):
         E.run(E.EvalConfig(images=str(images), ref=str(tmp_path / "fid_only.npz"), **base))
     with pytest.raises(RaeError, match=r"sfid: needs a reference \(--ref\)"):
@@ -298,10 +300,10 @@ def test_skips_and_bad_spatial_statistics_are_one_line_errors(tmp_path):
     arr = _smooth_images(2, 16, seed=4)
     np.savez(tmp_path / "bad.npz", arr_0=arr, mu=np.zeros(3), sigma=np.eye(3), mu_s=np.zeros(5), sigma_s=np.eye(5))
     with pytest.raises(ArtifactError, match="not ADM's spatial statistics"):
-        E.open_reference(tmp_path / "bad.npz")
+        open_reference(tmp_path / "bad.npz")
     np.savez(tmp_path / "half.npz", mu_s=np.zeros(D))
     with pytest.raises(ArtifactError, match="only one of mu_s and sigma_s"):
-        E.open_reference(tmp_path / "half.npz")
+        open_reference(tmp_path / "half.npz")
 
 
 def test_cli_reports_sfid_by_default_and_prints_it(capsys):
