@@ -91,11 +91,11 @@ def free(device):
 
 
 def build_ours(name, device, batch, precision, compile_, grad_ckpt):
-    from stages.models.dit import build_model
+    from stages.models.dit import create_dit
 
     (preset, overrides), _, (C, H, _) = MODELS[name]
     torch.manual_seed(0)
-    model = build_model(preset, C, H, 1000, **overrides)
+    model = create_dit(preset, C, H, 1000, **overrides)
     cfg = TrainDiffusionConfig(latents="-", out="-", model=preset, batch_size=batch, precision=precision,
                                compile=compile_, grad_checkpointing=grad_ckpt)
     trainer = Trainer(model, cfg, device, shift=_shift(C, H), null_label=1000)
@@ -147,10 +147,10 @@ def flops_per_image(name, device) -> float:
     """Forward + backward FLOPs of one training image (counted on a batch of 2, eager, bf16)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stages.models.dit import build_model
+    from stages.models.dit import create_dit
 
     (preset, overrides), _, (C, H, _) = MODELS[name]
-    model = build_model(preset, C, H, 1000, **overrides).to(device)
+    model = create_dit(preset, C, H, 1000, **overrides).to(device)
     x, t, y = torch.randn(2, C, H, H, device=device), torch.rand(2, device=device), torch.zeros(2, dtype=torch.long, device=device)
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -347,7 +347,7 @@ def import_stats(cfg: ImportConfig) -> dict:
 
 def _preset_name(cls: type, kwargs: dict) -> str | None:
     """The named size (``ditdh-xl``, ...) an inferred architecture is, if it is one."""
-    for name, (preset_cls, preset) in dit_model.PRESETS.items():
+    for name, (preset_cls, preset) in dit_model.DIT_SIZES.items():
         if preset_cls is cls and all(kwargs.get(k) == v for k, v in preset.items()):
             return name
     return None

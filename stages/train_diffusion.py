@@ -38,8 +38,7 @@ from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, flag
 from .manifest import (create_artifact_dir, digest_json, has_manifest, input_ref, jsonable, new_manifest,
                        read_jsonl, read_manifest, remove_temporaries, write_manifest)
-from .models.dit import PRESETS as MODEL_PRESETS
-from .models.dit import build_model, width_rule_warning
+from .models.dit import DIT_SIZES, create_dit, width_rule_warning
 from .progress import console, progress
 from .store import open_complete_store, remove_store
 from .weights import sha256_file
@@ -122,12 +121,12 @@ class TrainDiffusionConfig:
 
 def _validate(cfg: TrainDiffusionConfig) -> None:
     check_options(cfg)
-    if cfg.model not in MODEL_PRESETS:
-        raise RaeError(f"unknown --model {cfg.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    if cfg.model not in DIT_SIZES:
+        raise RaeError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DIT_SIZES)}")
     if cfg.model.startswith("dit-") and any(getattr(cfg, k) is not None for k in ("head_width", "head_depth", "head_num_heads")):
         raise RaeError(f"{cfg.model} has no wide head: --head-* options need a ditdh model")
-    size = {**MODEL_PRESETS[cfg.model][1], **{k: getattr(cfg, k) for k in ("width", "num_heads", "head_width",
-                                                                            "head_num_heads") if getattr(cfg, k)}}
+    size = {**DIT_SIZES[cfg.model][1], **{k: getattr(cfg, k) for k in ("width", "num_heads", "head_width",
+                                                                        "head_num_heads") if getattr(cfg, k)}}
     for width, heads in (("width", "num_heads"), ("head_width", "head_num_heads")):
         if width in size and (size[width] % size[heads] or size[width] // size[heads] % 4):
             raise RaeError(f"{cfg.model}: {flag(width)} {size[width]} over {flag(heads)} {size[heads]} must give a "
@@ -468,7 +467,7 @@ def run(cfg: TrainDiffusionConfig) -> dict:
 
     # ---- the model --------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and in every resume
-    model = build_model(cfg.model, in_channels=C, input_size=h, num_classes=num_classes, **cfg.model_overrides())
+    model = create_dit(cfg.model, in_channels=C, input_size=h, num_classes=num_classes, **cfg.model_overrides())
     warning = width_rule_warning(model.output_width, C)
     if warning and d.is_main:
         console.print(f"[bold red]{warning}[/]", highlight=False)

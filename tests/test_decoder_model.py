@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from stages.models.decoder import (DECODER_SIZES, IMAGENET_MEAN, ViTDecoder, add_noise, create_decoder,
-                                   from_reference_state_dict, sincos_pos_embed_2d,
-                                   to_reference_state_dict)
+                                   from_reference_state_dict, to_reference_state_dict)
+from stages.models.pos_embed import sincos_pos_embed_2d
 
 
 def tiny(grid=4, patch_size=4, in_dim=8, **kw):

@@ -13,7 +13,7 @@ import torch
 from stages import flow
 from stages.errors import RaeError
 from stages.models.dit import (
-    DiT, DiTDH, PRESETS, RoPE2D, apply_rope, build_model, config_from_reference_state_dict,
+    DIT_SIZES, DiT, DiTDH, RoPE2D, apply_rope, config_from_reference_state_dict, create_dit,
     from_reference_state_dict, swiglu_hidden, to_reference_state_dict, width_rule_warning)
 
 # sum(p.numel() for p in model.parameters()) of the authors' LightningDiT / DiTwDDTHead for a
@@ -58,33 +58,33 @@ def inputs(batch=3, seed=2):
             torch.randint(0, K, (batch,), generator=g))
 
 
-@pytest.mark.parametrize("preset", list(REFERENCE_PARAMS))
-def test_param_count_equals_reference_implementation(preset):
+@pytest.mark.parametrize("size", list(REFERENCE_PARAMS))
+def test_param_count_equals_reference_implementation(size):
     with torch.device("meta"):
-        model = build_model(preset, in_channels=768, input_size=16, num_classes=1000)
+        model = create_dit(size, in_channels=768, input_size=16, num_classes=1000)
     count = sum(p.numel() for p in model.parameters())
-    assert count == REFERENCE_PARAMS[preset]
-    if preset in PAPER_MILLIONS:
-        assert round(count / 1e6, 2) == PAPER_MILLIONS[preset]
+    assert count == REFERENCE_PARAMS[size]
+    if size in PAPER_MILLIONS:
+        assert round(count / 1e6, 2) == PAPER_MILLIONS[size]
 
 
-def test_presets_are_the_papers_sizes():
-    sizes = {name: (kw["width"], kw["depth"], kw["num_heads"]) for name, (_, kw) in PRESETS.items()}
+def test_named_sizes_are_the_papers():
+    sizes = {name: (kw["width"], kw["depth"], kw["num_heads"]) for name, (_, kw) in DIT_SIZES.items()}
     assert sizes["dit-xl"] == sizes["ditdh-xl"] == (1152, 28, 16)
     assert sizes["ditdh-s"] == (384, 12, 6) and sizes["ditdh-b"] == (768, 12, 12)
     assert sizes["dit-l"] == (1024, 24, 16)
-    for name, (cls, kw) in PRESETS.items():
+    for name, (cls, kw) in DIT_SIZES.items():
         if cls is DiTDH:
             assert (kw["head_width"], kw["head_depth"], kw["head_num_heads"]) == (2048, 2, 16)
 
 
-def test_build_model_applies_overrides_and_rejects_unknown_names():
+def test_create_dit_applies_overrides_and_rejects_unknown_names():
     with torch.device("meta"):
-        model = build_model("ditdh-s", in_channels=32, input_size=8, depth=3, head_width=64)
+        model = create_dit("ditdh-s", in_channels=32, input_size=8, depth=3, head_width=64)
     assert model.config["depth"] == 3 and model.config["head_width"] == 64
     assert len(model.blocks) == 3 + 2
     with pytest.raises(RaeError, match="ditdh-xl"):
-        build_model("dit-xxl", in_channels=32, input_size=8)
+        create_dit("dit-xxl", in_channels=32, input_size=8)
 
 
 def test_swiglu_hidden_width_truncates_like_reference():
@@ -264,8 +264,8 @@ def test_width_rule_warning_only_when_width_below_token_dim():
     message = width_rule_warning(384, 768)
     assert "384" in message and "768" in message and "width" in message
     with torch.device("meta"):
-        ditdh_s = build_model("ditdh-s", in_channels=768, input_size=16)
-        dit_s = build_model("dit-s", in_channels=768, input_size=16)
+        ditdh_s = create_dit("ditdh-s", in_channels=768, input_size=16)
+        dit_s = create_dit("dit-s", in_channels=768, input_size=16)
     # DiT^DH-S has a 384-wide trunk but a 2048-wide head: it satisfies the rule, DiT-S does not.
     assert width_rule_warning(ditdh_s.output_width, 768) is None
     assert width_rule_warning(dit_s.output_width, 768) is not None

@@ -185,11 +185,11 @@ def test_resume_after_interruption_equals_uninterrupted_training(store, tmp_path
 
 def _step_gradients(grad_accum: int, x, labels, share=None) -> dict[str, torch.Tensor]:
     """The gradient one training step applies (captured at the optimiser), in float64."""
-    from stages.models.dit import build_model
+    from stages.models.dit import create_dit
     from stages.train_diffusion import Trainer
 
     torch.manual_seed(0)
-    model = build_model("ditdh-s", 96, 4, 10, **{k: v for k, v in TINY.items() if k != "model"}).double()
+    model = create_dit("ditdh-s", 96, 4, 10, **{k: v for k, v in TINY.items() if k != "model"}).double()
     with torch.no_grad():  # move adaLN-Zero's zero layers, so every parameter has a gradient
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))

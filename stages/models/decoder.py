@@ -19,29 +19,8 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention, Mlp
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos position embedding, [grid*grid, dim], tokens in row-major order.
-
-    Half of the channels encode the column, the other half the row, each as [sin, cos] of the
-    position times 1 / 10000^(k/K). Computed in float64 like the reference, then cast to float32.
-    """
-    if dim % 4:
-        raise ValueError(f"decoder width {dim} must be divisible by 4 for the 2-D sin-cos embedding")
-    k = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(k, dtype=torch.float64) / k)
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                                torch.arange(grid, dtype=torch.float64), indexing="ij")
-
-    def embed_1d(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    # MAE's convention: the column ("w") comes first.
-    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()
+from ..encoders import IMAGENET_MEAN, IMAGENET_STD
+from .pos_embed import sincos_pos_embed_2d
 
 
 def add_noise(z: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -18,11 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ..encoders import IMAGENET_MEAN, IMAGENET_STD
 from ..weights import create_timm_model
 
 DINO_TIMM_NAME = "vit_small_patch8_224.dino"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def diffaug(x: torch.Tensor, prob: float = 1.0, cutout: float = 0.0,

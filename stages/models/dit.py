@@ -20,8 +20,8 @@ there: they are in the state dict and in the parameter counts (so DiT^DH-XL is 8
 the paper), and an optimizer must be given only ``p.requires_grad`` parameters.
 
 Label dropout for classifier-free guidance is *not* done here (the reference drops labels
-inside the model in training mode): the training loop calls ``stages.flow.drop_labels`` with
-its own generator, so the forward pass is deterministic and identical in train and eval mode.
+inside the model in training mode): the training loop replaces dropped labels by the null label
+itself, drawn from its own generator, so the forward pass is the same in train and eval mode.
 """
 
 from __future__ import annotations
@@ -34,25 +34,12 @@ import torch.nn.functional as F
 
 from stages.errors import RaeError
 
+from .pos_embed import sincos_pos_embed_2d
+
 
 #################################################################################
-#                      Fixed embeddings: sin-cos and RoPE                        #
+#                        Rotary position embedding (RoPE)                       #
 #################################################################################
-
-def sincos_pos_embed_2d(width: int, grid_size: int) -> torch.Tensor:
-    """MAE/DiT 2-D sin-cos position embedding, [grid_size**2, width] (token index = row * grid + col).
-    The first half of the channels encodes the column, the second half the row."""
-    assert width % 4 == 0, "sin-cos position embedding needs width divisible by 4"
-    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-
-    def embed_1d(pos):
-        angles = pos.reshape(-1, 1) * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()
-
 
 class RoPE2D(nn.Module):
     """2-D rotary position embedding (EVA style) for square token grids.
@@ -242,16 +229,22 @@ def unpatchify(x: torch.Tensor, channels: int, patch_size: int) -> torch.Tensor:
     return x.reshape(B, channels, h * p, h * p)
 
 
-def _zero_init(linear: nn.Linear) -> None:
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
-
-
-def _init_patch_embed(embed: PatchEmbed) -> None:
-    # Like nn.Linear (instead of nn.Conv2d).
-    w = embed.proj.weight.data
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-    nn.init.zeros_(embed.proj.bias)
+def _init_weights(model: DiT | DiTDH, patch_embeds: list[PatchEmbed]) -> None:
+    """The initialisation DiT and DiT^DH share (they differ in their other linear layers). The
+    order of the random draws decides a seed's initial weights: keep it."""
+    for embed in patch_embeds:  # like nn.Linear (instead of nn.Conv2d)
+        w = embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(embed.proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.W)
+    # adaLN-Zero: every block starts as the identity and the model outputs v = 0.
+    final = model.final_layer
+    for linear in [b.adaLN_modulation[-1] for b in model.blocks] + [final.adaLN_modulation[-1], final.linear]:
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
 
 
 #################################################################################
@@ -261,17 +254,8 @@ def _init_patch_embed(embed: PatchEmbed) -> None:
 class DiT(nn.Module):
     """LightningDiT as RAE uses it: x_t [B, C, H, W], t [B] in [0, 1], y [B] -> v [B, C, H, W]."""
 
-    def __init__(
-        self,
-        in_channels: int = 768,
-        input_size: int = 16,
-        patch_size: int = 1,
-        width: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-    ):
+    def __init__(self, in_channels: int = 768, input_size: int = 16, patch_size: int = 1, width: int = 1152,
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000):
         super().__init__()
         self.config = dict(in_channels=in_channels, input_size=input_size, patch_size=patch_size,
                            width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -280,7 +264,7 @@ class DiT(nn.Module):
         grid = input_size // patch_size
 
         self.x_embedder = PatchEmbed(in_channels, width, patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, width), requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(width, grid)[None], requires_grad=False)
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = LabelEmbedder(num_classes, width)
         self.feat_rope = RoPE2D(width // num_heads, grid)
@@ -294,24 +278,11 @@ class DiT(nn.Module):
         return self.config["width"]
 
     def initialize_weights(self) -> None:
-        def basic_init(module):
+        for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-
-        self.apply(basic_init)
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1],
-                                                      math.isqrt(self.pos_embed.shape[1]))[None])
-        _init_patch_embed(self.x_embedder)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.W)
-        # adaLN-Zero: every block starts as the identity and the model outputs v = 0.
-        for block in self.blocks:
-            _zero_init(block.adaLN_modulation[-1])
-        _zero_init(self.final_layer.adaLN_modulation[-1])
-        _zero_init(self.final_layer.linear)
+        _init_weights(self, [self.x_embedder])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         rope = (self.feat_rope.freqs_cos, self.feat_rope.freqs_sin)
@@ -331,20 +302,9 @@ class DiTDH(nn.Module):
     (names as in the reference checkpoints).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 768,
-        input_size: int = 16,
-        patch_size: int = 1,
-        width: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        head_width: int = 2048,
-        head_depth: int = 2,
-        head_num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-    ):
+    def __init__(self, in_channels: int = 768, input_size: int = 16, patch_size: int = 1, width: int = 1152,
+                 depth: int = 28, num_heads: int = 16, head_width: int = 2048, head_depth: int = 2,
+                 head_num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000):
         super().__init__()
         self.config = dict(in_channels=in_channels, input_size=input_size, patch_size=patch_size,
                            width=width, depth=depth, num_heads=num_heads, head_width=head_width,
@@ -356,7 +316,7 @@ class DiTDH(nn.Module):
 
         # Trunk M: z = M(x_t | t, y).
         self.s_embedder = PatchEmbed(in_channels, width, patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, width), requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(width, grid)[None], requires_grad=False)
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = LabelEmbedder(num_classes, width)
         self.enc_feat_rope = RoPE2D(width // num_heads, grid)
@@ -378,19 +338,7 @@ class DiTDH(nn.Module):
 
     def initialize_weights(self) -> None:
         # As the reference DiT^DH: linear layers keep PyTorch's default init (no xavier pass).
-        _init_patch_embed(self.x_embedder)
-        _init_patch_embed(self.s_embedder)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1],
-                                                      math.isqrt(self.pos_embed.shape[1]))[None])
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.W)
-        # adaLN-Zero: every block starts as the identity and the model outputs v = 0.
-        for block in self.blocks:
-            _zero_init(block.adaLN_modulation[-1])
-        _zero_init(self.final_layer.adaLN_modulation[-1])
-        _zero_init(self.final_layer.linear)
+        _init_weights(self, [self.x_embedder, self.s_embedder])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t_emb = self.t_embedder(t)
@@ -413,7 +361,7 @@ class DiTDH(nn.Module):
 
 
 #################################################################################
-#                  Width rule, reference checkpoints, presets                   #
+#                  Width rule, reference checkpoints, sizes                     #
 #################################################################################
 
 def width_rule_warning(width: int, token_dim: int) -> str | None:
@@ -491,7 +439,7 @@ def config_from_reference_state_dict(state_dict: dict) -> tuple[type[nn.Module],
 #   dit-s 33.65M, dit-b 131.88M, dit-l 459.92M, dit-xl 677.25M,
 #   ditdh-s 196.46M, ditdh-b 294.30M, ditdh-xl 838.68M.
 _HEAD = dict(head_width=2048, head_depth=2, head_num_heads=16)
-PRESETS: dict[str, tuple[type[nn.Module], dict]] = {
+DIT_SIZES: dict[str, tuple[type[nn.Module], dict]] = {
     "dit-s": (DiT, dict(width=384, depth=12, num_heads=6)),
     "dit-b": (DiT, dict(width=768, depth=12, num_heads=12)),
     "dit-l": (DiT, dict(width=1024, depth=24, num_heads=16)),
@@ -502,12 +450,13 @@ PRESETS: dict[str, tuple[type[nn.Module], dict]] = {
 }
 
 
-def build_model(preset: str, in_channels: int, input_size: int, num_classes: int = 1000,
-                **overrides) -> nn.Module:
-    """Build a named size for a latent [in_channels, input_size, input_size]; any constructor
-    argument (width, depth, num_heads, head_width, ...) can be overridden."""
-    if preset not in PRESETS:
-        raise RaeError(f"unknown model {preset!r}; choose one of {', '.join(PRESETS)}")
-    cls, kwargs = PRESETS[preset]
+def create_dit(size: str, in_channels: int, input_size: int, num_classes: int = 1000,
+               **overrides) -> nn.Module:
+    """``create_dit("ditdh-xl", in_channels=768, input_size=16)``: a named size from DIT_SIZES for a
+    latent [in_channels, input_size, input_size]; any constructor argument (width, depth,
+    num_heads, head_width, ...) can be overridden."""
+    if size not in DIT_SIZES:
+        raise RaeError(f"unknown model {size!r}; choose one of {', '.join(DIT_SIZES)}")
+    cls, kwargs = DIT_SIZES[size]
     return cls(in_channels=in_channels, input_size=input_size, num_classes=num_classes,
                **{**kwargs, **overrides})
