@@ -261,6 +261,7 @@ class DiT(nn.Module):
                            width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            num_classes=num_classes)
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        self.output_width = width  # of the layers that produce v: what the paper's width rule is about
         grid = input_size // patch_size
 
         self.x_embedder = PatchEmbed(in_channels, width, patch_size)
@@ -271,11 +272,6 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(width, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(width, patch_size * patch_size * in_channels)
         self.initialize_weights()
-
-    @property
-    def output_width(self) -> int:
-        """Width of the layers that produce v: the width the paper's width rule is about."""
-        return self.config["width"]
 
     def initialize_weights(self) -> None:
         for module in self.modules():
@@ -311,6 +307,7 @@ class DiTDH(nn.Module):
                            head_depth=head_depth, head_num_heads=head_num_heads,
                            mlp_ratio=mlp_ratio, num_classes=num_classes)
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        self.output_width = head_width  # the head produces v: its width is what the paper's rule is about
         self.depth = depth
         grid = input_size // patch_size
 
@@ -330,11 +327,6 @@ class DiTDH(nn.Module):
             + [DiTBlock(head_width, head_num_heads, mlp_ratio) for _ in range(head_depth)])
         self.final_layer = FinalLayer(head_width, patch_size * patch_size * in_channels)
         self.initialize_weights()
-
-    @property
-    def output_width(self) -> int:
-        """Width of the layers that produce v (the head): the width the paper's rule is about."""
-        return self.config["head_width"]
 
     def initialize_weights(self) -> None:
         # As the reference DiT^DH: linear layers keep PyTorch's default init (no xavier pass).
