@@ -28,7 +28,7 @@ from .eval_features import Collector, PairSums, feature_pass
 from .eval_inputs import ImageSet, artifact_content_id
 from .eval_nets import (DINOV2_DEFAULT, SPATIAL_CHANNELS, SPATIAL_DIM, SPATIAL_GRID, SPATIAL_LAYER, exact_float32,
                         load_dinov2, load_inception, load_store_encoder)
-from .eval_refs import RefStats, check_stats_identity, open_reference, save_ref_stats
+from .eval_refs import Reference, RefStats, check_stats_identity, open_reference, save_ref_stats
 from .manifest import atomic_write_json, jsonable
 from .progress import console
 from .weights import MissingWeightsError
@@ -118,7 +118,6 @@ def _run(cfg: EvalConfig, d) -> dict:
     images = ImageSet(cfg.images)
     ref = open_reference(cfg.ref) if cfg.ref else None
     wanted = [m for m in METRICS if m in cfg.metrics]
-    skipped: dict[str, str] = {}
     fdk = "fd_rae" if cfg.fd_encoder else fd_key(cfg.fd_model)
 
     if cfg.pairs:
@@ -130,25 +129,9 @@ def _run(cfg: EvalConfig, d) -> dict:
         if images.files and ref.images.files and images.files != ref.images.files:
             _warn(d, "--pairs: file names differ between the two folders; pairing by sorted order")
 
-    # What the reference cannot give decides what is skipped before any network is loaded.
     pre = ref.stats if ref is not None and ref.stats is not None else RefStats()
     fd_name = {"fd_dinov2": fdk}
-    if ref is None:
-        for m in ("fid", "sfid", "pr", "kid", "fd_dinov2"):
-            if m in wanted:
-                skipped[fd_name.get(m, m)] = "needs a reference (--ref)"
-    elif ref.kind == "stats":
-        for m, present, what in (("fid", pre.mu, "Inception mu/sigma"),
-                                 ("sfid", pre.mu_s, "Inception spatial statistics (mu_s/sigma_s)"),
-                                 ("pr", pre.pool, "Inception pool features"),
-                                 ("kid", pre.pool, "Inception pool features"),
-                                 ("fd_dinov2", pre.dinov2_mu, "DINOv2 statistics")):
-            if m in wanted and present is None:
-                skipped[fd_name.get(m, m)] = f"{ref.path} holds no {what}"
-    # Checked before any feature pass: FID needs Inception's 2048-dim pool statistics.
-    if "fid" in wanted and pre.mu is not None and (np.shape(pre.mu) != (2048,) or np.shape(pre.sigma) != (2048, 2048)):
-        raise ArtifactError(f"{ref.path}: mu/sigma are {np.shape(pre.mu)}/{np.shape(pre.sigma)}, not Inception's "
-                            "2048-dim pool statistics (ADM's reference batches and `rae eval --save-ref` files are)")
+    skipped = _reference_skips(ref, pre, wanted, fd_name)
 
     def want(m):
         return m in wanted and fd_name.get(m, m) not in skipped
@@ -228,6 +211,29 @@ def _run(cfg: EvalConfig, d) -> dict:
                          skipped, fdk)
     result = dist.broadcast_object(result)
     return result
+
+
+def _reference_skips(ref: Reference | None, pre: RefStats, wanted: list[str],
+                     fd_name: dict[str, str]) -> dict[str, str]:
+    """What the reference cannot give: those metrics are skipped before any network is loaded."""
+    skipped: dict[str, str] = {}
+    if ref is None:
+        for m in ("fid", "sfid", "pr", "kid", "fd_dinov2"):
+            if m in wanted:
+                skipped[fd_name.get(m, m)] = "needs a reference (--ref)"
+    elif ref.kind == "stats":
+        for m, present, what in (("fid", pre.mu, "Inception mu/sigma"),
+                                 ("sfid", pre.mu_s, "Inception spatial statistics (mu_s/sigma_s)"),
+                                 ("pr", pre.pool, "Inception pool features"),
+                                 ("kid", pre.pool, "Inception pool features"),
+                                 ("fd_dinov2", pre.dinov2_mu, "DINOv2 statistics")):
+            if m in wanted and present is None:
+                skipped[fd_name.get(m, m)] = f"{ref.path} holds no {what}"
+    # Checked before any feature pass: FID needs Inception's 2048-dim pool statistics.
+    if "fid" in wanted and pre.mu is not None and (np.shape(pre.mu) != (2048,) or np.shape(pre.sigma) != (2048, 2048)):
+        raise ArtifactError(f"{ref.path}: mu/sigma are {np.shape(pre.mu)}/{np.shape(pre.sigma)}, not Inception's "
+                            "2048-dim pool statistics (ADM's reference batches and `rae eval --save-ref` files are)")
+    return skipped
 
 
 def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, dinov2, wanted, skipped, fdk) -> dict:
