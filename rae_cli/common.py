@@ -46,14 +46,3 @@ def describe_os_error(e: OSError) -> str:
         return f"{where.strip() or 'a path'}: {what.lower()} (a file where a folder is needed, or the reverse); choose another --out"
     return f"{what}{':' + where if where else ''}"
 
-
-def build_config(cls, stage: str, preset: str | None, **options):
-    """Config object for ``stage``: options the user gave (not None) win over the preset's values,
-    which win over the dataclass defaults. Paths become strings (configs are written as JSON)."""
-    from pathlib import Path
-
-    from stages.presets import preset_defaults
-
-    merged = preset_defaults(preset, stage)
-    merged.update({k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None})
-    return cls(**merged)

@@ -1,18 +1,13 @@
 """Evaluate images: FID, sFID, IS, precision/recall, KID and FD_DINOv2 as the ADM suite computes them; PSNR/SSIM with --pairs."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Optional
-
-import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import user_errors
+from stages import dist
+from stages.evaluate import EvalConfig, run
 
-METRICS_HELP = ("Comma-separated: fid, sfid (ADM's spatial FID: Inception mixed_6/conv, first 7 channels), is, "
-                "pr (precision/recall), kid, fd_dinov2.")
+from .config_command import config_command
 
 # How each value is printed (name in the table, format).
 _SHOWN = {
@@ -24,58 +19,21 @@ _SHOWN = {
 }
 
 
-@user_errors
-def eval_cmd(
-    images: Path = typer.Argument(..., help="Images to evaluate: a folder of PNGs or an ADM .npz "
-                                  "(arr_0: uint8 N x H x W x 3)."),
-    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference: an ADM reference batch .npz (its mu/sigma and "
-                                       "mu_s/sigma_s are the FID and sFID reference, its images the precision/recall "
-                                       "one), an image folder or .npz, or a "
-                                       "statistics file written by --save-ref."),
-    pairs: bool = typer.Option(False, "--pairs", help="Also PSNR and SSIM over matched pairs (IMAGES[i] vs REF[i]: sorted "
-                               "file names or .npz order). With reconstructions vs originals, FID is rFID."),
-    save_ref: Optional[Path] = typer.Option(None, "--save-ref", help="Write IMAGES' statistics (Inception mu/sigma, spatial "
-                                            "mu_s/sigma_s and pool features, DINOv2 mu/sigma) to this .npz or "
-                                            ".safetensors, for later --ref."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="torch-fidelity's Inception file "
-                                                     "(weights-inception-2015-12-05-6726825d.pth); default: the "
-                                                     "torch hub cache."),
-    dinov2_weights: Optional[Path] = typer.Option(None, "--dinov2-weights", help="DINOv2 weights file for FD_DINOv2; "
-                                                  "default: the timm / Hugging Face cache."),
-    fd_model: str = typer.Option("vit_large_patch14_dinov2.lvd142m", "--fd-model", help="timm DINOv2 model for the FD in "
-                                 "representation space (the default is EDM2's FD_DINOv2; e.g. "
-                                 "vit_base_patch14_reg4_dinov2.lvd142m for the RAE encoder's own network)."),
-    fd_encoder: Optional[Path] = typer.Option(None, "--fd-encoder", help="A latent store: compute the FD in its RAE "
-                                              "encoder's space (mean-pooled latent tokens) instead of DINOv2-L; "
-                                              "needs no downloaded weights when the store's encoder is local."),
-    metrics: str = typer.Option("fid,sfid,is,pr,kid,fd_dinov2", "--metrics", help=METRICS_HELP),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass (per GPU)."),
-    num_workers: int = typer.Option(4, "--num-workers", help="Image-decoding processes per GPU."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write eval.json (default: inside the image folder, "
-                                       "or NAME.eval.json beside an .npz)."),
-    offline: bool = typer.Option(False, "--offline", help="Never download weights (use caches and files only)."),
-):
+def _run(cfg: EvalConfig) -> dict:
+    try:
+        return run(cfg)
+    finally:
+        dist.cleanup()
+
+
+@config_command(EvalConfig, _run)
+def eval_cmd(result: dict, cfg: EvalConfig, preset: None) -> None:
     """Evaluate images: FID, sFID, IS, precision/recall, KID and FD_DINOv2 as the ADM suite computes them; PSNR/SSIM with --pairs.
 
     rFID: `rae eval RECONSTRUCTIONS --ref ORIGINALS --pairs` (ImageNet val, 50K, ADM center crop 256).
     Writes eval.json; under `torchrun --nproc_per_node N` the GPUs share the images.
     """
-    from stages import dist
-    from stages.evaluate import EvalConfig, run
-
-    cfg = EvalConfig(
-        images=str(images), ref=str(ref) if ref else None, pairs=pairs, save_ref=str(save_ref) if save_ref else None,
-        out=str(out) if out else None, metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
-        inception_weights=str(inception_weights) if inception_weights else None,
-        dinov2_weights=str(dinov2_weights) if dinov2_weights else None, fd_model=fd_model, fd_encoder=str(fd_encoder) if fd_encoder else None, offline=offline,
-        batch_size=batch_size, num_workers=num_workers, device=device)
-    try:
-        result = run(cfg)
-    finally:
-        dist.cleanup()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print_result(result)
+    print_result(result)
 
 
 def print_result(result: dict, console: Console | None = None) -> None:

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import typer
 
-from . import commands
+from .commands import Commands
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="rae: Diffusion Transformers with Representation Autoencoders, as a pipeline of stages.")
+app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 
-commands.register(app)
+
+@app.callback()
+def rae() -> None:
+    """rae: Diffusion Transformers with Representation Autoencoders, as a pipeline of stages."""
 
 
 def main() -> None:  # console-script entry point

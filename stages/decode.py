@@ -31,7 +31,7 @@ from . import dist
 from .checkpoint import load_weights
 from .encoders import UNKNOWN_DIGEST
 from .errors import ArtifactError, RaeError
-from .options import AT_LEAST_1, NON_NEGATIVE, check_options
+from .options import AT_LEAST_1, NON_NEGATIVE, check_options, option
 from .manifest import (atomic_write_bytes, digest_json, has_manifest, input_ref, jsonable, new_manifest,
                        read_manifest, remove_temporaries, removed_on_error, write_manifest)
 from .progress import console, progress
@@ -43,23 +43,22 @@ GRID = "grid.png"
 
 @dataclass
 class DecodeConfig:
-    store: str
-    decoder: str
-    out: str
-    ema: bool = True                 # decoder_ema.safetensors (else decoder.safetensors)
-    precision: str = "auto"          # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    grid_classes: int = 16           # preview rows (labelled stores)
-    grid_per_row: int = 8
+    store: str = option(help="A complete latent store (rae encode) or sample store (rae sample).", path=True,
+                        argument=True)
+    decoder: str = option(help="Decoder run directory (rae train-decoder).", short="-d", path=True)
+    out: str = option(help="Output image folder.", short="-o", path=True)
+    ema: bool = option(True, "EMA decoder weights (decoder_ema.safetensors) or raw weights (decoder.safetensors).")
+    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
+    grid_classes: int = option(16, "Preview rows (labelled stores).", check=NON_NEGATIVE, cli=False)
+    grid_per_row: int = option(8, "Preview images per row.", check=AT_LEAST_1, cli=False)
     # Run settings: they do not change the images, so a resume may change them.
-    batch_size: int = 128
-    chunk_size: int = 1024           # entries per unit of work shared between ranks
-    device: str = "auto"
-    compile: bool = False
-    overwrite: bool = False
+    batch_size: int = option(128, "Latents per decoder batch.", check=AT_LEAST_1)
+    chunk_size: int = option(1024, "Entries per unit of work shared between ranks.", check=AT_LEAST_1, cli=False)
+    device: str = option("auto", "auto | cuda | cpu.")
+    compile: bool = option(False, "torch.compile the decoder.")
+    overwrite: bool = option(False, "Replace a folder made from other inputs.")
 
     RUN_ONLY = ("batch_size", "chunk_size", "device", "compile", "overwrite", "out", "grid_classes", "grid_per_row")
-    BOUNDS = {"batch_size": AT_LEAST_1, "chunk_size": AT_LEAST_1, "grid_classes": NON_NEGATIVE,
-              "grid_per_row": AT_LEAST_1}
 
     def identity(self) -> dict:
         return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY}

@@ -22,7 +22,7 @@ from PIL import Image
 from . import dist
 from .encoders import build_encoder, encoder_identity, spec_for
 from .errors import ArtifactError, RaeError
-from .options import AT_LEAST_1, check_options
+from .options import AT_LEAST_1, check_options, option
 from .images import (BadImage, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded, crop_batch_extra_bytes,
                      fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops, unpack_crop_batch)
 from .loader import SlotLoader
@@ -36,35 +36,34 @@ SOURCES = "sources.txt"
 
 @dataclass
 class EncodeConfig:
-    data: str
-    out: str
-    encoder: str = "dinov2-b"
-    encoder_weights: str | None = None   # local checkpoint; None = timm pretrained (cache/download)
-    random_init: bool = False            # random encoder weights from `seed` (tests, demonstration)
-    seed: int = 0
-    image_size: int = 256
-    flip: bool = False
-    limit: int | None = None
-    dtype: str = "float16"
-    codec: str = "blosc-zstd"
-    shard_size: int = 64
-    block_size: int = 1024
-    min_size: int = 16
-    precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
-    resize: str = "auto"                 # where the crop's bicubic step runs: auto (gpu on CUDA, else cpu) |
-                                         # gpu (on the encoder's device; workers only decode) | cpu (Pillow, in
-                                         # the workers). Bit-identical either way: not part of the identity.
+    data: str = option(help="Image folder: one subfolder per class (ImageNet layout) or flat.", path=True, argument=True)
+    out: str = option(help="Output latent store (a .zarr directory).", short="-o", path=True)
+    encoder: str = option("dinov2-b", "dinov2-s | dinov2-b | dinov2-l | siglip2-b | mae-b | dinov2-demo")
+    encoder_weights: str | None = option(None, "Local encoder checkpoint (else timm's pretrained weights).", path=True)
+    random_init: bool = option(False, "Random encoder weights from --seed (tests, demos).")
+    seed: int = option(0, "Seed for --random-init.")
+    image_size: int = option(256, "ADM center-crop size: 256 or 512.", check=(lambda v: v >= 16, "at least 16"))
+    flip: bool = option(False, "Also encode each image's horizontal mirror.")
+    limit: int | None = option(None, "Encode N images, evenly spread over the sorted list.", check=AT_LEAST_1)
+    dtype: str = option("float16", "Stored latent dtype: float16 or float32.")
+    codec: str = option("blosc-zstd", "Compressor: blosc-zstd | blosc-lz4 | none.")
+    shard_size: int = option(64, "Entries per Zarr shard file.", check=AT_LEAST_1)
+    block_size: int = option(1024, "Entries per unit of work and resume.", check=AT_LEAST_1)
+    min_size: int = option(16, "Skip images whose short side is below this.", check=AT_LEAST_1)
+    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
+    # Bit-identical either way: not part of the identity.
+    resize: str = option("auto", "Where the crop's bicubic step runs: auto (gpu on CUDA, else cpu) | gpu (on the "
+                         "encoder's device, bit-identical to Pillow; half the worker CPU per image) | cpu (Pillow in "
+                         "the loading workers).")
     # Run settings: they do not change the store, so a resume may change them.
-    batch_size: int = 256
-    num_workers: int = -1                # -1: one per CPU core, less two
-    device: str = "auto"
-    compile: bool = False
-    cuda_graph: bool = True              # full batches on CUDA replay a captured graph of the encoder (one
-                                         # launch instead of hundreds: the main thread, not the GPU, was the limit)
-    overwrite: bool = False
+    batch_size: int = option(256, "Images per encoder batch.", check=AT_LEAST_1)
+    num_workers: int = option(-1, "Image decoding processes (-1: one per core, less two).")
+    device: str = option("auto", "auto | cuda | cpu.")
+    compile: bool = option(False, "torch.compile the encoder.")
+    # One launch instead of hundreds: the main thread, not the GPU, was the limit.
+    cuda_graph: bool = option(True, "Replay full batches (on CUDA) as a captured CUDA graph.")
+    overwrite: bool = option(False, "Replace a store made with another configuration.")
 
-    BOUNDS = {"image_size": (lambda v: v >= 16, "at least 16"), "limit": AT_LEAST_1, "shard_size": AT_LEAST_1,
-              "block_size": AT_LEAST_1, "min_size": AT_LEAST_1, "batch_size": AT_LEAST_1}
     RUN_ONLY = ("batch_size", "num_workers", "device", "compile", "cuda_graph", "overwrite", "out", "resize")
 
     def identity(self) -> dict:

@@ -30,6 +30,7 @@ from .eval_nets import (DINOV2_DEFAULT, SPATIAL_CHANNELS, SPATIAL_DIM, SPATIAL_G
                         load_dinov2, load_inception, load_store_encoder)
 from .eval_refs import Reference, RefStats, check_stats_identity, open_reference, save_ref_stats
 from .manifest import atomic_write_json, jsonable
+from .options import option
 from .progress import console
 from .weights import MissingWeightsError
 
@@ -39,18 +40,30 @@ INCEPTION_METRICS = ("fid", "sfid", "is", "pr", "kid")
 
 @dataclass
 class EvalConfig:
-    images: str                                  # image folder or ADM .npz
-    ref: str | None = None                       # ADM reference batch, images, or a --save-ref file
-    pairs: bool = False                          # PSNR/SSIM over matched (images[i], ref[i]) pairs
-    save_ref: str | None = None                  # write IMAGES' statistics here (.npz or .safetensors)
-    out: str | None = None                       # eval.json (default: next to the images)
-    metrics: tuple[str, ...] = METRICS  # any of fid, sfid, is, pr, kid, fd_dinov2 (METRICS)
-    inception_weights: str | None = None         # torch-fidelity Inception file; None = torch hub cache
-    dinov2_weights: str | None = None            # DINOv2 file; None = timm / Hugging Face cache
-    fd_model: str = DINOV2_DEFAULT               # timm DINOv2 name for the FD in representation space
-    fd_encoder: str | None = None                # a latent store: FD in its RAE encoder's space instead
-                                                 # (mean-pooled tokens; needs no downloaded weights)
-    offline: bool = False                        # never download weights
+    images: str = option(help="Images to evaluate: a folder of PNGs or an ADM .npz (arr_0: uint8 N x H x W x 3).",
+                         path=True, argument=True)
+    ref: str | None = option(None, "Reference: an ADM reference batch .npz (its mu/sigma and mu_s/sigma_s are the FID "
+                             "and sFID reference, its images the precision/recall one), an image folder or .npz, or a "
+                             "statistics file written by --save-ref.", path=True)
+    pairs: bool = option(False, "Also PSNR and SSIM over matched pairs (IMAGES[i] vs REF[i]: sorted file names or .npz "
+                         "order). With reconstructions vs originals, FID is rFID.")
+    save_ref: str | None = option(None, "Write IMAGES' statistics (Inception mu/sigma, spatial mu_s/sigma_s and pool "
+                                  "features, DINOv2 mu/sigma) to this .npz or .safetensors, for later --ref.", path=True)
+    out: str | None = option(None, "Where to write eval.json (default: inside the image folder, or NAME.eval.json "
+                             "beside an .npz).", path=True)
+    metrics: tuple[str, ...] = option(METRICS, "Comma-separated: fid, sfid (ADM's spatial FID: Inception mixed_6/conv, "
+                                      "first 7 channels), is, pr (precision/recall), kid, fd_dinov2.")
+    inception_weights: str | None = option(None, "torch-fidelity's Inception file (weights-inception-2015-12-05-"
+                                           "6726825d.pth); default: the torch hub cache.", path=True)
+    dinov2_weights: str | None = option(None, "DINOv2 weights file for FD_DINOv2; default: the timm / Hugging Face "
+                                        "cache.", path=True)
+    fd_model: str = option(DINOV2_DEFAULT, "timm DINOv2 model for the FD in representation space (the default is "
+                           "EDM2's FD_DINOv2; e.g. vit_base_patch14_reg4_dinov2.lvd142m for the RAE encoder's own "
+                           "network).")
+    fd_encoder: str | None = option(None, "A latent store: compute the FD in its RAE encoder's space (mean-pooled "
+                                    "latent tokens) instead of DINOv2-L; needs no downloaded weights when the store's "
+                                    "encoder is local.", path=True)
+    offline: bool = option(False, "Never download weights (use caches and files only).")
     # Protocol constants (ADM / torch-fidelity defaults).
     is_split_size: int = 5000
     pr_k: int = 3
@@ -59,9 +72,9 @@ class EvalConfig:
     kid_subset_size: int = 1000
     seed: int = 0
     # Run settings.
-    batch_size: int = 64
-    num_workers: int = 4
-    device: str = "auto"
+    batch_size: int = option(64, "Images per forward pass (per GPU).")
+    num_workers: int = option(4, "Image-decoding processes per GPU.")
+    device: str = option("auto", "auto, cuda or cpu.")
 
 
 # ----------------------------------------------------------------------------------------------

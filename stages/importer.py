@@ -34,6 +34,7 @@ from .errors import ArtifactError, RaeError
 from .manifest import atomic_write_json, has_manifest, new_manifest, read_manifest, write_manifest
 from .models import decoder as decoder_model
 from .models import dit as dit_model
+from .options import option
 from .store import remove_store
 from .train_decoder import CONFIG, EMA_WEIGHTS as DECODER_EMA, WEIGHTS as DECODER_RAW
 from .train_diffusion import NORM_EPS, STATS
@@ -45,22 +46,29 @@ DIFFUSION_EMA, DIFFUSION_RAW = "model_ema.safetensors", "model.safetensors"
 
 @dataclass
 class ImportConfig:
-    kind: str                          # decoder | stats | diffusion
-    source: str                        # the released file
-    out: str
+    kind: str = option(help="decoder | stats | diffusion.", argument=True)
+    source: str = option(help="The released file: model.pt (decoder), stat.pt (stats), stage2_model.pt (diffusion), "
+                         "or a training checkpoint of the reference code.", path=True, argument=True)
+    out: str = option(help="Output directory: a decoder run, a diffusion run, or a statistics directory "
+                      "(latent_stats.safetensors).", short="-o", path=True)
     # The encoder whose latents the models work on (the released models: DINOv2-B with registers).
-    encoder: str = "dinov2-b"
-    image_size: int | None = None      # None: the size whose encoder token grid is the model's
-    encoder_weights: str | None = None  # its weights file: the sha256 recorded, as `rae encode --encoder-weights`
-    # decoder: attention heads (shapes do not show them); None: the reference config of that width.
-    heads: int | None = None
-    # diffusion: latent statistics (a stat.pt, a .safetensors, or a directory holding latent_stats.safetensors).
-    stats: str | None = None
-    num_heads: int | None = None       # overrides of what the checkpoint's RoPE tables say
-    head_num_heads: int | None = None
-    shift: float | None = None         # None: sqrt(C*h*w / shift_base), the reference's time_dist_shift
+    encoder: str = option("dinov2-b", "The encoder of the latents: dinov2-b (the released models) | dinov2-s | "
+                          "dinov2-l | siglip2-b | mae-b.")
+    image_size: int | None = option(None, "Image size of the encoded crops (default: from the token grid, 16x16 -> "
+                                    "256 and 32x32 -> 512 for DINOv2).")
+    encoder_weights: str | None = option(None, "The encoder's weights file, to record its sha256 as `rae encode "
+                                         "--encoder-weights` does (default: the Hugging Face cache's).", path=True)
+    # Shapes do not show a decoder's attention heads.
+    heads: int | None = option(None, "decoder: attention heads (default: the reference config's for its width, 12 "
+                               "for 768, 16 for 1024 and 1152).")
+    stats: str | None = option(None, "diffusion: the latent statistics it was trained with (stat.pt, a .safetensors, "
+                               "or a directory from `rae import stats`).", path=True)
+    num_heads: int | None = option(None, "diffusion: trunk attention heads (default: from the RoPE tables).")
+    head_num_heads: int | None = option(None, "diffusion: DiT^DH head attention heads (default: from the RoPE "
+                                        "tables).")
+    shift: float | None = option(None, "diffusion: time shift (default: sqrt(C*h*w / 4096), as the reference).")
     shift_base: int = 4096
-    overwrite: bool = False
+    overwrite: bool = option(False, "Replace an existing output.")
 
 
 def _validate(cfg: ImportConfig) -> None:

@@ -24,7 +24,7 @@ import torch
 from . import dist, flow
 from .checkpoint import load_weights
 from .errors import ArtifactError, RaeError
-from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options
+from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options, option
 from .manifest import (create_artifact_dir, digest_json, has_manifest, input_ref, jsonable, new_manifest,
                        read_manifest, write_manifest)
 from .progress import progress
@@ -33,37 +33,36 @@ from .store import CODECS, LatentStore, claim_blocks, remove_store
 
 @dataclass
 class SampleConfig:
-    model: str
-    out: str
-    # Labels: exactly ``per_class`` samples of each class (FID-50K: 50), or ``num`` random labels
-    # (seeded); ``classes`` restricts either to these class indices.
-    per_class: int | None = None
-    num: int | None = None
-    classes: list[int] | None = None
-    seed: int = 0
-    # Solver: steps = solver steps ("euler-ref" --steps 49 == the reference's 50 time points).
-    solver: str = "euler"
-    steps: int = 50
-    shift: float | None = None                 # None: the shift the run was trained with
-    guidance: str = "none"                     # none | cfg | autoguidance
-    cfg_scale: float = 1.0
-    guide_model: str | None = None
-    ag_scale: float = 1.42
-    guidance_interval: tuple[float, float] = (0.0, 1.0)   # [t_min, t_max], model time (t = 1 noise)
-    ema: bool = True
-    precision: str = "auto"                    # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    dtype: str = "float16"                     # stored latent dtype
+    model: str = option(help="Diffusion run directory (rae train-diffusion).", short="-m", path=True)
+    out: str = option(help="Output sample store (a .zarr directory).", short="-o", path=True)
+    # Labels: exactly ``per_class`` samples of each class, or ``num`` random labels; ``classes`` restricts either.
+    per_class: int | None = option(None, "Exactly K samples of every class (FID-50K: 50).", check=AT_LEAST_1)
+    num: int | None = option(None, "N samples with random labels (seeded).", check=AT_LEAST_1, replaces=("per_class",))
+    classes: list[int] | None = option(None, "Only these class indices (repeat the option).")
+    seed: int = option(0, "Base seed: sample i starts from the noise of seed + i.")
+    solver: str = option("euler", "euler | heun | euler-ref (the authors' sampler: their 50 time points = --solver "
+                         "euler-ref --steps 49).")
+    steps: int = option(50, "Solver steps (Heun: 2 model passes per step; 0 = no denoising: the pure-noise baseline).",
+                        check=(lambda v: v >= 0, "0 (the pure-noise baseline) or more"))
+    shift: float | None = option(None, "Time shift (default: the one the run was trained with).", check=POSITIVE)
+    guidance: str = option("none", "none | cfg | autoguidance.")
+    cfg_scale: float = option(1.0, "Classifier-free guidance scale (1 = none).")
+    guide_model: str | None = option(None, "AutoGuidance: the guiding (smaller/earlier) diffusion run.", path=True)
+    ag_scale: float = option(1.42, "AutoGuidance scale (1.42: the paper's with DiT^DH-S).", check=NON_NEGATIVE)
+    guidance_interval: tuple[float, float] = option((0.0, 1.0), "Guide only for t in [T_MIN, T_MAX] (model time, "
+                                                    "t = 1 is noise).")
+    ema: bool = option(True, "EMA weights or raw weights.")
+    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
+    dtype: str = option("float16", "Stored latent dtype: float16 or float32.")
     codec: str = "blosc-zstd"
-    shard_size: int = 64
-    block_size: int = 1024
+    shard_size: int = option(64, "Entries per Zarr shard file.", check=AT_LEAST_1, cli=False)
+    block_size: int = option(1024, "Samples per unit of work and resume.", check=AT_LEAST_1)
     # Run settings: they do not change the store, so a resume may change them.
-    batch_size: int = 256
-    device: str = "auto"
-    compile: bool = False
-    overwrite: bool = False
+    batch_size: int = option(256, "Samples per model batch.", check=AT_LEAST_1)
+    device: str = option("auto", "auto | cuda | cpu.")
+    compile: bool = option(False, "torch.compile the model(s).")
+    overwrite: bool = option(False, "Replace a store made with other settings.")
 
-    BOUNDS = {"per_class": AT_LEAST_1, "num": AT_LEAST_1, "steps": (lambda v: v >= 0, "0 (the pure-noise baseline) or more"), "shift": POSITIVE,
-              "ag_scale": NON_NEGATIVE, "shard_size": AT_LEAST_1, "block_size": AT_LEAST_1, "batch_size": AT_LEAST_1}
     RUN_ONLY = ("batch_size", "device", "compile", "overwrite", "out")
 
     def identity(self) -> dict:

@@ -43,7 +43,7 @@ from . import dist
 from .checkpoint import resume_state, save_checkpoint, save_weights
 from .data import BatchPlan, StoreReader, batches
 from .errors import ArtifactError, RaeError
-from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options
+from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, option
 from .losses import LPIPS, GanSchedule, generator_loss, hinge_d_loss
 from .manifest import (atomic_write_json, digest_json, has_manifest, input_ref, jsonable, new_manifest,
                        read_jsonl, read_manifest, remove_temporaries, write_manifest)
@@ -62,73 +62,71 @@ LATENT_STATS = "latent_stats.safetensors"
 
 @dataclass
 class TrainDecoderConfig:
-    latents: str
-    out: str
-    # Decoder: a named size of DECODER_SIZES (vit-b | vit-l | vit-xl); the four overrides give tiny
-    # decoders for tests and the demonstration.
-    model: str = "vit-xl"
-    decoder_patch: int = 16              # p_d; 2 * p_e upsamples (256 px tokens -> 512 px images)
-    width: int | None = None
-    depth: int | None = None
-    heads: int | None = None
-    mlp_dim: int | None = None
+    latents: str = option(help="Latent store from `rae encode` (its source images are read too).", path=True)
+    out: str = option(help="Run directory: weights, config.json, metrics, previews, checkpoints.", short="-o", path=True)
+    # Decoder: a named size of DECODER_SIZES; the four overrides give tiny decoders for tests and the demonstration.
+    model: str = option("vit-xl", "Decoder size: vit-b | vit-l | vit-xl.")
+    decoder_patch: int = option(16, "Decoder patch size p_d; 2 x the encoder's upsamples (256 px tokens -> 512 px "
+                                "images).", check=AT_LEAST_1)
+    width: int | None = option(None, "Override the size's width (tiny decoders).", check=AT_LEAST_1)
+    depth: int | None = option(None, "Override the size's depth.", check=AT_LEAST_1)
+    # The field keeps the name the decoder (and every run's config.json) gives it; --num-heads as train-diffusion.
+    heads: int | None = option(None, "Override the size's attention heads.", check=AT_LEAST_1, flag="--num-heads",
+                               alias="--heads")
+    mlp_dim: int | None = option(None, "Override the size's MLP hidden width.", check=AT_LEAST_1)
     # Loss (reference recipe).
-    noise_tau: float = 0.8
-    lpips_weight: float = 1.0            # w_L
-    gan_weight: float = 0.75             # w_G
-    max_gan_lambda: float = 1e4
-    lpips_start_epoch: float = 0
-    disc_start_epoch: float = 6          # discriminator updates from here ...
-    gan_start_epoch: float = 8           # ... the GAN term joins the decoder loss from here
-    lpips_start_step: int | None = None  # the same three in steps (win over the epochs)
-    disc_start_step: int | None = None
-    gan_start_step: int | None = None
+    noise_tau: float = option(0.8, "Noise augmentation: sigma ~ tau * U(0, 1).", check=NON_NEGATIVE)
+    lpips_weight: float = option(1.0, "w_L, weight of LPIPS; 0 turns it off.", check=NON_NEGATIVE)
+    gan_weight: float = option(0.75, "w_G, weight of the adaptive GAN term; 0 turns it off.", check=NON_NEGATIVE)
+    max_gan_lambda: float = option(1e4, "Cap of the adaptive GAN weight lambda.", check=NON_NEGATIVE)
+    lpips_start_epoch: float = option(0, "LPIPS from this epoch.")
+    disc_start_epoch: float = option(6, "Discriminator updates from this epoch.")
+    gan_start_epoch: float = option(8, "GAN term in the decoder loss from this epoch.")
+    lpips_start_step: int | None = option(None, "LPIPS from this step (wins over the epoch).")
+    disc_start_step: int | None = option(None, "Discriminator updates from this step.")
+    gan_start_step: int | None = option(None, "GAN term from this step.")
     # Loss networks: pretrained weights through timm / torch hub, or local files.
-    disc_backbone: str = DINO_TIMM_NAME  # timm name of the frozen discriminator backbone
-    disc_weights: str | None = None
-    lpips_vgg_weights: str | None = None
-    lpips_lin_weights: str | None = None
-    random_loss_nets: bool = False       # seeded random LPIPS-VGG and discriminator backbone (demo only)
-    disc_aug_prob: float = 1.0           # DiffAug probability and cutout (reference: 1.0, 0.0)
-    disc_cutout: float = 0.0
+    disc_backbone: str = option(DINO_TIMM_NAME, "timm name of the frozen discriminator backbone (DINO ViT-S/8).")
+    disc_weights: str | None = option(None, "Local DINO ViT-S/8 checkpoint (else timm / Hugging Face cache).", path=True)
+    lpips_vgg_weights: str | None = option(None, "Local torchvision VGG16 weights (else the torch hub cache).",
+                                           path=True)
+    lpips_lin_weights: str | None = option(None, "Local LPIPS v0.1 vgg.pth (else the lpips package's copy).",
+                                           path=True)
+    random_loss_nets: bool = option(False, "Seeded random LPIPS and discriminator weights (demo only).")
+    disc_aug_prob: float = option(1.0, "DiffAug probability.", check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    disc_cutout: float = option(0.0, "DiffAug cutout size.", check=UNIT_INTERVAL)
     # Optimisation (reference recipe: 16 epochs, batch 512, AdamW, 1 warm-up epoch, cosine to 2e-5).
-    epochs: float = 16
-    steps: int | None = None             # total steps (wins over epochs)
-    batch_size: int = 512                # global batch, whatever the number of GPUs
-    grad_accum: int = 1                  # micro-batches per step and process (memory, not maths)
-    lr: float = 2e-4
-    final_lr: float = 2e-5
-    disc_lr: float = 2e-4
-    disc_final_lr: float = 2e-5
-    warmup_epochs: float = 1
-    warmup_steps: int | None = None
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9978
-    clip_grad: float | None = None       # max gradient norm of the decoder (reference: off)
-    precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
-    seed: int = 0
+    epochs: float = option(16, "Training length in epochs.", check=POSITIVE)
+    steps: int | None = option(None, "Training length in steps (wins over --epochs).", check=AT_LEAST_1)
+    batch_size: int = option(512, "Global batch size, whatever the number of GPUs.", check=AT_LEAST_1)
+    grad_accum: int = option(1, "Micro-batches per step and GPU, to save memory (not maths).", check=AT_LEAST_1)
+    lr: float = option(2e-4, "Peak learning rate of the decoder.", check=POSITIVE)
+    final_lr: float = option(2e-5, "Learning rate at the end of the cosine decay.", check=NON_NEGATIVE)
+    disc_lr: float = option(2e-4, "Peak learning rate of the discriminator heads.", check=POSITIVE)
+    disc_final_lr: float = option(2e-5, "Final learning rate of the discriminator heads.", check=NON_NEGATIVE)
+    warmup_epochs: float = option(1, "Linear warm-up from zero, in epochs.", check=NON_NEGATIVE)
+    warmup_steps: int | None = option(None, "Warm-up in steps (wins over --warmup-epochs).", check=NON_NEGATIVE)
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas.")
+    weight_decay: float = option(0.0, "AdamW weight decay.", check=NON_NEGATIVE)
+    ema_decay: float = option(0.9978, "EMA decay of the decoder weights.", check=UNIT_INTERVAL)
+    clip_grad: float | None = option(None, "Clip the decoder's gradient norm to this (reference: off).", check=POSITIVE)
+    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
+    seed: int = option(0, "Seed of initialisation, data order, noise and DiffAug.")
     # Run settings: they do not change the result, so a resume may change them.
-    checkpoint_every: int | None = None  # steps; default once per epoch
-    keep_checkpoints: int = 2
-    preview_every: int | None = None     # steps between reconstruction grids; default once per epoch
-    preview_count: int = 8
-    log_every: int = 10
-    stop_after: int | None = None        # end this invocation after this many steps (resumable), e.g. wall-time limits
-    num_workers: int = -1                # -1: per rank, the CPU cores / ranks, less one, at most 8
-    device: str = "auto"
-    compile: bool = False
-    overwrite: bool = False
+    checkpoint_every: int | None = option(None, "Steps between checkpoints (default: once per epoch).",
+                                          check=AT_LEAST_1)
+    keep_checkpoints: int = option(2, "Checkpoints kept.", check=NON_NEGATIVE)
+    preview_every: int | None = option(None, "Steps between reconstruction grids (default: once per epoch).",
+                                       check=AT_LEAST_1)
+    preview_count: int = option(8, "Fixed store entries shown in the grids.", check=NON_NEGATIVE)
+    log_every: int = option(10, "Steps per metrics.jsonl record.", check=AT_LEAST_1)
+    stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
+                                    "e.g. for wall-time limits.", check=AT_LEAST_1)
+    num_workers: int = option(-1, "Data loading processes per rank (-1: the CPU cores / ranks, less one, at most 8).")
+    device: str = option("auto", "auto | cuda | cpu.")
+    compile: bool = option(False, "torch.compile the transformer blocks and LPIPS.")
+    overwrite: bool = option(False, "Replace a run made with another configuration or input.")
 
-    BOUNDS = {k: AT_LEAST_1 for k in ("decoder_patch", "width", "depth", "heads", "mlp_dim", "batch_size",
-                                       "grad_accum", "steps", "log_every", "checkpoint_every", "preview_every",
-                                       "stop_after")}
-    BOUNDS.update(lr=POSITIVE, final_lr=NON_NEGATIVE, disc_lr=POSITIVE, disc_final_lr=NON_NEGATIVE,
-                  weight_decay=NON_NEGATIVE, noise_tau=NON_NEGATIVE, lpips_weight=NON_NEGATIVE,
-                  gan_weight=NON_NEGATIVE, max_gan_lambda=NON_NEGATIVE, epochs=POSITIVE, warmup_epochs=NON_NEGATIVE,
-                  warmup_steps=NON_NEGATIVE, ema_decay=UNIT_INTERVAL, disc_aug_prob=(lambda v: 0 <= v <= 1, "in [0, 1]"),
-                  disc_cutout=(lambda v: 0 <= v < 1, "in [0, 1)"), clip_grad=POSITIVE, preview_count=NON_NEGATIVE,
-                  keep_checkpoints=NON_NEGATIVE)
     RUN_ONLY = ("latents", "out", "grad_accum", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count",
                 "log_every", "stop_after", "num_workers", "device", "compile", "overwrite")
 

@@ -35,7 +35,7 @@ from . import dist, flow
 from .checkpoint import resume_state, rng_state, save_checkpoint, save_weights
 from .data import BatchPlan, StoreReader, batches, denormalize, normalize
 from .errors import ArtifactError, RaeError
-from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, flag
+from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, flag, option
 from .manifest import (create_artifact_dir, digest_json, has_manifest, input_ref, jsonable, new_manifest,
                        read_jsonl, read_manifest, remove_temporaries, write_manifest)
 from .models.dit import DIT_SIZES, create_dit, width_rule_warning
@@ -48,64 +48,60 @@ NORM_EPS = 1e-5  # latents are normalised as (z - mean) / sqrt(var + eps)
 
 @dataclass
 class TrainDiffusionConfig:
-    latents: str
-    out: str
-    model: str = "ditdh-xl"
-    # Architecture overrides for ablations (None: the preset's value).
-    width: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    head_width: int | None = None
-    head_depth: int | None = None
-    head_num_heads: int | None = None
+    latents: str = option(help="Latent store made by `rae encode` (must be complete).", path=True)
+    out: str = option(help="Run directory (created, or resumed when it exists).", short="-o", path=True)
+    model: str = option("ditdh-xl", "dit-s | dit-b | dit-l | dit-xl | ditdh-s | ditdh-b | ditdh-xl.")
+    # Architecture overrides for ablations (None: the named size's value).
+    width: int | None = option(None, "Override the (trunk) width.", check=AT_LEAST_1)
+    depth: int | None = option(None, "Override the (trunk) depth.", check=AT_LEAST_1)
+    num_heads: int | None = option(None, "Override the (trunk) number of heads.", check=AT_LEAST_1)
+    head_width: int | None = option(None, "DiT^DH: override the head width (2048).", check=AT_LEAST_1)
+    head_depth: int | None = option(None, "DiT^DH: override the head depth (2).", check=AT_LEAST_1)
+    head_num_heads: int | None = option(None, "DiT^DH: override the head's number of heads (16).", check=AT_LEAST_1)
     # Flow matching.
-    time_dist: str = "logit_normal"      # logit_normal | uniform
-    t_mean: float = 0.0
-    t_std: float = 1.0
-    shift: float | None = None           # None: a = sqrt(C*h*w / shift_base)
-    shift_base: int = 4096
-    use_shift: bool = True               # False (--no-shift): a = 1, for ablations
-    label_dropout: float = 0.1
+    time_dist: str = option("logit_normal", "Training time distribution: logit_normal | uniform.")
+    t_mean: float = option(0.0, "Logit-normal mean.")
+    t_std: float = option(1.0, "Logit-normal standard deviation.", check=POSITIVE)
+    shift: float | None = option(None, "Time shift a (default: sqrt(C*h*w / shift-base), sqrt(48) for [768, 16, 16] "
+                                 "latents).", check=POSITIVE)
+    shift_base: int = option(4096, "Base dimension n of the shift a = sqrt(m / n).", check=POSITIVE)
+    use_shift: bool = option(True, "No time shift (a = 1), for ablations.", flag="--no-shift")
+    label_dropout: float = option(0.1, "Probability of training a label as the null class.", check=UNIT_INTERVAL)
     # Optimisation (the released DiT^DH-XL recipe).
-    batch_size: int = 1024               # global: the same for any number of GPUs
-    lr: float = 2e-4
-    final_lr: float = 2e-5
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.0
-    warmup_epochs: float = 40.0
-    decay_end_epoch: float = 800.0
-    warmup_steps: int | None = None      # in steps instead of epochs (wins when given)
-    decay_end_step: int | None = None
-    warmup_from_zero: bool = False       # the released config holds lr during warm-up; True ramps from 0
-    grad_clip: float = 1.0               # 0: no clipping
-    ema_decay: float = 0.9995
-    precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
-    seed: int = 0
+    batch_size: int = option(1024, "Global batch size, for any number of GPUs.", check=AT_LEAST_1)
+    lr: float = option(2e-4, "Peak learning rate.", check=POSITIVE)
+    final_lr: float = option(2e-5, "Learning rate at the end of the decay.", check=NON_NEGATIVE)
+    beta1: float = option(0.9, "AdamW beta1.")
+    beta2: float = option(0.95, "AdamW beta2.")
+    weight_decay: float = option(0.0, "AdamW weight decay.", check=NON_NEGATIVE)
+    warmup_epochs: float = option(40.0, "Epochs before the decay starts.", check=NON_NEGATIVE)
+    decay_end_epoch: float = option(800.0, "Epoch where the learning rate reaches --final-lr.")
+    warmup_steps: int | None = option(None, "Warm-up length in steps (instead of epochs).", check=NON_NEGATIVE)
+    decay_end_step: int | None = option(None, "End of the decay in steps (instead of epochs).")
+    warmup_from_zero: bool = option(False, "Ramp the learning rate up from 0 during warm-up (the released config "
+                                    "holds it constant).")
+    grad_clip: float = option(1.0, "Gradient norm clipping (0: none).", check=NON_NEGATIVE)
+    ema_decay: float = option(0.9995, "EMA decay per step.", check=UNIT_INTERVAL)
+    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
+    seed: int = option(0, "Seed of the initial weights, the data order and every draw.")
     # Run settings: they do not change what is learned, so a resume may change them.
-    epochs: float = 800.0
-    steps: int | None = None             # training length in steps (wins over epochs)
-    grad_accum: int = 1                  # micro-batches per step and process (memory, not maths)
-    grad_checkpointing: int = 0          # recompute the activations of the first N blocks (-1: all)
-    compile: bool = False
-    log_every: int = 100
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 2
-    sample_every: int = 10000            # EMA latent samples into RUN/samples/ (0: only at the end)
-    num_samples: int = 8
-    sample_steps: int = 50
-    num_workers: int = -1                # -1: the CPU cores per process, less one (at most 16)
-    device: str = "auto"
-    overwrite: bool = False
+    epochs: float = option(800.0, "Training length in epochs.", check=POSITIVE)
+    steps: int | None = option(None, "Training length in steps (wins over --epochs).", check=AT_LEAST_1)
+    grad_accum: int = option(1, "Micro-batches per step and GPU, to save memory (not maths).", check=AT_LEAST_1)
+    grad_checkpointing: int = option(0, "Recompute the activations of the first N blocks in the backward pass to "
+                                     "save memory (-1: all).", check=(lambda v: v >= -1, "a number of blocks, or -1 for all"))
+    compile: bool = option(False, "torch.compile the model.")
+    log_every: int = option(100, "Steps between metrics.jsonl records.", check=AT_LEAST_1)
+    checkpoint_every: int = option(5000, "Steps between checkpoints.", check=AT_LEAST_1)
+    keep_checkpoints: int = option(2, "Checkpoints kept on disk.", check=AT_LEAST_1)
+    sample_every: int = option(10000, "Steps between EMA latent samples in RUN/samples (0: only at the end).",
+                               check=NON_NEGATIVE)
+    num_samples: int = option(8, "EMA samples each time.", check=NON_NEGATIVE)
+    sample_steps: int = option(50, "Euler steps of those samples.", check=AT_LEAST_1)
+    num_workers: int = option(-1, "Data loading processes per GPU (-1: the CPU cores per GPU, less one, at most 16).")
+    device: str = option("auto", "auto | cuda | cpu.")
+    overwrite: bool = option(False, "Replace a run made with another configuration.")
 
-    BOUNDS = {k: AT_LEAST_1 for k in ("width", "depth", "num_heads", "head_width", "head_depth", "head_num_heads",
-                                       "batch_size", "grad_accum", "steps", "log_every", "checkpoint_every",
-                                       "sample_steps", "keep_checkpoints")}
-    BOUNDS.update(lr=POSITIVE, final_lr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, shift=POSITIVE, t_std=POSITIVE,
-                  label_dropout=UNIT_INTERVAL, ema_decay=UNIT_INTERVAL, grad_clip=NON_NEGATIVE, epochs=POSITIVE,
-                  warmup_epochs=NON_NEGATIVE, warmup_steps=NON_NEGATIVE, sample_every=NON_NEGATIVE,
-                  num_samples=NON_NEGATIVE, shift_base=POSITIVE,
-                  grad_checkpointing=(lambda v: v >= -1, "a number of blocks, or -1 for all"))
     RUN_ONLY = ("latents", "out", "epochs", "steps", "grad_accum", "grad_checkpointing", "compile",
                 "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
                 "sample_steps", "num_workers", "device", "overwrite")
@@ -134,7 +130,7 @@ def _validate(cfg: TrainDiffusionConfig) -> None:
     checks = [
         (cfg.time_dist in ("logit_normal", "uniform"), f"--time-dist must be logit_normal or uniform (got {cfg.time_dist})"),
         (cfg.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32 (got {cfg.precision})"),
-    ]  # the numbers: BOUNDS (check_options)
+    ]  # the numbers: the fields' checks (check_options)
     for ok, message in checks:
         if not ok:
             raise RaeError(message)
