@@ -63,7 +63,7 @@ def demo_chain(out: Path, upto: str | None = None) -> list[tuple[str, float]]:
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     from stages.runs import load_diffusion_run
 
-    model, _ = load_diffusion_run(run, ema=True, device="cpu")
+    model = load_diffusion_run(run, ema=True, device="cpu").model
     return {k: v.float() for k, v in model.state_dict().items()}
 
 

@@ -153,16 +153,3 @@ def _one_line_errors(loader):
             raise type(e)(lines[-1].split(": ", 1)[-1]) from None
         raise
 
-
-def store_statistics(store_path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, var = LatentStore(store_path).statistics()
-    return torch.from_numpy(mean), torch.from_numpy(var)
-
-
-def normalize(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Diffusion runs on (z - mean) / sqrt(var + eps), the store's exact statistics."""
-    return (z - mean) / torch.sqrt(var + eps)
-
-
-def denormalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    return x * torch.sqrt(var + eps) + mean

@@ -16,8 +16,8 @@ kept, and the ``.npz`` is assembled from the PNGs at the end.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import io
-import json
 import os
 import time
 import zipfile
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from . import dist
-from .checkpoint import load_weights
 from .encoders import UNKNOWN_DIGEST
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, check_options, option
-from .manifest import (atomic_write_bytes, digest_json, has_manifest, input_ref, jsonable, new_manifest,
-                       read_manifest, remove_temporaries, removed_on_error, write_manifest)
+from .manifest import (atomic_write_bytes, claim_output, digest_json, input_ref, jsonable, new_manifest, read_manifest,
+                       remove_temporaries, removed_on_error, resume_if_same, write_manifest)
 from .progress import console, progress
+from .runs import load_decoder_run
 from .store import open_complete_store
 
 NPZ = "samples.npz"
@@ -65,56 +65,8 @@ class DecodeConfig:
 
 
 #################################################################################
-#                                 Decoder runs                                  #
+#                              The decoder's input                              #
 #################################################################################
-
-def _decoder_kwargs(config: dict) -> dict:
-    """ViTDecoder constructor kwargs from a decoder run's config.json: the exact kwargs (under
-    "decoder", "architecture" or "model", directly or as "kwargs"), or a named size plus the rest."""
-    for key in ("decoder", "architecture", "model"):
-        spec = config.get(key)
-        if not isinstance(spec, dict):
-            continue
-        if isinstance(spec.get("kwargs"), dict):
-            return dict(spec["kwargs"])
-        if "in_dim" in spec and "size" not in spec:
-            return dict(spec)
-        if "size" in spec:
-            from .models.decoder import DECODER_SIZES
-
-            if spec["size"] in DECODER_SIZES:
-                return {**DECODER_SIZES[spec["size"]], **{k: v for k, v in spec.items() if k != "size"}}
-    raise ArtifactError("the decoder run's config.json has no decoder architecture (ViTDecoder keyword arguments)")
-
-
-def load_decoder_run(run_dir: str | os.PathLike, device="cpu", ema: bool = True) -> tuple[torch.nn.Module, dict]:
-    """A complete decoder run -> (ViTDecoder in eval mode on ``device``, info).
-
-    info: {"encoder": identity dict, "latent_shape": [C, h, w], "image_size": int, "config": config.json,
-    "manifest": manifest.json}.
-    """
-    from .models.decoder import ViTDecoder
-
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir, kind="decoder-run", what="decoder run")
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"cannot read {run_dir / 'config.json'}: {e}") from None
-    decoder = ViTDecoder(**_decoder_kwargs(config))
-    weights = run_dir / ("decoder_ema.safetensors" if ema else "decoder.safetensors")
-    if not weights.is_file():
-        raise ArtifactError(f"{run_dir} has no {weights.name}")
-    try:
-        decoder.load_state_dict(load_weights(weights))
-    except RuntimeError as e:
-        raise ArtifactError(f"{weights} does not fit its config.json: {str(e).splitlines()[0]}") from None
-    encoder = manifest.get("encoder") or config.get("encoder") or {}
-    latent_shape = manifest.get("latent_shape") or config.get("latent_shape") or [decoder.in_dim, decoder.grid, decoder.grid]
-    info = {"encoder": encoder, "latent_shape": list(latent_shape), "image_size": decoder.image_size,
-            "config": config, "manifest": manifest}
-    return decoder.to(device).eval(), info
-
 
 def check_compatible(store_encoder: dict, store_shape, decoder_info: dict, decoder_path) -> None:
     """Refuse a decoder trained for another encoder (name, weights sha256, latent shape)."""
@@ -209,21 +161,19 @@ def _prepare_folder(cfg: DecodeConfig, store_manifest: dict, decoder_manifest: d
     out = Path(cfg.out)
     inputs = {"latents": input_ref(cfg.store, store_manifest), "decoder": input_ref(cfg.decoder, decoder_manifest)}
     wanted = digest_json({"config": cfg.identity(), "inputs": [v["content_id"] for v in inputs.values()]})
-    if out.exists() and has_manifest(out):
-        manifest = read_manifest(out, require_complete=False, what="output folder")
-        if manifest.get("kind") == "image-folder" and manifest.get("identity") == wanted:
-            if not manifest.get("complete"):  # scores of the unfinished folder no longer describe it
-                (out / "eval.json").unlink(missing_ok=True)
-            return "done" if manifest.get("complete") else "resume"
-        if not cfg.overwrite:
-            raise ArtifactError(f"{out} was made from other latents, decoder or settings; "
-                                "pass --overwrite to replace it, or choose another --out")
-    if out.exists() and any(out.iterdir()):
-        if not (cfg.overwrite and has_manifest(out)):
-            raise ArtifactError(f"{out} exists and is not a rae image folder; choose another --out")
-        import shutil
 
-        shutil.rmtree(out)
+    def reuse(old: dict) -> str | None:
+        state = resume_if_same("image-folder", wanted)(old)
+        if state == "resume":  # scores of the unfinished folder no longer describe it
+            (out / "eval.json").unlink(missing_ok=True)
+        return state
+
+    state = claim_output(out, cfg.overwrite, reuse,
+                         different=f"{out} was made from other latents, decoder or settings; "
+                                   "pass --overwrite to replace it, or choose another --out",
+                         foreign=f"{out} exists and is not a rae image folder; choose another --out")
+    if state:
+        return state
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, new_manifest("image-folder", cfg, inputs=inputs, identity=wanted,
                                      encoder=store_manifest.get("encoder"), npz=NPZ, grid=GRID))
@@ -235,7 +185,7 @@ def run(cfg: DecodeConfig) -> dict:
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
     d = dist.init(cfg.device)
-    cfg.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device))  # as the manifest says
     store_manifest, store = open_complete_store(cfg.store)
     decoder, info = load_decoder_run(cfg.decoder, device=d.device, ema=cfg.ema)
     store_encoder = store.attrs.get("encoder") or store_manifest.get("encoder") or {}

@@ -42,6 +42,11 @@ def init(device: str = "auto") -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``--precision auto``: bf16 autocast on CUDA, fp32 elsewhere; "bf16" and "fp32" as they are."""
+    return precision if precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

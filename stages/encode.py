@@ -9,6 +9,7 @@ single-process run.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import math
 import os
 import time
@@ -21,12 +22,12 @@ from PIL import Image
 
 from . import dist
 from .encoders import build_encoder, encoder_identity, spec_for
-from .errors import ArtifactError, RaeError
+from .errors import RaeError
 from .options import AT_LEAST_1, check_options, option
 from .images import (BadImage, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded, crop_batch_extra_bytes,
                      fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops, unpack_crop_batch)
 from .loader import SlotLoader
-from .manifest import (create_artifact_dir, digest_json, has_manifest, new_manifest, read_manifest,
+from .manifest import (claim_output, create_artifact_dir, digest_json, new_manifest, read_manifest, resume_if_same,
                        write_manifest)
 from .progress import console, progress
 from .store import CODECS, LatentStore, Moments, claim_blocks, remove_store
@@ -191,20 +192,12 @@ def _prepare_store(cfg: EncodeConfig, listing, identity: dict, enc_id: dict) -> 
     """Rank 0: create, reuse or refuse the output store. Returns "done", "resume" or "new"."""
     out = Path(cfg.out)
     wanted = {"config": identity, "encoder": enc_id, "images": listing.content_id()}
-    if out.exists() and has_manifest(out):
-        manifest = read_manifest(out, require_complete=False, what="output store")
-        same = manifest.get("kind") == "latent-store" and manifest.get("identity") == digest_json(wanted)
-        if same and manifest.get("complete"):
-            return "done"
-        if same:
-            return "resume"
-        if not cfg.overwrite:
-            raise ArtifactError(f"{out} was made with a different configuration or input; "
-                                "pass --overwrite to replace it, or choose another --out")
-    if out.exists():
-        if not cfg.overwrite and any(out.iterdir()):
-            raise ArtifactError(f"{out} exists and is not a rae latent store; choose another --out")
-        remove_store(out)
+    state = claim_output(out, cfg.overwrite, resume_if_same("latent-store", digest_json(wanted)),
+                         different=f"{out} was made with a different configuration or input; "
+                                   "pass --overwrite to replace it, or choose another --out",
+                         foreign=f"{out} exists and is not a rae latent store; choose another --out")
+    if state:
+        return state
     n_images = len(listing.files)
     src, flipped = _entries(n_images, cfg.flip)
     labels = np.asarray(listing.labels, dtype=np.int64)[src]
@@ -232,10 +225,9 @@ def _prepare_store(cfg: EncodeConfig, listing, identity: dict, enc_id: dict) -> 
 def run(cfg: EncodeConfig) -> dict:
     _validate(cfg)
     d = dist.init(cfg.device)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
-    cfg.precision = precision
-    if cfg.resize == "auto":
-        cfg.resize = "gpu" if d.device.type == "cuda" else "cpu"
+    # What the manifest records: the precision and resize route used.
+    resize = cfg.resize if cfg.resize != "auto" else ("gpu" if d.device.type == "cuda" else "cpu")
+    cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device), resize=resize)
     resize_on_device = cfg.resize == "gpu"
     listing = list_images(cfg.data, cfg.limit)
     encoder, digest = build_encoder(cfg.encoder, cfg.image_size, weights=cfg.encoder_weights,
@@ -253,7 +245,7 @@ def run(cfg: EncodeConfig) -> dict:
     latent_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
 
     def forward(x):
-        with torch.no_grad(), torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.no_grad(), torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             return encoder(x).to(latent_dtype)
 
     if d.device.type == "cuda" and cfg.cuda_graph and not cfg.compile:

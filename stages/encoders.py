@@ -1,6 +1,6 @@
 """The frozen representation encoders of RAE, built through timm.
 
-Recipe (PIPELINE.md section 2, and the reference code's ``encode``): the 256x256 crop is resized
+Recipe (the reference code's ``encode``; README, "`rae encode`"): the 256x256 crop is resized
 bicubic (no antialiasing, as ``F.interpolate`` in the reference) to the encoder's input size,
 normalised with the encoder's mean/std, the ViT runs, its final LayerNorm is applied *without* its
 affine weight and bias, the prefix tokens (CLS, registers) are dropped, and the remaining tokens

@@ -88,8 +88,19 @@ def _normal_cdf(z):
 
 
 #################################################################################
-#                           Path, target, loss, labels                          #
+#                           Noise, path, target, loss                           #
 #################################################################################
+
+def seeded_noise(seeds, shape, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Noise [n, *shape] (float32), sample i from its own generator seeded with ``seeds[i]`` on
+    ``device``: a sample's noise does not depend on the batch it is drawn in."""
+    generator = torch.Generator(device=device)
+    out = torch.empty(len(seeds), *shape, device=device)
+    for row, seed in zip(out, seeds):
+        generator.manual_seed(int(seed))
+        torch.randn(tuple(shape), generator=generator, device=device, out=row)
+    return out
+
 
 def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
@@ -115,14 +126,6 @@ def loss(model_out: torch.Tensor, target: torch.Tensor, reduction: str = "mean")
     if reduction == "mean":
         return per_sample.mean()
     raise ValueError(f"unknown reduction {reduction!r}")
-
-
-def drop_labels(y: torch.Tensor, prob: float, null_label: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each label by the null label with probability ``prob`` (0.1 in the paper), so the
-    model also learns the unconditional velocity that classifier-free guidance needs."""
-    drop = torch.rand(y.shape, generator=generator, device=y.device) < prob
-    return torch.where(drop, torch.full_like(y, null_label), y)
 
 
 #################################################################################

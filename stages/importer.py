@@ -27,21 +27,18 @@ from typing import Any
 
 import torch
 
-from . import flow
 from .checkpoint import save_weights
 from .encoders import UNKNOWN_DIGEST, encoder_identity, spec_for
-from .errors import ArtifactError, RaeError
-from .manifest import atomic_write_json, has_manifest, new_manifest, read_manifest, write_manifest
+from .errors import RaeError
+from .manifest import claim_output, new_manifest, write_manifest
 from .models import decoder as decoder_model
 from .models import dit as dit_model
 from .options import option
-from .store import remove_store
-from .train_decoder import CONFIG, EMA_WEIGHTS as DECODER_EMA, WEIGHTS as DECODER_RAW
-from .train_diffusion import NORM_EPS, STATS
+from .runs import (DECODER_EMA, DECODER_RAW, DIFFUSION_EMA, DIFFUSION_RAW, NORM_EPS, STATS, decoder_config,
+                   diffusion_config, training_shift, write_config)
 from .weights import MissingWeightsError, cached_pretrained_file, read_torch_file, sha256_file
 
 KINDS = ("decoder", "stats", "diffusion")
-DIFFUSION_EMA, DIFFUSION_RAW = "model_ema.safetensors", "model.safetensors"
 
 
 @dataclass
@@ -219,16 +216,11 @@ def resolve_encoder(cfg: ImportConfig, latent_shape, what: str) -> tuple[dict, i
 def _claim_run_dir(out: Path, overwrite: bool) -> None:
     """Make ``out`` an empty directory. An existing artifact is replaced only with --overwrite
     (an interrupted import is simply redone); a folder that is not a rae artifact never is."""
-    if has_manifest(out):
-        old = read_manifest(out, require_complete=False, what="output")
-        interrupted_import = not old.get("complete") and "imported_from" in old
-        if not (overwrite or interrupted_import):
-            state = "a complete" if old.get("complete") else "an unfinished"
-            raise ArtifactError(f"{out} already holds {state} {old.get('kind')}; pass --overwrite to replace it, "
-                                "or choose another --out")
-        remove_store(out)  # only ever deletes rae artifacts
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ArtifactError(f"{out} exists and is not a rae artifact; choose another --out")
+    claim_output(out, overwrite,
+                 reuse=lambda old: "replace" if not old.get("complete") and "imported_from" in old else None,
+                 different=lambda old: f"{out} already holds {'a complete' if old.get('complete') else 'an unfinished'}"
+                                       f" {old.get('kind')}; pass --overwrite to replace it, or choose another --out",
+                 foreign=f"{out} exists and is not a rae artifact; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -243,7 +235,7 @@ def _finish_run(out: Path, manifest: dict, files: dict[str, dict[str, torch.Tens
     write_manifest(out, manifest)
     for name, tensors in files.items():
         save_weights(out / name, tensors)
-    atomic_write_json(out / CONFIG, config)
+    write_config(out, config)
     manifest.update(content_id=sha256_file(out / content_file), complete=True)
     write_manifest(out, manifest)
 
@@ -312,9 +304,7 @@ def import_decoder(cfg: ImportConfig) -> dict:
     image_size = arch["grid"] * arch["patch_size"]
     imported = {"source": source["path"], "sha256": source["content_id"], "weights": sorted(sets),
                 "step": _source_step(obj)}
-    config = {"architecture": "ViTDecoder", "model": size_name, "decoder": arch, "image_size": image_size,
-              "weights": DECODER_EMA, "encoder": encoder, "latent_shape": latent_shape,
-              "latent_space": "raw encoder space (as stored; not normalised)", "imported_from": imported}
+    config = decoder_config(arch, size_name, encoder, latent_shape, imported_from=imported)
     manifest = new_manifest("decoder-run", cfg, inputs={"source": source}, imported_from=imported, encoder=encoder,
                             latent_shape=latent_shape, decoder=arch, image_size=image_size,
                             **({"steps": imported["step"]} if imported["step"] is not None else {}))
@@ -389,7 +379,7 @@ def import_diffusion(cfg: ImportConfig) -> dict:
     if list(mean.shape) != latent_shape:
         raise RaeError(f"the statistics {cfg.stats} are {list(mean.shape)}, the model's latents {latent_shape}")
     encoder, image_size, notes = resolve_encoder(cfg, latent_shape, "diffusion model")
-    shift = cfg.shift if cfg.shift is not None else flow.default_shift(latent_shape, cfg.shift_base)
+    shift = training_shift(latent_shape, cfg.shift, cfg.shift_base)
     warning = dit_model.width_rule_warning(meta.output_width, latent_shape[0])
     num_classes = kwargs["num_classes"]
 
@@ -397,15 +387,9 @@ def import_diffusion(cfg: ImportConfig) -> dict:
     source = _source_ref(cfg.source)
     imported = {"source": source["path"], "sha256": source["content_id"], "weights": sorted(sets),
                 "step": _source_step(obj), "stats": stats["path"], "stats_sha256": stats["content_id"]}
-    config = {
-        "model": {"preset": _preset_name(cls, kwargs), "class": cls.__name__, "kwargs": kwargs},
-        "latent_shape": latent_shape, "num_classes": num_classes, "null_label": num_classes, "class_names": [],
-        # The released models' training: logit-normal(0, 1) times, shifted by sqrt(C*h*w / 4096).
-        "flow": {"path": "linear", "prediction": "velocity", "shift": shift, "time_dist": "logit_normal",
-                 "t_mean": 0.0, "t_std": 1.0, "t_max": flow.REFERENCE_T_MAX},
-        "encoder": encoder, "image_size": image_size,
-        "statistics": STATS, "eps": NORM_EPS, "imported_from": imported,
-    }
+    # The released models' training: logit-normal(0, 1) times (diffusion_config's defaults), shifted.
+    config = diffusion_config(cls.__name__, kwargs, _preset_name(cls, kwargs), latent_shape, [], shift, encoder,
+                              image_size=image_size, imported_from=imported)
     manifest = new_manifest("diffusion-run", cfg, inputs={"source": source, "stats": stats}, imported_from=imported,
                             encoder=encoder, latent_shape=latent_shape, num_classes=num_classes, class_names=[],
                             step=imported["step"], total_steps=imported["step"], warnings=[warning] if warning else [])

@@ -38,26 +38,6 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSON-lines log (metrics.jsonl); [] if there is none. A torn last line (the
-    run was killed while writing it) is dropped: the resume that reads it rewrites the log up to its
-    checkpoint anyway. A bad line before the last is corruption: one-line error naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ArtifactError(f"{path} line {i + 1} is not JSON (a corrupt log): remove that line, or the run "
-                                "folder to start again") from None
-    return records
-
-
 _TEMPORARY = re.compile(r"^\..+\.tmp[0-9.]*$")  # what atomic writes name their files before the rename
 
 
@@ -71,6 +51,39 @@ def remove_temporaries(root: str | os.PathLike) -> int:
                 Path(folder, name).unlink(missing_ok=True)
                 n += 1
     return n
+
+
+def claim_output(out: str | os.PathLike, overwrite: bool, reuse, different, foreign: str) -> str | None:
+    """Where a stage is to write its artifact, decide what to do with what is already there.
+
+    ``reuse(manifest)`` looks at a rae artifact at ``out``: "done" or "resume" (returned as they
+    are) when it is this stage's own, with the same identity; "replace" to replace it even without
+    ``overwrite`` (an interrupted import); None for another one, which is deleted with ``overwrite``
+    and refused otherwise with ``different`` (a message, or a function of the manifest making one).
+    A folder that holds anything but is no rae artifact is never touched: refused with ``foreign``.
+    Returns None when ``out`` is then absent or an empty folder."""
+    out = Path(out)
+    if (out / MANIFEST).is_file():
+        old = read_manifest(out, require_complete=False)
+        state = reuse(old)
+        if state in ("done", "resume"):
+            return state
+        if state != "replace" and not overwrite:
+            raise ArtifactError(different(old) if callable(different) else different)
+        shutil.rmtree(out)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ArtifactError(foreign)
+    return None
+
+
+def resume_if_same(kind: str, identity: str):
+    """``claim_output``'s ``reuse`` for an artifact of ``kind`` made with ``identity``: "done" when
+    it is complete, "resume" when not; None for any other."""
+    def reuse(old: dict) -> str | None:
+        if old.get("kind") == kind and old.get("identity") == identity:
+            return "done" if old.get("complete") else "resume"
+        return None
+    return reuse
 
 
 def create_artifact_dir(out: str | os.PathLike, build) -> None:

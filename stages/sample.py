@@ -13,22 +13,22 @@ DiT^DH-XL guided by DiT^DH-S at scale 1.42).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import dist, flow
-from .checkpoint import load_weights
-from .errors import ArtifactError, RaeError
+from .errors import RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options, option
-from .manifest import (create_artifact_dir, digest_json, has_manifest, input_ref, jsonable, new_manifest,
-                       read_manifest, write_manifest)
+from .manifest import (claim_output, create_artifact_dir, digest_json, input_ref, jsonable, new_manifest,
+                       read_manifest, resume_if_same, write_manifest)
 from .progress import progress
-from .store import CODECS, LatentStore, claim_blocks, remove_store
+from .runs import DiffusionRun, load_diffusion_run
+from .store import CODECS, LatentStore, claim_blocks
 
 
 @dataclass
@@ -97,79 +97,7 @@ def _validate(cfg: SampleConfig) -> None:
 
 
 #################################################################################
-#                               Diffusion runs                                  #
-#################################################################################
-
-@dataclass
-class DiffusionRun:
-    """What sampling needs from a diffusion run directory."""
-    path: Path
-    model: torch.nn.Module
-    manifest: dict
-    config: dict
-    mean: torch.Tensor                        # [C, h, w] latent statistics the model was trained on
-    var: torch.Tensor
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def latent_shape(self) -> list[int]:
-        return list(self.config["latent_shape"])
-
-    @property
-    def encoder(self) -> dict:
-        return self.config.get("encoder") or self.manifest.get("encoder") or {}
-
-    def to_raw(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised model space -> raw encoder space: x * sqrt(var + eps) + mean (as training's inverse)."""
-        eps = float(self.config.get("eps", 1e-5))
-        mean, var = self.mean.to(x.device), self.var.to(x.device)
-        return x * torch.sqrt(var + eps) + mean
-
-
-def _build_from_config(config: dict) -> torch.nn.Module:
-    from .models import dit
-
-    spec = config["model"]
-    classes = {"DiT": dit.DiT, "DiTDH": dit.DiTDH}
-    if spec.get("class") not in classes:
-        raise ArtifactError(f"unknown model class {spec.get('class')!r} in config.json")
-    return classes[spec["class"]](**spec["kwargs"])
-
-
-def _fallback_load(run_dir: Path, ema: bool, device) -> torch.nn.Module:
-    """Build the model from RUN/config.json and load its weights (used if stages.runs is absent)."""
-    config = json.loads((run_dir / "config.json").read_text())
-    model = _build_from_config(config)
-    weights = run_dir / ("model_ema.safetensors" if ema else "model.safetensors")
-    if not weights.is_file():
-        raise ArtifactError(f"{run_dir} has no {weights.name}")
-    model.load_state_dict(load_weights(weights))
-    return model.to(device).eval()
-
-
-def open_diffusion_run(run_dir: str | Path, ema: bool = True, device="cpu") -> DiffusionRun:
-    """A complete diffusion run: its model (EMA weights by default, eval mode), config and statistics."""
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir, kind="diffusion-run", what="diffusion run")
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"cannot read {run_dir / 'config.json'}: {e}") from None
-    try:
-        from .runs import load_diffusion_run
-    except ImportError:
-        load_diffusion_run = None
-    if load_diffusion_run is not None:
-        model, extra = load_diffusion_run(run_dir, ema=ema, device=device)
-    else:
-        model, extra = _fallback_load(run_dir, ema, device), {}
-    stats = load_weights(run_dir / config.get("statistics", "latent_stats.safetensors"))
-    return DiffusionRun(run_dir, model.eval(), manifest, config, stats["mean"].float(), stats["var"].float(),
-                        extra if isinstance(extra, dict) else {})
-
-
-#################################################################################
-#                                Labels, noise                                  #
+#                                    Labels                                     #
 #################################################################################
 
 def sample_labels(cfg: SampleConfig, num_classes: int) -> np.ndarray:
@@ -181,12 +109,6 @@ def sample_labels(cfg: SampleConfig, num_classes: int) -> np.ndarray:
         return np.repeat(classes, cfg.per_class).astype(np.int64)
     rng = np.random.default_rng(cfg.seed)
     return classes[rng.integers(0, len(classes), size=cfg.num)].astype(np.int64)
-
-
-def sample_noise(seeds, latent_shape) -> torch.Tensor:
-    """Each sample's starting noise from its own seed, on the CPU: independent of batch and device."""
-    return torch.stack([torch.randn(*latent_shape, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds])
 
 
 #################################################################################
@@ -207,19 +129,13 @@ def _prepare_store(cfg: SampleConfig, run: DiffusionRun, guide: DiffusionRun | N
     if guide is not None:
         inputs["guide"] = input_ref(guide.path, guide.manifest)
     wanted = digest_json({"config": cfg.identity(), "inputs": [v["content_id"] for v in inputs.values()]})
-    if out.exists() and has_manifest(out):
-        manifest = read_manifest(out, require_complete=False, what="output store")
-        same = manifest.get("kind") == "sample-store" and manifest.get("identity") == wanted
-        if same:
-            return "done" if manifest.get("complete") else "resume"
-        if not cfg.overwrite:
-            raise ArtifactError(f"{out} was made with different settings or models; "
-                                "pass --overwrite to replace it, or choose another --out")
-    if out.exists():
-        if not cfg.overwrite and any(out.iterdir()):
-            raise ArtifactError(f"{out} exists and is not a rae sample store; choose another --out")
-        remove_store(out)
-    num_classes = int(run.config["num_classes"])
+    state = claim_output(out, cfg.overwrite, resume_if_same("sample-store", wanted),
+                         different=f"{out} was made with different settings or models; "
+                                   "pass --overwrite to replace it, or choose another --out",
+                         foreign=f"{out} exists and is not a rae sample store; choose another --out")
+    if state:
+        return state
+    num_classes = run.num_classes
     labels = sample_labels(cfg, num_classes)
     n = len(labels)
     seeds = cfg.seed + np.arange(n, dtype=np.int64)
@@ -246,7 +162,7 @@ def _check_guide(run: DiffusionRun, guide: DiffusionRun) -> None:
     for what, a, b in (("latent shape", run.latent_shape, guide.latent_shape),
                        ("encoder", {k: run.encoder.get(k) for k in ("name", "weights_sha256")},
                         {k: guide.encoder.get(k) for k in ("name", "weights_sha256")}),
-                       ("number of classes", run.config["num_classes"], guide.config["num_classes"])):
+                       ("number of classes", run.num_classes, guide.num_classes)):
         if a != b:
             raise RaeError(f"--guide-model {guide.path} has another {what} than --model ({b} vs {a})")
 
@@ -261,14 +177,14 @@ def make_velocity(cfg: SampleConfig, model, y: torch.Tensor, null_label: int, gu
 def run(cfg: SampleConfig) -> dict:
     _validate(cfg)
     d = dist.init(cfg.device)
-    cfg.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
-    cfg.guidance_interval = tuple(float(t) for t in cfg.guidance_interval)
-    model_run = open_diffusion_run(cfg.model, ema=cfg.ema, device=d.device)
-    guide_run = open_diffusion_run(cfg.guide_model, ema=cfg.ema, device=d.device) if cfg.guidance == "autoguidance" else None
+    # What the manifest records: the precision used and the interval as numbers.
+    cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device),
+                              guidance_interval=tuple(float(t) for t in cfg.guidance_interval))
+    model_run = load_diffusion_run(cfg.model, ema=cfg.ema, device=d.device)
+    guide_run = load_diffusion_run(cfg.guide_model, ema=cfg.ema, device=d.device) if cfg.guidance == "autoguidance" else None
     if guide_run is not None:
         _check_guide(model_run, guide_run)
-    flow_cfg = model_run.config.get("flow", {})
-    shift = cfg.shift if cfg.shift is not None else float(flow_cfg.get("shift", flow.default_shift(model_run.latent_shape)))
+    shift = cfg.shift if cfg.shift is not None else model_run.shift
     settings = _sampling_settings(cfg, shift)
 
     out = Path(cfg.out)
@@ -281,7 +197,7 @@ def run(cfg: SampleConfig) -> dict:
     if cfg.compile:
         model = torch.compile(model)
         guide = torch.compile(guide) if guide is not None else None
-    null_label = int(model_run.config.get("null_label", model_run.config["num_classes"]))
+    null_label = model_run.null_label
 
     total = sum(len(store.block_range(b)) for b in my_blocks)
     label = "sample" if d.world == 1 else f"sample (rank {d.rank}/{d.world})"
@@ -313,7 +229,7 @@ def run(cfg: SampleConfig) -> dict:
 def sample_latents(model_run: DiffusionRun, model, labels, seeds, cfg: SampleConfig, shift: float,
                    null_label: int, guide=None, device="cpu") -> torch.Tensor:
     """One batch: noise from the seeds -> ODE solve (state in float32) -> raw encoder space [B, C, h, w]."""
-    noise = sample_noise(seeds, model_run.latent_shape).to(device)
+    noise = flow.seeded_noise(seeds, model_run.latent_shape).to(device)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=noise.device)
     velocity = make_velocity(cfg, model, y, null_label, guide)
     dev = torch.device(device).type

@@ -1,6 +1,6 @@
 """The latent store: a Zarr v3 group holding latents in raw encoder space, and how it is written.
 
-Layout (PIPELINE.md section 3)::
+Layout::
 
     STORE.zarr/
       manifest.json          kind, config, inputs, completion (written last)

@@ -1,6 +1,6 @@
 """``rae train-diffusion``: a DiT / DiT^DH trained with flow matching on a latent store.
 
-The recipe is the paper's (section 2 of PIPELINE.md), with the released DiT^DH-XL config's
+The recipe is the paper's (README, "`rae train-diffusion`"), with the released DiT^DH-XL config's
 values as defaults: latents normalised with the store's exact statistics; x_t = (1 - t) x + t eps
 with t logit-normal(0, 1) then shifted by a = sqrt(C*h*w / 4096); the model predicts v = eps - x
 (mean squared error); labels dropped to the null class with probability 0.1 (for CFG); AdamW
@@ -12,15 +12,15 @@ function of (seed, s) and of the sample's position in the *global* batch, and th
 is ``stages.data.BatchPlan``'s. So a run on N processes with gradient accumulation computes the
 same gradients as a single process (to float rounding), and a resumed run is the same run.
 
-Run directory (see notes/RUN_FORMAT.md): manifest.json (complete is written last), config.json
-(how to rebuild the model and its flow settings), latent_stats.safetensors, model.safetensors,
-model_ema.safetensors, checkpoints/, metrics.jsonl, loss.png, samples/step_XXXXXXXX.safetensors.
+Run directory: a diffusion run (``stages.runs``: manifest.json, complete last, config.json,
+latent_stats.safetensors, model.safetensors, model_ema.safetensors) with its training's
+checkpoints/, metrics.jsonl and loss.png (``stages.runlog``) and samples/step_XXXXXXXX.safetensors.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
+import dataclasses
 import math
 import os
 import time
@@ -33,17 +33,18 @@ import torch.nn as nn
 
 from . import dist, flow
 from .checkpoint import resume_state, rng_state, save_checkpoint, save_weights
-from .data import BatchPlan, StoreReader, batches, denormalize, normalize
+from .data import BatchPlan, StoreReader, batches
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, flag, option
-from .manifest import (create_artifact_dir, digest_json, has_manifest, input_ref, jsonable, new_manifest,
-                       read_jsonl, read_manifest, remove_temporaries, write_manifest)
+from .manifest import (claim_output, create_artifact_dir, digest_json, input_ref, jsonable, new_manifest,
+                       read_manifest, remove_temporaries, write_manifest)
 from .models.dit import DIT_SIZES, create_dit, width_rule_warning
 from .progress import console, progress
-from .store import open_complete_store, remove_store
+from .runlog import append_metrics, plot_metrics, read_metrics, truncate_metrics
+from .runs import (DIFFUSION_EMA, DIFFUSION_RAW, STATS, denormalize, diffusion_config, normalize, training_shift,
+                   write_config)
+from .store import open_complete_store
 from .weights import sha256_file
-
-NORM_EPS = 1e-5  # latents are normalised as (z - mean) / sqrt(var + eps)
 
 
 @dataclass
@@ -153,22 +154,37 @@ def learning_rate(step: int, base: float, final: float, warmup: int, decay_end: 
     return base + (final - base) * progress_
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Step counts of a run: its length and the learning rate's hold and decay."""
+    total: int
+    warmup: int
+    decay_end: int
+    steps_per_epoch: int
+
+    @classmethod
+    def of(cls, cfg: TrainDiffusionConfig, steps_per_epoch: int) -> "Schedule":
+        total = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
+        decay_end = cfg.decay_end_step if cfg.decay_end_step is not None else int(cfg.decay_end_epoch * steps_per_epoch)
+        return cls(total, warmup, max(decay_end, warmup), steps_per_epoch)
+
+
 @dataclass
 class StepDraws:
     t: torch.Tensor            # [n] float32, shifted training times
-    drop: torch.Tensor         # [n] bool, labels replaced by the null class
+    drop: torch.Tensor         # [n] bool, labels replaced by the null class (classifier-free guidance)
     noise_seeds: torch.Tensor  # [n] int64, one noise generator seed per sample
 
 
-def step_draws(seed: int, step: int, global_batch: int, lo: int, hi: int, time_dist: str, t_mean: float,
-               t_std: float, shift: float, label_dropout: float) -> StepDraws:
+def step_draws(cfg: TrainDiffusionConfig, step: int, shift: float, lo: int, hi: int) -> StepDraws:
     """The random draws of global batch positions [lo, hi) at ``step``: drawn for the whole
     global batch from a generator seeded by (seed, step), then sliced, so they do not depend on
     how the batch is split over processes and micro-batches."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]))
-    t = flow.sample_t(global_batch, time_dist, t_mean, t_std, shift, generator=g)
-    drop = torch.rand(global_batch, generator=g) < label_dropout
-    seeds = torch.randint(0, 2**62, (global_batch,), generator=g)
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step]).generate_state(1, np.uint64)[0]))
+    t = flow.sample_t(cfg.batch_size, cfg.time_dist, cfg.t_mean, cfg.t_std, shift, generator=g)
+    drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout
+    seeds = torch.randint(0, 2**62, (cfg.batch_size,), generator=g)
     return StepDraws(t[lo:hi], drop[lo:hi], seeds[lo:hi])
 
 
@@ -210,7 +226,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                            weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-        self._noise_gen = torch.Generator(device=device)
         if cfg.grad_checkpointing:
             enable_grad_checkpointing(self.model, cfg.grad_checkpointing)
         self.net = self.model
@@ -223,9 +238,7 @@ class Trainer:
             self.net = torch.compile(self.net)
 
     def train_step(self, step: int, x: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        draws = step_draws(cfg.seed, step, cfg.batch_size, self.lo, self.hi, cfg.time_dist, cfg.t_mean, cfg.t_std,
-                           self.shift, cfg.label_dropout)
+        draws = step_draws(self.cfg, step, self.shift, self.lo, self.hi)
         # Unlabelled entries (label -1) and dropped labels train the unconditional (null) class.
         y = torch.where(draws.drop | (labels < 0), self.null_label, labels)
         return self.step(x, self._to_device(y), self._to_device(draws.t), draws.noise_seeds, lr)
@@ -234,14 +247,6 @@ class Trainer:
         if self.device.type == "cuda":  # pinned, so the copy does not wait for the GPU
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
-
-    def noise(self, seeds: torch.Tensor, shape) -> torch.Tensor:
-        """eps [n, *shape]: sample i from its own generator (seed ``seeds[i]``), on the device."""
-        out = torch.empty(len(seeds), *shape, device=self.device)
-        for row, seed in zip(out, seeds.tolist()):
-            self._noise_gen.manual_seed(seed)
-            torch.randn(tuple(shape), generator=self._noise_gen, device=self.device, out=row)
-        return out
 
     def step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise_seeds: torch.Tensor,
              lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +259,7 @@ class Trainer:
         for m in range(accum):
             part = slice(m * micro, (m + 1) * micro)
             x0 = x[part]
-            eps = self.noise(noise_seeds[part], x0.shape[1:])
+            eps = flow.seeded_noise(noise_seeds[part].tolist(), x0.shape[1:], self.device)
             x_t = flow.interpolate(x0, eps, t[part])
             # Gradients are averaged over processes by DDP only at the last micro-batch.
             sync = m == accum - 1 or not isinstance(self.net_module, nn.parallel.DistributedDataParallel)
@@ -312,91 +317,133 @@ def _device_batches(loader, device: torch.device):
         yield pending
 
 
+class _LossLog:
+    """The losses of the steps since the last record, left on the device until ``record`` brings
+    them to the host (one sync per record) and stops the run on a non-finite one. Rank 0 appends
+    the records to metrics.jsonl."""
+
+    def __init__(self, out: Path, start: int, schedule: Schedule, global_batch: int, is_main: bool):
+        self.out, self.schedule, self.global_batch, self.is_main = out, schedule, global_batch, is_main
+        self.records = read_metrics(out) if is_main else []
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss, grad norm)
+        self.t, self.step, self.last_checkpoint = time.time(), start, start
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.pending.append((step, loss, grad_norm))
+
+    def record(self, step_done: int, lr: float) -> dict:
+        steps = [s for s, _, _ in self.pending]
+        vals = torch.stack([torch.stack([loss, g]) for _, loss, g in self.pending]).float()  # [k, 2]
+        bad = (~vals.isfinite()).any(dim=1).float()
+        dist.all_reduce_sum(vals)
+        dist.all_reduce_sum(bad)
+        vals, bad = vals.cpu(), bad.cpu()
+        self.pending.clear()
+        if bad.any():
+            kept = (f"the last good checkpoint (step {self.last_checkpoint}) in {self.out / 'checkpoints'} is intact"
+                    if self.last_checkpoint > 0 else "no checkpoint had been written yet")
+            first = steps[int(bad.nonzero()[0])]
+            raise RaeError(f"training diverged: the loss or gradient became NaN/inf at step {first}; "
+                           f"{kept}. Check the latent store for bad values or lower --lr, then run the command again")
+        now, world = time.time(), dist.world_size()
+        rec = {"step": step_done, "epoch": round(step_done / self.schedule.steps_per_epoch, 4),
+               "loss": float(vals[:, 0].mean()) / world, "grad_norm": float(vals[:, 1].mean()) / world, "lr": lr,
+               "img_per_s": (step_done - self.step) * self.global_batch / max(now - self.t, 1e-9)}
+        self.t, self.step = now, step_done
+        if self.is_main:
+            self.records.append(rec)
+            append_metrics(self.out, rec)
+        return rec
+
+
 #################################################################################
 #                         Run directory: outputs and resume                     #
 #################################################################################
 
-CONFIG = "config.json"
-STATS = "latent_stats.safetensors"
-METRICS = "metrics.jsonl"
+@dataclass
+class _Latents:
+    """The training store and what it implies for the run."""
+    manifest: dict
+    plan: BatchPlan
+    shape: tuple[int, int, int]
+    class_names: list[str]
+    num_classes: int
+    mean: torch.Tensor
+    var: torch.Tensor
 
 
-def _prepare_run(cfg: TrainDiffusionConfig, identity: str, run_config: dict, manifest: dict,
-                 mean: torch.Tensor, var: torch.Tensor, total_steps: int) -> str:
+def _open_latents(cfg: TrainDiffusionConfig, d: dist.Dist) -> _Latents:
+    manifest, store = open_complete_store(cfg.latents, kind=("latent-store",))
+    C, h, w = store.latent_shape
+    if h != w:
+        raise ArtifactError(f"{cfg.latents}: latents [{C}, {h}, {w}] are not square; the models need h == w")
+    class_names = list(store.attrs.get("class_names") or [])
+    num_classes = int(store.attrs.get("num_classes", len(class_names)))
+    mean, var = store.statistics()
+    labels = np.asarray(store.labels[:])
+    if len(labels) and labels.max() >= num_classes:
+        raise ArtifactError(f"{cfg.latents}: labels go up to {labels.max()} but the store names {num_classes} classes")
+    plan = BatchPlan.for_store(store, cfg.batch_size, cfg.seed, d.rank, d.world)
+    per_rank = cfg.batch_size // d.world
+    if per_rank % cfg.grad_accum:
+        raise RaeError(f"the per-process batch {per_rank} (= {cfg.batch_size} / {d.world} processes) is not "
+                       f"divisible by --grad-accum {cfg.grad_accum}")
+    return _Latents(manifest, plan, (C, h, w), class_names, num_classes,
+                    torch.from_numpy(mean.copy()), torch.from_numpy(var.copy()))
+
+
+def _prepare_run(cfg: TrainDiffusionConfig, identity: str, config: dict, manifest: dict, latents: _Latents,
+                 total_steps: int) -> str:
     """Rank 0: create, resume or refuse the run directory. Returns "new", "resume" or "done"."""
     out = Path(cfg.out)
-    if out.exists() and has_manifest(out):
-        old = read_manifest(out, require_complete=False, what="run directory")
+
+    def reuse(old: dict) -> str | None:
         if old.get("kind") == "diffusion-run" and old.get("identity") == identity:
-            if old.get("complete") and old.get("step", 0) >= total_steps:
-                return "done"
-            return "resume"
-        if not cfg.overwrite:
-            raise ArtifactError(f"{out} holds a run made with a different configuration or latent store; "
-                                "pass --overwrite to replace it, or choose another --out")
-        remove_store(out)
-    elif out.exists() and any(out.iterdir()):
-        raise ArtifactError(f"{out} exists and is not a rae run; choose another --out")
+            return "done" if old.get("complete") and old.get("step", 0) >= total_steps else "resume"
+        return None
+
+    state = claim_output(out, cfg.overwrite, reuse,
+                         different=f"{out} holds a run made with a different configuration or latent store; "
+                                   "pass --overwrite to replace it, or choose another --out",
+                         foreign=f"{out} exists and is not a rae run; choose another --out")
+    if state:
+        return state
 
     def build(folder: Path) -> None:
         (folder / "samples").mkdir(parents=True)
         # The store's exact statistics travel with the model: sampling must undo the same normalisation.
-        save_weights(folder / STATS, {"mean": mean, "var": var})
-        (folder / CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
+        save_weights(folder / STATS, {"mean": latents.mean, "var": latents.var})
+        write_config(folder, config)
         write_manifest(folder, manifest)
 
     create_artifact_dir(out, build)
     return "new"
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint a resumed run restarts from)."""
-    if not path.is_file():
-        return
-    path.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step))
+def _resume(trainer: Trainer, out: Path, identity: str, total_steps: int, d: dist.Dist) -> int:
+    """Load the newest readable checkpoint into ``trainer``; returns its step (0: none)."""
+    found = resume_state(out, say=lambda line: console.print(line, highlight=False) if d.is_main else None)
+    if found is None:
+        return 0
+    ckpt, saved = found
+    if saved.get("identity") != identity:
+        raise ArtifactError(f"{ckpt} belongs to another configuration; pass --overwrite to start again")
+    trainer.load_state_dict(saved)
+    start = int(saved["step"])
+    if start > total_steps:
+        raise RaeError(f"{out} is already trained to step {start}, past the requested {total_steps} steps")
+    if d.is_main:
+        console.print(f"resuming {out} from step {start}", highlight=False)
+    return start
 
 
-def draw_loss_curve(records: list[dict], path: Path, size: tuple[int, int] = (720, 420)) -> None:
-    """Training loss against step as a PNG (PIL only): the logged points and a smoothed line."""
-    from PIL import Image, ImageDraw
-
-    W, H = size
-    left, right, top, bottom = 70, 20, 30, 45
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    pts = [(r["step"], r["loss"]) for r in records if math.isfinite(r.get("loss", math.nan))]
-    d.text((left, 8), "training loss (flow matching MSE)", fill="black")
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    if not pts:
-        img.save(path)
-        return
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = min(ys), max(ys)
-    pad = (y1 - y0) * 0.05 or 0.05
-    y0, y1 = y0 - pad, y1 + pad
-
-    def to_px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (W - left - right),
-                H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
-
-    for k in range(5):  # grid and tick labels
-        yv = y0 + (y1 - y0) * k / 4
-        _, py = to_px(x0, yv)
-        d.line([left, py, W - right, py], fill=(225, 225, 225))
-        d.text((5, py - 6), f"{yv:.4g}", fill="black")
-        xv = x0 + (x1 - x0) * k / 4
-        px, _ = to_px(xv, y0)
-        d.text((px - 10, H - bottom + 6), f"{xv:.0f}", fill="black")
-    d.text((W // 2 - 15, H - 20), "step", fill="black")
-    d.line([to_px(x, y) for x, y in pts] if len(pts) > 1 else [to_px(*pts[0])] * 2, fill=(150, 180, 230), width=1)
-    smooth, s = [], ys[0]
-    for y in ys:
-        s = 0.9 * s + 0.1 * y
-        smooth.append(s)
-    if len(pts) > 1:
-        d.line([to_px(x, y) for x, y in zip(xs, smooth)], fill=(20, 60, 160), width=2)
-    img.save(path)
+def _reopen(out: Path, cfg: TrainDiffusionConfig, start: int, total_steps: int) -> None:
+    """Rank 0, before the first step: the log cut back to ``start``, the manifest unfinished again
+    (this run's settings and length)."""
+    truncate_metrics(out, start)
+    manifest = read_manifest(out, require_complete=False)
+    manifest.update(complete=False, total_steps=total_steps, config=jsonable(cfg))
+    write_manifest(out, manifest)
 
 
 @torch.no_grad()
@@ -406,13 +453,24 @@ def ema_samples(ema: nn.Module, n: int, latent_shape, num_classes: int, shift: f
     labels (0, 1, 2, ... cycling over the classes), so successive samples show progress."""
     device = next(ema.parameters()).device
     seeds = torch.arange(n, dtype=torch.int64)
-    noise = torch.stack([torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    noise = flow.seeded_noise(seeds.tolist(), tuple(latent_shape))
     labels = seeds % num_classes if num_classes > 0 else torch.zeros(n, dtype=torch.int64)
     velocity = flow.guided_velocity(ema, labels.to(device))
     with torch.autocast(**autocast):
         x = flow.sample(velocity, noise.to(device), steps=steps, shift=shift, solver="euler")
-    latents = denormalize(x.float().cpu(), mean, var, NORM_EPS)
-    return {"latents": latents, "labels": labels, "seeds": seeds}
+    return {"latents": denormalize(x.float().cpu(), mean, var), "labels": labels, "seeds": seeds}
+
+
+def _save_samples(out: Path, step: int, trainer: Trainer, cfg: TrainDiffusionConfig, latents: _Latents) -> None:
+    s = ema_samples(trainer.ema, cfg.num_samples, latents.shape, latents.num_classes, trainer.shift,
+                    cfg.sample_steps, latents.mean, latents.var, trainer.autocast)
+    save_weights(out / "samples" / f"step_{step:08d}.safetensors", s,
+                 metadata={"step": step, "solver": "euler", "steps": cfg.sample_steps, "shift": trainer.shift,
+                           "space": "raw encoder latents"})
+
+
+def _plot(out: Path, records: list[dict]) -> None:
+    plot_metrics(records, out / "loss.png", {"loss": "training loss (flow matching MSE)"}, panel=(720, 420), cols=1)
 
 
 #################################################################################
@@ -429,194 +487,117 @@ def _resolve_workers(n: int) -> int:
 def run(cfg: TrainDiffusionConfig) -> dict:
     _validate(cfg)
     d = dist.init(cfg.device)
-    device = d.device
-    if cfg.precision == "auto":
-        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
-    if device.type == "cuda":
+    cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device))  # as the manifest says
+    if d.device.type == "cuda":
         # Under bf16 the float32 parts (optimizer, EMA, norms) may use TF32 matmuls; fp32 means fp32.
-        tf32 = cfg.precision == "bf16"
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == "bf16"
+    latents = _open_latents(cfg, d)
+    schedule = Schedule.of(cfg, latents.plan.steps_per_epoch)
+    shift = training_shift(latents.shape, cfg.shift, cfg.shift_base) if cfg.use_shift else 1.0
 
-    # ---- the store (complete ones only) and what it implies -------------------------------------
-    store_manifest, store = open_complete_store(cfg.latents, kind=("latent-store",))
-    C, h, w = store.latent_shape
-    if h != w:
-        raise ArtifactError(f"{cfg.latents}: latents [{C}, {h}, {w}] are not square; the models need h == w")
-    class_names = list(store.attrs.get("class_names") or [])
-    num_classes = int(store.attrs.get("num_classes", len(class_names)))
-    null_label = num_classes
-    mean_np, var_np = store.statistics()
-    mean, var = torch.from_numpy(mean_np.copy()), torch.from_numpy(var_np.copy())
-    labels_all = np.asarray(store.labels[:])
-    if len(labels_all) and labels_all.max() >= num_classes:
-        raise ArtifactError(f"{cfg.latents}: labels go up to {labels_all.max()} but the store names {num_classes} classes")
-    plan = BatchPlan.for_store(store, cfg.batch_size, cfg.seed, d.rank, d.world)
-    per_rank = cfg.batch_size // d.world
-    if per_rank % cfg.grad_accum:
-        raise RaeError(f"the per-process batch {per_rank} (= {cfg.batch_size} / {d.world} processes) is not "
-                       f"divisible by --grad-accum {cfg.grad_accum}")
-    spe = plan.steps_per_epoch
-    total_steps = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * spe)))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * spe)
-    decay_end = max(cfg.decay_end_step if cfg.decay_end_step is not None else int(cfg.decay_end_epoch * spe), warmup)
-    shift = 1.0 if not cfg.use_shift else (cfg.shift if cfg.shift is not None else flow.default_shift((C, h, w), cfg.shift_base))
-
-    # ---- the model --------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every process and in every resume
-    model = create_dit(cfg.model, in_channels=C, input_size=h, num_classes=num_classes, **cfg.model_overrides())
-    warning = width_rule_warning(model.output_width, C)
+    model = create_dit(cfg.model, in_channels=latents.shape[0], input_size=latents.shape[1],
+                       num_classes=latents.num_classes, **cfg.model_overrides())
+    warning = width_rule_warning(model.output_width, latents.shape[0])
     if warning and d.is_main:
         console.print(f"[bold red]{warning}[/]", highlight=False)
-    model_cls = type(model).__name__
-    run_config = {
-        "model": {"preset": cfg.model, "class": model_cls, "kwargs": dict(model.config)},
-        "latent_shape": [C, h, w], "num_classes": num_classes, "null_label": null_label, "class_names": class_names,
-        "flow": {"path": "linear", "prediction": "velocity", "shift": shift, "time_dist": cfg.time_dist,
-                 "t_mean": cfg.t_mean, "t_std": cfg.t_std, "t_max": flow.REFERENCE_T_MAX},
-        "encoder": store_manifest.get("encoder"), "statistics": STATS, "eps": NORM_EPS,
-    }
-    identity = digest_json({"config": cfg.identity(), "store": store_manifest.get("content_id")})
-    out = Path(cfg.out)
-    manifest = new_manifest("diffusion-run", cfg, inputs={"latents": input_ref(cfg.latents, store_manifest)},
-                            identity=identity, encoder=store_manifest.get("encoder"), latent_shape=[C, h, w],
-                            num_classes=num_classes, class_names=class_names, step=0, total_steps=total_steps,
+    config = diffusion_config(type(model).__name__, dict(model.config), cfg.model, latents.shape, latents.class_names,
+                              shift, latents.manifest.get("encoder"), cfg.time_dist, cfg.t_mean, cfg.t_std)
+    identity = digest_json({"config": cfg.identity(), "store": latents.manifest.get("content_id")})
+    manifest = new_manifest("diffusion-run", cfg, inputs={"latents": input_ref(cfg.latents, latents.manifest)},
+                            identity=identity, encoder=latents.manifest.get("encoder"),
+                            latent_shape=list(latents.shape), num_classes=latents.num_classes,
+                            class_names=latents.class_names, step=0, total_steps=schedule.total,
                             warnings=[warning] if warning else [])
 
-    state = dist.main_decides(lambda: _prepare_run(cfg, identity, run_config, manifest, mean, var, total_steps))
+    out = Path(cfg.out)
+    state = dist.main_decides(lambda: _prepare_run(cfg, identity, config, manifest, latents, schedule.total))
     if state == "done":
         result = summary(out)
         if d.is_main:
             console.print(f"{out} is already trained to step {result['step']}; nothing to do.", highlight=False)
         return result
-
-    trainer = Trainer(model, cfg, device, shift, null_label, d.rank, d.world)
-    start = 0
-    found = resume_state(out, say=lambda line: console.print(line, highlight=False) if d.is_main else None) \
-        if state == "resume" else None
-    if found is not None:
-        ckpt, saved = found
-        if saved.get("identity") != identity:
-            raise ArtifactError(f"{ckpt} belongs to another configuration; pass --overwrite to start again")
-        trainer.load_state_dict(saved)
-        start = int(saved["step"])
-        if start > total_steps:
-            raise RaeError(f"{out} is already trained to step {start}, past the requested {total_steps} steps")
-        if d.is_main:
-            console.print(f"resuming {out} from step {start}", highlight=False)
+    trainer = Trainer(model, cfg, d.device, shift, latents.num_classes, d.rank, d.world)
+    start = _resume(trainer, out, identity, schedule.total, d) if state == "resume" else 0
     if d.is_main:
-        _truncate_metrics(out / METRICS, start)
-        m = read_manifest(out, require_complete=False)
-        m.update(complete=False, total_steps=total_steps, config=jsonable(cfg))
-        write_manifest(out, m)
+        _reopen(out, cfg, start, schedule.total)
     dist.barrier()
 
-    # ---- the loop ---------------------------------------------------------------------------------
-    mean_d, var_d = mean.to(device), var.to(device)
-    loader = batches(plan, StoreReader(cfg.latents), start, total_steps, num_workers=_resolve_workers(cfg.num_workers),
-                     pin_memory=device.type == "cuda")
-    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss, grad norm) since the last flush
-    records: list[dict] = _read_metrics(out / METRICS) if d.is_main else []
-    clock = {"t": time.time(), "step": start}
-    last_ckpt = start
+    t0 = time.time()
+    records = _train(cfg, identity, trainer, latents, schedule, start, d)
+    elapsed = time.time() - t0
+    if d.is_main:
+        _finish(out, trainer, cfg, latents, schedule.total, records)
+    dist.barrier()
+    steps_run = schedule.total - start
+    return {**summary(out), "seconds": elapsed, "steps_run": steps_run,
+            "images_per_second": steps_run * cfg.batch_size / elapsed if elapsed > 0 else 0.0, "warning": warning}
 
-    def flush(step_done: int, lr: float) -> dict:
-        """Bring the interval's losses to the host (one sync), stop on a non-finite one, log."""
-        steps_ = [s for s, _, _ in pending]
-        vals = torch.stack([torch.stack([l_, g]) for _, l_, g in pending]).float()  # [k, 2]
-        bad = (~vals.isfinite()).any(dim=1).float()
-        dist.all_reduce_sum(vals)
-        dist.all_reduce_sum(bad)
-        vals, bad = vals.cpu(), bad.cpu()
-        pending.clear()
-        if bad.any():
-            first = steps_[int(bad.nonzero()[0])]
-            kept = (f"the last good checkpoint (step {last_ckpt}) in {out / 'checkpoints'} is intact" if last_ckpt > 0
-                    else "no checkpoint had been written yet")
-            raise RaeError(f"training diverged: the loss or gradient became NaN/inf at step {first}; {kept}. "
-                           "Check the latent store for bad values or lower --lr, then run the command again")
-        now = time.time()
-        rec = {"step": step_done, "epoch": round(step_done / spe, 4), "loss": float(vals[:, 0].mean()) / d.world,
-               "grad_norm": float(vals[:, 1].mean()) / d.world, "lr": lr,
-               "img_per_s": (step_done - clock["step"]) * cfg.batch_size / max(now - clock["t"], 1e-9)}
-        clock.update(t=now, step=step_done)
-        return rec
 
-    def save(step_done: int) -> None:
-        if not trainer.weights_finite():
-            raise RaeError(f"training diverged: non-finite weights at step {step_done}; the last good checkpoint "
-                           f"(step {last_ckpt}) is intact. Lower --lr, then run the command again")
-        if d.is_main:
-            save_checkpoint(out, step_done, {**trainer.state_dict(), "step": step_done, "identity": identity,
-                                             "data": {"step": step_done, "seed": cfg.seed, "global_batch": cfg.batch_size},
-                                             "rng": rng_state()}, keep=cfg.keep_checkpoints)
-            draw_loss_curve(records, out / "loss.png")
-
-    def samples(step_done: int) -> None:
-        if d.is_main and cfg.num_samples > 0:
-            s = ema_samples(trainer.ema, cfg.num_samples, (C, h, w), num_classes, shift, cfg.sample_steps,
-                            mean, var, trainer.autocast)
-            save_weights(out / "samples" / f"step_{step_done:08d}.safetensors", s,
-                         metadata={"step": step_done, "solver": "euler", "steps": cfg.sample_steps, "shift": shift,
-                                   "space": "raw encoder latents"})
-
-    lr = learning_rate(start, cfg.lr, cfg.final_lr, warmup, decay_end, cfg.warmup_from_zero)
-    t_start = time.time()
+def _train(cfg: TrainDiffusionConfig, identity: str, trainer: Trainer, latents: _Latents, schedule: Schedule,
+           start: int, d: dist.Dist) -> list[dict]:
+    """Steps [start, schedule.total): a record every --log-every steps, checkpoints (and the loss
+    plot) every --checkpoint-every, EMA samples every --sample-every. Returns the log's records."""
+    out = Path(cfg.out)
+    mean, var = latents.mean.to(d.device), latents.var.to(d.device)
+    loader = batches(latents.plan, StoreReader(cfg.latents), start, schedule.total,
+                     num_workers=_resolve_workers(cfg.num_workers), pin_memory=d.device.type == "cuda")
+    log = _LossLog(out, start, schedule, cfg.batch_size, d.is_main)
     label = "train-diffusion" if d.world == 1 else f"train-diffusion ({d.world} processes)"
-    with progress(total_steps, label, unit="step", completed=start) as advance:
-        for step, (lat, labels) in zip(range(start, total_steps), _device_batches(loader, device)):
-            lr = learning_rate(step, cfg.lr, cfg.final_lr, warmup, decay_end, cfg.warmup_from_zero)
-            loss, grad_norm = trainer.train_step(step, normalize(lat, mean_d, var_d, NORM_EPS), labels, lr)
-            pending.append((step, loss, grad_norm))
+    with progress(schedule.total, label, unit="step", completed=start) as advance:
+        for step, (lat, labels) in zip(range(start, schedule.total), _device_batches(loader, d.device)):
+            lr = learning_rate(step, cfg.lr, cfg.final_lr, schedule.warmup, schedule.decay_end, cfg.warmup_from_zero)
+            log.add(step, *trainer.train_step(step, normalize(lat, mean, var), labels, lr))
             done = step + 1
-            is_ckpt = done % cfg.checkpoint_every == 0 or done == total_steps
-            is_sample = cfg.sample_every > 0 and done % cfg.sample_every == 0 and done != total_steps
-            # Checkpoints and samples come after a flush: it stops the run on a non-finite loss first.
-            if done % cfg.log_every == 0 or is_ckpt or is_sample:
-                rec = flush(done, lr)
-                if d.is_main:
-                    records.append(rec)
-                    with open(out / METRICS, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    if not console.is_terminal:
-                        console.print(f"step {done}/{total_steps} loss {rec['loss']:.4f} grad_norm {rec['grad_norm']:.3f} "
-                                      f"lr {lr:.3g} {rec['img_per_s']:.0f} img/s", highlight=False)
-                advance(1, loss=rec["loss"], lr=lr)
-            else:
+            is_ckpt = done % cfg.checkpoint_every == 0 or done == schedule.total
+            is_sample = cfg.sample_every > 0 and done % cfg.sample_every == 0 and done != schedule.total
+            if not (done % cfg.log_every == 0 or is_ckpt or is_sample):
                 advance(1)
+                continue
+            # Checkpoints and samples come after a record: it stops the run on a non-finite loss first.
+            rec = log.record(done, lr)
+            if d.is_main and not console.is_terminal:
+                console.print(f"step {done}/{schedule.total} loss {rec['loss']:.4f} grad_norm {rec['grad_norm']:.3f} "
+                              f"lr {lr:.3g} {rec['img_per_s']:.0f} img/s", highlight=False)
+            advance(1, loss=rec["loss"], lr=lr)
             if is_ckpt:
-                save(done)
-                last_ckpt = done
-            if is_sample:
-                samples(done)
-    elapsed = time.time() - t_start
-
-    # ---- final weights, samples, and the manifest last --------------------------------------------
-    if d.is_main:
-        save_weights(out / "model.safetensors", trainer.model.state_dict(), metadata={"step": total_steps})
-        save_weights(out / "model_ema.safetensors", trainer.ema.state_dict(), metadata={"step": total_steps})
-        samples(total_steps)
-        draw_loss_curve(records, out / "loss.png")
-        remove_temporaries(out)
-        m = read_manifest(out, require_complete=False)
-        m.update(step=total_steps, content_id=sha256_file(out / "model_ema.safetensors"), complete=True)
-        write_manifest(out, m)
-    dist.barrier()
-    result = summary(out)
-    result["seconds"] = elapsed
-    result["steps_run"] = total_steps - start
-    result["images_per_second"] = (total_steps - start) * cfg.batch_size / elapsed if elapsed > 0 else 0.0
-    result["warning"] = warning
-    return result
+                _checkpoint(out, done, identity, trainer, cfg, log)
+            if is_sample and d.is_main and cfg.num_samples > 0:
+                _save_samples(out, done, trainer, cfg, latents)
+    return log.records
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    return read_jsonl(path)
+def _checkpoint(out: Path, step: int, identity: str, trainer: Trainer, cfg: TrainDiffusionConfig,
+                log: _LossLog) -> None:
+    if not trainer.weights_finite():
+        raise RaeError(f"training diverged: non-finite weights at step {step}; the last good checkpoint "
+                       f"(step {log.last_checkpoint}) is intact. Lower --lr, then run the command again")
+    if log.is_main:
+        save_checkpoint(out, step, {**trainer.state_dict(), "step": step, "identity": identity,
+                                    "data": {"step": step, "seed": cfg.seed, "global_batch": cfg.batch_size},
+                                    "rng": rng_state()}, keep=cfg.keep_checkpoints)
+        _plot(out, log.records)
+    log.last_checkpoint = step
+
+
+def _finish(out: Path, trainer: Trainer, cfg: TrainDiffusionConfig, latents: _Latents, total_steps: int,
+            records: list[dict]) -> None:
+    """Rank 0: final weights, samples and plot, then the manifest marked complete (the last write)."""
+    save_weights(out / DIFFUSION_RAW, trainer.model.state_dict(), metadata={"step": total_steps})
+    save_weights(out / DIFFUSION_EMA, trainer.ema.state_dict(), metadata={"step": total_steps})
+    if cfg.num_samples > 0:
+        _save_samples(out, total_steps, trainer, cfg, latents)
+    _plot(out, records)
+    remove_temporaries(out)
+    manifest = read_manifest(out, require_complete=False)
+    manifest.update(step=total_steps, content_id=sha256_file(out / DIFFUSION_EMA), complete=True)
+    write_manifest(out, manifest)
 
 
 def summary(out: str | os.PathLike) -> dict:
     out = Path(out)
     manifest = read_manifest(out, kind="diffusion-run", what="diffusion run")
-    records = _read_metrics(out / METRICS)
+    records = read_metrics(out)
     return {"run": str(out), "step": manifest["step"], "model": manifest["config"]["model"],
             "latent_shape": manifest["latent_shape"], "num_classes": manifest["num_classes"],
             "final_loss": records[-1]["loss"] if records else None,

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.data import BatchPlan, StoreReader, batches, denormalize, normalize
+from stages.data import BatchPlan, StoreReader, batches
+from stages.runs import denormalize, normalize
 from stages.encode import EncodeConfig, run
 from stages.errors import ArtifactError
 

@@ -9,10 +9,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.checkpoint import save_weights
-from stages.decode import DecodeConfig, load_decoder_run, run, to_uint8
+from stages.decode import DecodeConfig, run, to_uint8
 from stages.errors import RaeError
 from stages.manifest import new_manifest, read_manifest, write_manifest
 from stages.models.decoder import ViTDecoder
+from stages.runs import load_decoder_run
 from stages.sample import SampleConfig
 from stages.sample import run as sample_run
 from stages.store import LatentStore

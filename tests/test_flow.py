@@ -106,15 +106,11 @@ def test_loss_is_mean_squared_error():
     assert flow.loss(tgt, tgt) == 0
 
 
-def test_label_dropout_rate_and_null_label():
-    y = torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0))
-    dropped = flow.drop_labels(y, 0.1, 1000, torch.Generator().manual_seed(1))
-    changed = dropped != y
-    assert (dropped[changed] == 1000).all() and torch.equal(dropped[~changed], y[~changed])
-    # Seeded uniform draws (bit-identical on every CPU): 0.1003 here; the binomial standard error
-    # sqrt(0.1 * 0.9 / 20000) = 0.0021 puts 0.01 at 4.7 standard errors.
-    assert abs(changed.float().mean().item() - 0.1) < 0.01
-    assert torch.equal(dropped, flow.drop_labels(y, 0.1, 1000, torch.Generator().manual_seed(1)))
+def test_seeded_noise_is_each_samples_own_whatever_the_batch():
+    noise = flow.seeded_noise(torch.tensor([5, 6, 7]), (4, 2, 2))
+    assert noise.dtype == torch.float32 and noise.shape == (3, 4, 2, 2)
+    assert torch.equal(noise[1], torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(6)))
+    assert torch.equal(flow.seeded_noise([6, 7], (4, 2, 2)), noise[1:])
 
 
 # ----------------------------------------------------------------------------- grids and solvers

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from stages.checkpoint import load_weights
-from stages.decode import load_decoder_run
 from stages.importer import decoder_architecture
 from stages.manifest import read_manifest
 from stages.models import decoder as dec
 from stages.models import dit
-from stages.runs import load_diffusion_run
+from stages.runs import load_decoder_run, load_diffusion_run
 from stages.weights import sha256_file
 from tests.conftest import run_rae
 
@@ -159,16 +158,16 @@ def test_diffusion_import_predicts_exactly_as_the_source_and_round_trips(importe
     d, models, refs, (mean, var) = imported
     x, t, y = torch.randn(3, *LATENT), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 4, 10])
     for run, weights, ema in (("xl", "ema", True), ("xl", "raw", False), ("s", "guide", True)):
-        model, info = load_diffusion_run(d / run, ema=ema)
+        loaded = load_diffusion_run(d / run, ema=ema)
         with torch.no_grad():
-            assert torch.equal(model(x, t, y), models[weights](x, t, y)), (run, weights)
-        _assert_same_tensors(dit.to_reference_state_dict(model), refs[weights])
-        assert torch.equal(info["mean"], mean) and torch.equal(info["var"], var)
-        assert info["latent_shape"] == list(LATENT) and info["num_classes"] == 10 and info["null_label"] == 10
-        assert info["model"]["class"] == "DiTDH" and info["eps"] == 1e-5
+            assert torch.equal(loaded.model(x, t, y), models[weights](x, t, y)), (run, weights)
+        _assert_same_tensors(dit.to_reference_state_dict(loaded.model), refs[weights])
+        assert torch.equal(loaded.mean, mean) and torch.equal(loaded.var, var)
+        assert loaded.latent_shape == list(LATENT) and loaded.num_classes == 10 and loaded.null_label == 10
+        assert loaded.config["model"]["class"] == "DiTDH" and loaded.config["eps"] == 1e-5
         # The reference's dimension-dependent shift: sqrt(C*h*w / 4096).
-        assert info["flow"]["shift"] == pytest.approx(math.sqrt(96 * 4 * 4 / 4096))
-        assert info["encoder"]["name"] == "dinov2-demo"
+        assert loaded.shift == pytest.approx(math.sqrt(96 * 4 * 4 / 4096))
+        assert loaded.encoder["name"] == "dinov2-demo"
     assert read_manifest(d / "xl", kind="diffusion-run")["imported_from"]["step"] == 7
     assert not (d / "s" / "model.safetensors").exists()  # a plain file holds the EMA weights only
 
@@ -182,8 +181,9 @@ def test_diffusion_import_of_a_plain_dit_with_prefixes(tmp_path):
     proc = run_rae("import", "diffusion", tmp_path / "dit.pt", "--out", tmp_path / "run", "--stats",
                    tmp_path / "stat.pt", "--encoder", "dinov2-demo", "--shift", "2.5")
     assert "width" in proc.stderr  # a 32-wide DiT breaks the paper's width rule for 96-channel tokens
-    loaded, info = load_diffusion_run(tmp_path / "run")
-    assert info["model"]["class"] == "DiT" and info["flow"]["shift"] == 2.5
+    run = load_diffusion_run(tmp_path / "run")
+    loaded = run.model
+    assert run.config["model"]["class"] == "DiT" and run.shift == 2.5
     x, t, y = torch.randn(2, *LATENT), torch.tensor([0.2, 0.7]), torch.tensor([1, 10])
     with torch.no_grad():  # the file held float16 weights: the run holds them exactly, as float32
         for p in model.parameters():

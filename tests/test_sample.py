@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -9,7 +7,8 @@ from stages.checkpoint import save_weights
 from stages.errors import RaeError
 from stages.manifest import new_manifest, read_manifest, write_manifest
 from stages.models.dit import DiTDH
-from stages.sample import SampleConfig, open_diffusion_run, run
+from stages.runs import diffusion_config, load_diffusion_run, write_config
+from stages.sample import SampleConfig, run
 from stages.store import LatentStore
 
 LATENT = (8, 4, 4)
@@ -19,7 +18,7 @@ TINY = dict(in_channels=8, input_size=4, patch_size=1, width=16, depth=1, num_he
 
 
 def make_diffusion_run(path, seed=0, encoder=ENCODER, **overrides):
-    """A complete diffusion run per RUN_FORMAT.md: a tiny DiT^DH with non-trivial random weights
+    """A complete diffusion run (``stages.runs``' format): a tiny DiT^DH with non-trivial random weights
     (adaLN-zero alone would give v = 0), config.json, statistics and manifest."""
     torch.manual_seed(seed)
     kwargs = {**TINY, **overrides}
@@ -32,11 +31,7 @@ def make_diffusion_run(path, seed=0, encoder=ENCODER, **overrides):
     save_weights(path / "model.safetensors", model.state_dict())
     stats = {"mean": torch.randn(LATENT), "var": torch.rand(LATENT) + 0.5}
     save_weights(path / "latent_stats.safetensors", stats)
-    config = {"model": {"preset": "tiny", "class": "DiTDH", "kwargs": kwargs}, "latent_shape": list(LATENT),
-              "num_classes": kwargs["num_classes"], "null_label": kwargs["num_classes"],
-              "flow": {"shift": 2.0, "time_dist": "logit_normal"}, "encoder": encoder,
-              "statistics": "latent_stats.safetensors", "eps": 1e-5, "image_size": 16}
-    (path / "config.json").write_text(json.dumps(config))
+    write_config(path, diffusion_config("DiTDH", kwargs, "tiny", LATENT, [], shift=2.0, encoder=encoder, image_size=16))
     manifest = new_manifest("diffusion-run", {}, encoder=encoder, latent_shape=list(LATENT),
                             num_classes=kwargs["num_classes"], class_names=["a", "b", "c"][: kwargs["num_classes"]],
                             content_id=f"run-{seed}", step=1)
@@ -72,7 +67,7 @@ def test_store_layout_raw_space_and_manifest(runs, tmp_path):
     assert s.attrs["encoder"] == ENCODER and s.attrs["class_names"] == ["a", "b", "c"]
     assert m["sampling"]["solver"] == "euler" and m["inputs"]["model"]["content_id"] == "run-0"
     # Raw encoder space: the stage's output is the model-space ODE result denormalised with the run's stats.
-    r = open_diffusion_run(runs[0])
+    r = load_diffusion_run(runs[0])
     noise = torch.randn(*LATENT, generator=torch.Generator().manual_seed(7))[None]
     y = torch.as_tensor(np.asarray(s.labels[:1]))
     with torch.no_grad():
@@ -93,9 +88,7 @@ def test_same_samples_at_any_batch_size(runs, tmp_path):
     # leaves 10x for that, on any CPU, and is 100x below what another seed changes (next line).
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert np.abs(a[0] - a[1]).max() > 1e-2  # different seeds, different samples
-    from stages.sample import sample_noise
-
-    assert torch.equal(sample_noise([5, 6, 7], LATENT)[1:], sample_noise([6, 7], LATENT))
+    assert torch.equal(flow.seeded_noise([5, 6, 7], LATENT)[1:], flow.seeded_noise([6, 7], LATENT))
 
 
 def test_per_class_gives_exactly_k_per_class(runs, tmp_path):

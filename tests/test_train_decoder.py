@@ -1,6 +1,7 @@
-"""rae train-decoder (stages/train_decoder.py): learning, exact resume, loss schedules, DDP equality,
-input checks and outputs. Tiny decoders on a tiny store; LPIPS and the discriminator with seeded
-random weights (timm's small test ViT as the discriminator backbone), through the real code path."""
+"""rae train-decoder (stages/train_decoder.py, stages/decoder_training.py): learning, exact resume,
+loss schedules, DDP equality, input checks and outputs. Tiny decoders on a tiny store; LPIPS and the
+discriminator with seeded random weights (timm's small test ViT as the discriminator backbone),
+through the real code path."""
 import hashlib
 import json
 
@@ -18,8 +19,10 @@ from stages.dist import Dist
 from stages.losses import GanSchedule, adaptive_gan_weight, generator_loss
 from stages.manifest import read_manifest
 from stages.models.decoder import ViTDecoder
-from stages.train_decoder import (DecoderTraining, Schedule, TrainDecoderConfig, _Reader, gan_lambda,
-                                  build_loss_networks, learning_rate, noise_augment, read_metrics, run)
+from stages.decoder_training import (DecoderTraining, Schedule, build_loss_networks, gan_lambda, learning_rate,
+                                     noise_augment)
+from stages.runlog import read_metrics
+from stages.train_decoder import TrainDecoderConfig, _Reader, run
 from tests.conftest import run_rae
 
 TINY = dict(model="vit-b", width=32, depth=1, heads=2, mlp_dim=64, batch_size=4, warmup_steps=1, lr=1e-3,

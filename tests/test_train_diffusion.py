@@ -8,12 +8,12 @@ from PIL import Image
 
 from stages.checkpoint import latest_checkpoint, load_state, load_weights
 from stages import flow
-from stages.data import BatchPlan, denormalize
+from stages.data import BatchPlan
 from stages.encode import EncodeConfig
 from stages.encode import run as encode
 from stages.errors import ArtifactError, RaeError
 from stages.manifest import new_manifest, read_manifest, write_manifest
-from stages.runs import load_diffusion_run
+from stages.runs import denormalize, load_diffusion_run
 from stages.store import LatentStore, Moments
 from stages.train_diffusion import TrainDiffusionConfig, learning_rate, run, step_draws
 from stages.weights import sha256_file
@@ -84,13 +84,20 @@ def test_learning_rate_is_held_then_decays_linearly_to_final():
 
 
 def test_step_draws_do_not_depend_on_how_the_batch_is_split():
-    args = dict(time_dist="logit_normal", t_mean=0.0, t_std=1.0, shift=3.0, label_dropout=0.5)
-    whole = step_draws(7, 11, 32, 0, 32, **args)
-    parts = [step_draws(7, 11, 32, lo, lo + 8, **args) for lo in range(0, 32, 8)]
+    cfg = TrainDiffusionConfig(latents="", out="", seed=7, batch_size=32, label_dropout=0.5)
+    whole = step_draws(cfg, 11, 3.0, 0, 32)
+    parts = [step_draws(cfg, 11, 3.0, lo, lo + 8) for lo in range(0, 32, 8)]
     for name in ("t", "drop", "noise_seeds"):
         torch.testing.assert_close(torch.cat([getattr(p, name) for p in parts]), getattr(whole, name), rtol=0, atol=0)
-    other = step_draws(7, 12, 32, 0, 32, **args)
+    other = step_draws(cfg, 12, 3.0, 0, 32)
     assert not torch.equal(other.t, whole.t) and not torch.equal(other.noise_seeds, whole.noise_seeds)
+
+
+def test_step_draws_drop_labels_at_the_configured_rate():
+    drop = step_draws(TrainDiffusionConfig(latents="", out="", batch_size=20000, label_dropout=0.1), 0, 1.0, 0, 20000).drop
+    # Seeded uniform draws (bit-identical on every CPU); the binomial standard error
+    # sqrt(0.1 * 0.9 / 20000) = 0.0021 puts 0.01 at 4.7 standard errors.
+    assert abs(drop.float().mean().item() - 0.1) < 0.01
 
 
 def test_training_lowers_the_loss_and_writes_the_run_contract(store, tmp_path):
@@ -124,24 +131,25 @@ def test_training_lowers_the_loss_and_writes_the_run_contract(store, tmp_path):
     s = load_weights(out / "samples" / samples[-1])
     assert s["latents"].shape == (3, 96, 4, 4) and s["labels"].tolist() == [0, 1, 2] and s["latents"].isfinite().all()
     # Raw encoder space, from fixed noise seeds: the EMA model's Euler sample, denormalised.
-    model, info = load_diffusion_run(out)
+    loaded = load_diffusion_run(out)
     noise = torch.stack([torch.randn(96, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)])
     with torch.no_grad():
-        x = flow.sample(flow.guided_velocity(model, s["labels"]), noise, steps=4, shift=info["flow"]["shift"])
+        x = flow.sample(flow.guided_velocity(loaded.model, s["labels"]), noise, steps=4, shift=loaded.shift)
     # The same functions on the same batch of 3: the same kernels, the same bits.
-    assert torch.equal(s["latents"], denormalize(x, info["mean"], info["var"]))
+    assert torch.equal(s["latents"], denormalize(x, loaded.mean, loaded.var))
 
 
 def test_load_diffusion_run_rebuilds_the_same_model(store, tmp_path):
     out = tmp_path / "run"
     run(_cfg(store, out, steps=4, decay_end_step=4))
-    model, info = load_diffusion_run(out)
+    loaded = load_diffusion_run(out)
+    model = loaded.model
     assert type(model).__name__ == "DiTDH" and not model.training
     ema = _weights(out)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
-    raw, _ = load_diffusion_run(out, ema=False)
+    raw = load_diffusion_run(out, ema=False).model
     assert not all(torch.equal(raw.state_dict()[k], v) for k, v in ema.items())
-    assert info["latent_shape"] == [96, 4, 4] and info["null_label"] == 10 and info["mean"].shape == (96, 4, 4)
+    assert loaded.latent_shape == [96, 4, 4] and loaded.null_label == 10 and loaded.mean.shape == (96, 4, 4)
     x, t, y = torch.randn(2, 96, 4, 4), torch.rand(2), torch.tensor([1, 10])
     with torch.no_grad():
         assert model(x, t, y).shape == (2, 96, 4, 4)
