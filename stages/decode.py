@@ -161,17 +161,12 @@ def _prepare_folder(cfg: DecodeConfig, store_manifest: dict, decoder_manifest: d
     out = Path(cfg.out)
     inputs = {"latents": input_ref(cfg.store, store_manifest), "decoder": input_ref(cfg.decoder, decoder_manifest)}
     wanted = digest_json({"config": cfg.identity(), "inputs": [v["content_id"] for v in inputs.values()]})
-
-    def reuse(old: dict) -> str | None:
-        state = resume_if_same("image-folder", wanted)(old)
-        if state == "resume":  # scores of the unfinished folder no longer describe it
-            (out / "eval.json").unlink(missing_ok=True)
-        return state
-
-    state = claim_output(out, cfg.overwrite, reuse,
+    state = claim_output(out, cfg.overwrite, resume_if_same("image-folder", wanted),
                          different=f"{out} was made from other latents, decoder or settings; "
                                    "pass --overwrite to replace it, or choose another --out",
                          foreign=f"{out} exists and is not a rae image folder; choose another --out")
+    if state == "resume":  # scores of the unfinished folder no longer describe it
+        (out / "eval.json").unlink(missing_ok=True)
     if state:
         return state
     out.mkdir(parents=True, exist_ok=True)
