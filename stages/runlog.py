@@ -52,10 +52,10 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> list[dict]:
 
 
 def plot_metrics(records: list[dict], path: str | os.PathLike, titles: dict[str, str],
-                 panel: tuple[int, int] = (360, 180), cols: int = 2) -> None:
+                 panel: tuple[int, int] = (360, 180), cols: int = 2, smooth: bool = False) -> None:
     """A PNG (PIL only) of the logged values against step: one panel per key of ``titles`` that the
-    records hold, each with its own y range, the values in light and their running mean
-    (0.9 * previous + 0.1 * value) in dark. Nothing is drawn before there is a record."""
+    records hold, each with its own y range; with ``smooth`` the values in light and their running
+    mean (0.9 * previous + 0.1 * value) in dark. Nothing is drawn before there is a record."""
     from PIL import Image, ImageDraw
 
     keys = [k for k in titles if any(k in r for r in records)]
@@ -70,11 +70,8 @@ def plot_metrics(records: list[dict], path: str | os.PathLike, titles: dict[str,
         ox, oy = (n % cols) * pw, (n // cols) * ph
         left, top, right, bottom = ox + 70, oy + 30, ox + pw - 20, oy + ph - 45
         draw.text((left, oy + 8), titles[key], fill="black")
-        draw.rectangle([left, top, right, bottom], outline="black")
         pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
-        if not pts:
-            continue
-        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        lo, hi = (min(v for _, v in pts), max(v for _, v in pts)) if pts else (0.0, 1.0)
         pad = (hi - lo) * 0.05 or abs(lo) * 0.05 or 0.05
         lo, hi = lo - pad, hi + pad
 
@@ -85,14 +82,21 @@ def plot_metrics(records: list[dict], path: str | os.PathLike, titles: dict[str,
             _, py = to_px(s0, lo + (hi - lo) * k / 4)
             draw.line([left, py, right, py], fill=(225, 225, 225))
             draw.text((ox + 5, py - 6), f"{lo + (hi - lo) * k / 4:.4g}", fill="black")
-            px, _ = to_px(s0 + (s1 - s0) * k / 4, lo)
-            draw.text((px - 10, bottom + 6), f"{s0 + (s1 - s0) * k / 4:.0f}", fill="black")
+        for step in sorted({round(s0 + (s1 - s0) * k / 4) for k in range(5)}):
+            px, _ = to_px(step, lo)
+            draw.text((px - 10, bottom + 6), str(step), fill="black")
         draw.text(((left + right) // 2 - 15, bottom + 25), "step", fill="black")
-        smooth, mean = [], pts[0][1]
-        for s, v in pts:
-            mean = 0.9 * mean + 0.1 * v
-            smooth.append((s, mean))
-        for line, colour, width in ((pts, (150, 180, 230), 1), (smooth, (20, 60, 160), 2)):
+        draw.rectangle([left, top, right, bottom], outline="black")
+        if not pts:
+            continue
+        lines = [(pts, (20, 60, 160), 2)]
+        if smooth:
+            running, mean = [], pts[0][1]
+            for s, v in pts:
+                mean = 0.9 * mean + 0.1 * v
+                running.append((s, mean))
+            lines = [(pts, (150, 180, 230), 1), (running, (20, 60, 160), 2)]
+        for line, colour, width in lines:
             xy = [to_px(s, v) for s, v in line]
             draw.line(xy if len(xy) > 1 else xy * 2, fill=colour, width=width)
     img.save(path)

@@ -470,7 +470,8 @@ def _save_samples(out: Path, step: int, trainer: Trainer, cfg: TrainDiffusionCon
 
 
 def _plot(out: Path, records: list[dict]) -> None:
-    plot_metrics(records, out / "loss.png", {"loss": "training loss (flow matching MSE)"}, panel=(720, 420), cols=1)
+    plot_metrics(records, out / "loss.png", {"loss": "training loss (flow matching MSE)"}, panel=(720, 420), cols=1,
+                 smooth=True)
 
 
 #################################################################################
