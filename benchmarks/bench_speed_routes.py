@@ -1,0 +1,311 @@
+"""The speed routes of issue 14, each measured beside the bf16 path and the reference in one call.
+
+    python benchmarks/bench_speed_routes.py --part train  --reference /path/to/RAE
+    python benchmarks/bench_speed_routes.py --part sample --reference /path/to/RAE
+    python benchmarks/bench_speed_routes.py --part attention
+    python benchmarks/bench_speed_routes.py --part train --smoke        # CPU, tiny: checks the script runs
+
+train   DiT^DH-XL training step (``Trainer.train_step``, compiled, bf16 autocast, [768, 16, 16]) as it
+        is, with torchao float8 training (tensorwise and rowwise recipes) on the token-wise Linear
+        layers (qkv, proj, SwiGLU w12/w3, the head projector and final linear: M = batch x 256
+        rows; the adaLN and embedding Linears have M = batch rows and stay bf16), and with
+        torch.compile's CUDA-graph mode; the reference's compiled loop re-run in the same call.
+sample  AutoGuidance sampling (DiT^DH-XL guided by DiT^DH-S, 50 steps, compiled) + ViT-XL decode,
+        bf16 as today, with float8 inference (torchao dynamic activation + weight, per-row scales)
+        on the same token-wise Linears, at batch 128 and 256, and the reference loop.
+attention  SDPA forward + backward at DiT^DH-XL's shape per backend (cuDNN, flash, efficient).
+
+Each prints a table last, naming the card.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_train_diffusion as btd  # noqa: E402
+
+from stages.models.dit import create_dit  # noqa: E402
+
+START = time.perf_counter()
+
+
+def log(what: str) -> None:
+    """A timestamped progress line: a call cut off by its time limit still shows where it was."""
+    print(f"[{time.perf_counter() - START:6.0f} s] {what}", flush=True)
+
+
+TOKEN_LINEARS = ("qkv", "proj", "w12", "w3", "s_projector", "final_layer.linear")
+
+
+def token_linear(module: torch.nn.Module, fqn: str) -> bool:
+    """The Linears applied per token (large M), with dimensions float8 kernels accept."""
+    return (isinstance(module, torch.nn.Linear) and fqn.endswith(TOKEN_LINEARS)
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def to_float8_training(model: torch.nn.Module, recipe: str) -> int:
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    n = sum(token_linear(m, name) for name, m in model.named_modules())
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=token_linear)
+    return n
+
+
+def to_float8_inference(model: torch.nn.Module) -> None:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda m, fqn: token_linear(m, fqn))
+
+
+# ---- training --------------------------------------------------------------------------------
+def build_train(name, device, batch, route, precision):
+    from stages.train_diffusion import Trainer, TrainDiffusionConfig
+
+    (preset, overrides), _, (C, H, _) = btd.MODELS[name]
+    torch.manual_seed(0)
+    model = create_dit(preset, C, H, 1000, **overrides)
+    if route.startswith("fp8-"):
+        to_float8_training(model, route[4:])
+    cfg = TrainDiffusionConfig(latents="-", out="-", model=preset, batch_size=batch, precision=precision,
+                               compile=route != "cudagraphs")
+    trainer = Trainer(model, cfg, device, shift=btd._shift(C, H), null_label=1000)
+    if route == "cudagraphs":
+        trainer.net = torch.compile(trainer.net, mode="reduce-overhead")
+    x = torch.randn(batch, C, H, H, device=device)
+    labels = torch.randint(0, 1000, (batch,))
+    state = {"step": 0}
+
+    def step():
+        state["step"] += 1
+        if route == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
+        trainer.train_step(state["step"], x, labels, 2e-4)
+
+    return step
+
+
+def part_train(args, device, card):
+    name = "tiny" if args.smoke else "ditdh-xl"
+    precision = "fp32" if args.smoke else "bf16"
+    ref = btd.import_reference(args.reference) if args.reference else None
+    flops = btd.flops_per_image(name, device)
+    btd.free(device)
+    rows = []
+    plan = [(b, r) for b in args.batches for r in args.routes]
+    if ref is not None:
+        plan = [(args.batches[0], "reference")] + plan
+    for batch, route in plan:
+        log(f"train: {route}, batch {batch}")
+        try:
+            if route == "reference":
+                step, _ = btd.build_reference(name, device, batch, precision, not args.smoke, ref)
+            else:
+                step = build_train(name, device, batch, route, precision)
+            seconds = btd.time_steps(step, device, args.warmup, args.iters)
+            ips = batch * args.iters / seconds
+            peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+            rows.append((route, batch, ips, ips * flops / 1e12, peak, ""))
+        except torch.OutOfMemoryError:
+            rows.append((route, batch, None, None, None, "OOM"))
+        except Exception as e:  # a route that does not run here is a row saying why, not the end of the call
+            rows.append((route, batch, None, None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+        print(rows[-1], flush=True)
+        step = None
+        btd.free(device)
+    base = {b: ips for r, b, ips, *_ in rows if r == "bf16" and ips}
+    ref_ips = next((ips for r, b, ips, *_ in rows if r == "reference" and ips), None)
+    print(f"\n## DiT^DH-XL training step by route, {card}, compiled, {args.iters} timed steps after {args.warmup}")
+    print("| route | batch | img/s | TFLOP/s (bf16-equivalent) | peak GB | vs bf16 (same batch) | vs reference (batch "
+          f"{args.batches[0]}) | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    for route, batch, ips, tf, peak, note in rows:
+        f = (lambda v, s: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, s))
+        vs_b = f(ips / base[batch], ".2f") + "x" if ips and batch in base else "-"
+        vs_r = f(ips / ref_ips, ".2f") + "x" if ips and ref_ips else "-"
+        print(f"| {route} | {batch} | {f(ips, ',.0f')} | {f(tf, '.0f')} | {f(peak, '.1f')} | {vs_b} | {vs_r} | {note} |")
+    print(f"card: {card}")
+
+
+# ---- sampling --------------------------------------------------------------------------------
+def part_sample(args, device, card):
+    import bench_sample as bs
+
+    from stages import flow
+    from stages.decode import to_uint8
+    from stages.models.decoder import ViTDecoder, create_decoder
+
+    smoke = args.smoke
+    C, H, classes = (32, 4, 10) if smoke else (768, 16, 1000)
+    common = dict(input_size=H, in_channels=C, patch_size=1, mlp_ratio=4.0, num_classes=classes)
+    shift = math.sqrt(48)
+    DiTwDDTHead, Sampler, create_transport, _ = bs.import_reference(args.reference, [])
+    ref_xl, xl = bs.build_pair(DiTwDDTHead, bs.TINY_XL if smoke else bs.XL, common, 0)
+    ref_s, s = bs.build_pair(DiTwDDTHead, bs.TINY_S if smoke else bs.S, common, 1)
+    decoder = (ViTDecoder(C, H, 4, 32, 1, 2, 64) if smoke else create_decoder("vit-xl", C, H, 16)).eval()
+    for m in (ref_xl, xl, ref_s, s, decoder):
+        m.to(device).requires_grad_(False)
+    log("sample: models built")
+    ref_fn = Sampler(create_transport("Linear", "velocity", time_dist_shift=shift)).sample_ode(
+        sampling_method="euler", num_steps=50)
+    compile_ = (lambda f: f) if smoke else torch.compile
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=not smoke)
+    dec_c = decoder  # eager: decoding is ~2% of the time (929 img/s alone)
+    scale = 1.42
+
+    # Float8 copies of our two models (the bf16 ones stay for the baseline and the comparison).
+    import copy
+
+    xl8, s8 = copy.deepcopy(xl), copy.deepcopy(s)
+    fp8_note = ""
+    try:
+        if not smoke:
+            xl8, s8 = xl8.to(torch.bfloat16), s8.to(torch.bfloat16)
+            to_float8_inference(xl8)
+            to_float8_inference(s8)
+    except Exception as e:
+        fp8_note = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    log(f"sample: float8 copies made {fp8_note}")
+    models = {"bf16": (compile_(xl), compile_(s)), "fp8": (compile_(xl8), compile_(s8))}
+
+    def ours(kind):
+        m_xl, m_s = models[kind]
+
+        def generate(b, z=None, yb=None):
+            z = torch.randn(b, C, H, H, device=device) if z is None else z
+            yb = torch.randint(0, classes, (b,), device=device) if yb is None else yb
+            v = flow.guided_velocity(m_xl, yb, "autoguidance", scale, guide_model=m_s)
+            with torch.autocast(**autocast):
+                x = flow.sample(v, z, 49, shift, "euler-ref")
+                return x, to_uint8(dec_c(x))
+        return generate
+
+    ref_xl_fwd, ref_s_fwd = compile_(ref_xl.forward), compile_(ref_s.forward)
+
+    def reference(b):
+        z = torch.randn(b, C, H, H, device=device)
+        yb = torch.randint(0, classes, (b,), device=device)
+        with torch.autocast(**autocast):
+            original = ref_xl.forward
+            ref_xl.forward = ref_xl_fwd
+            try:
+                x = ref_fn(torch.cat([z, z]), ref_xl.forward_with_autoguidance,
+                           y=torch.cat([yb, torch.full_like(yb, classes)]), cfg_scale=scale,
+                           additional_model_forward=ref_s_fwd, cfg_interval=(0.0, 1.0))[-1].chunk(2)[0]
+            finally:
+                ref_xl.forward = original
+            return to_uint8(dec_c(x))
+
+    # Each kind at one batch size (a second shape would recompile): its first batch, from fixed noise and
+    # labels, compiles and gives the bf16 vs fp8 comparison; then the timed ones.
+    b = 2 if smoke else args.sample_batches[0]
+    n = 4 if smoke else args.n
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(b, C, H, H, generator=gen).to(device)
+    yb = torch.randint(0, classes, (b,), generator=gen).to(device)
+    rows, first = [], {}
+    kinds = (["reference"] if args.with_reference else []) + ["bf16", "fp8"]
+    for kind in kinds:
+        log(f"sample: {kind}, batch {b} (first batch compiles)")
+        try:
+            if kind == "reference":
+                ips = bs.time_loop(reference, n, b, device)
+            else:
+                with torch.inference_mode():
+                    first[kind] = ours(kind)(b, z, yb)
+                ips = bs.time_loop(lambda bb: ours(kind)(bb)[1], n, b, device)
+            note = ""
+        except Exception as e:
+            ips, note = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        rows.append((kind, b, ips, note or (fp8_note if kind == "fp8" else "")))
+        print(rows[-1], flush=True)
+    drift, pix, mean_pix = float("nan"), -1, float("nan")
+    if "fp8" in first:
+        (x16, img16), (x8, img8) = first["bf16"], first["fp8"]
+        drift = ((x8.float() - x16.float()).abs().max() / x16.float().abs().max()).item()
+        pix = int(abs(img8.astype(int) - img16.astype(int)).max())
+        mean_pix = float(abs(img8.astype(int) - img16.astype(int)).mean())
+    base = rows[kinds.index("bf16")][2]
+    print(f"\n## AutoGuidance sampling (DiT^DH-XL + DiT^DH-S, 50 points) + ViT-XL decode + uint8, {card}, "
+          f"models compiled, {n} images per row after a compiling batch")
+    print("| configuration | batch | img/s | FID-50K time | vs ours bf16 | note |")
+    print("|---|---|---|---|---|---|")
+    for kind, bb, ips, note in rows:
+        if ips:
+            print(f"| {kind} | {bb} | {ips:.2f} | {50000 / ips / 60:.1f} min | {ips / base:.2f}x | {note} |" if base else
+                  f"| {kind} | {bb} | {ips:.2f} | {50000 / ips / 60:.1f} min | - | {note} |")
+        else:
+            print(f"| {kind} | {bb} | - | - | - | {note} |")
+    print(f"| fp8 vs bf16, same noise and labels (random weights): sample rel max diff | | {drift:.2e} | | | "
+          f"uint8 max {pix}, mean {mean_pix:.2f} |")
+    print(f"card: {card}")
+
+
+# ---- attention -------------------------------------------------------------------------------
+def part_attention(args, device, card):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, heads, tokens, dim = (64, 16, 256, 72) if not args.smoke else (2, 2, 16, 8)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(b, heads, tokens, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    rows = []
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH):
+        try:
+            with sdpa_kernel([backend]):
+                def step():
+                    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                    out.sum().backward()
+                for _ in range(5):
+                    step()
+                btd.sync(device)
+                t0 = time.perf_counter()
+                for _ in range(50):
+                    step()
+                btd.sync(device)
+            rows.append((backend.name, (time.perf_counter() - t0) / 50 * 1e3, ""))
+        except Exception as e:
+            rows.append((backend.name, None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+    print(f"\n## SDPA forward + backward, [{b}, {heads}, {tokens}, {dim}] bf16 (one DiT^DH-XL trunk block), {card}")
+    print("| backend | ms | x 28 blocks | note |\n|---|---|---|---|")
+    for name, ms, note in rows:
+        print(f"| {name} | {ms:.3f} | {ms * 28:.1f} | {note} |" if ms else f"| {name} | - | - | {note} |")
+    print(f"card: {card}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["train", "sample", "attention"], required=True)
+    ap.add_argument("--reference", type=Path)
+    ap.add_argument("--routes", default="bf16,fp8-tensorwise,fp8-rowwise,cudagraphs",
+                    help="training routes: bf16, fp8-tensorwise, fp8-rowwise, fp8-rowwise_with_gw_hp, cudagraphs")
+    ap.add_argument("--batches", default="64", help="training batch sizes")
+    ap.add_argument("--sample-batches", default="128,256")
+    ap.add_argument("--with-reference", action="store_true", help="sampling: also time the reference loop")
+    ap.add_argument("--n", type=int, default=512, help="images timed per sampling row")
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    args.routes = args.routes.split(",")
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.sample_batches = [int(b) for b in args.sample_batches.split(",")]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    if args.smoke:
+        args.routes = [r for r in args.routes if not r.startswith("fp8") and r != "cudagraphs"] or ["bf16"]
+        args.batches, args.warmup, args.iters = [2], 1, 2
+    {"train": part_train, "sample": part_sample, "attention": part_attention}[args.part](args, device, card)
+
+
+if __name__ == "__main__":
+    main()
