@@ -30,7 +30,7 @@ import torch
 from . import dist
 from .encoders import UNKNOWN_DIGEST
 from .errors import ArtifactError, RaeError
-from .options import AT_LEAST_1, NON_NEGATIVE, check_options, option
+from .options import AT_LEAST_1, NON_NEGATIVE, check_options, option, precision_option
 from .manifest import (atomic_write_bytes, claim_output, digest_json, input_ref, jsonable, new_manifest, read_manifest,
                        remove_temporaries, removed_on_error, resume_if_same, write_manifest)
 from .progress import console, progress
@@ -48,7 +48,7 @@ class DecodeConfig:
     decoder: str = option(help="Decoder run directory (rae train-decoder).", short="-d", path=True)
     out: str = option(help="Output image folder.", short="-o", path=True)
     ema: bool = option(True, "EMA decoder weights (decoder_ema.safetensors) or raw weights (decoder.safetensors).")
-    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
+    precision: str = precision_option()
     grid_classes: int = option(16, "Preview rows (labelled stores).", check=NON_NEGATIVE, cli=False)
     grid_per_row: int = option(8, "Preview images per row.", check=AT_LEAST_1, cli=False)
     # Run settings: they do not change the images, so a resume may change them.
@@ -177,8 +177,6 @@ def _prepare_folder(cfg: DecodeConfig, store_manifest: dict, decoder_manifest: d
 
 def run(cfg: DecodeConfig) -> dict:
     check_options(cfg)
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
     d = dist.init(cfg.device)
     cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device))  # as the manifest says
     store_manifest, store = open_complete_store(cfg.store)

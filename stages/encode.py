@@ -23,7 +23,7 @@ from PIL import Image
 from . import dist
 from .encoders import build_encoder, encoder_identity, spec_for
 from .errors import RaeError
-from .options import AT_LEAST_1, check_options, option
+from .options import AT_LEAST_1, check_options, option, precision_option
 from .images import (BadImage, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded, crop_batch_extra_bytes,
                      fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops, unpack_crop_batch)
 from .loader import SlotLoader
@@ -46,16 +46,16 @@ class EncodeConfig:
     image_size: int = option(256, "ADM center-crop size: 256 or 512.", check=(lambda v: v >= 16, "at least 16"))
     flip: bool = option(False, "Also encode each image's horizontal mirror.")
     limit: int | None = option(None, "Encode N images, evenly spread over the sorted list.", check=AT_LEAST_1)
-    dtype: str = option("float16", "Stored latent dtype: float16 or float32.")
-    codec: str = option("blosc-zstd", "Compressor: blosc-zstd | blosc-lz4 | none.")
+    dtype: str = option("float16", "Stored latent dtype: float16 or float32.", choices=("float16", "float32"))
+    codec: str = option("blosc-zstd", "Compressor: blosc-zstd | blosc-lz4 | none.", choices=CODECS)
     shard_size: int = option(64, "Entries per Zarr shard file.", check=AT_LEAST_1)
     block_size: int = option(1024, "Entries per unit of work and resume.", check=AT_LEAST_1)
     min_size: int = option(16, "Skip images whose short side is below this.", check=AT_LEAST_1)
-    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
+    precision: str = precision_option()
     # Bit-identical either way: not part of the identity.
     resize: str = option("auto", "Where the crop's bicubic step runs: auto (gpu on CUDA, else cpu) | gpu (on the "
                          "encoder's device, bit-identical to Pillow; half the worker CPU per image) | cpu (Pillow in "
-                         "the loading workers).")
+                         "the loading workers).", choices=("auto", "cpu", "gpu"))
     # Run settings: they do not change the store, so a resume may change them.
     batch_size: int = option(256, "Images per encoder batch.", check=AT_LEAST_1)
     num_workers: int = option(-1, "Image decoding processes (-1: one per core, less two).")
@@ -79,14 +79,6 @@ def _validate(cfg: EncodeConfig) -> None:
     spec_for(cfg.encoder)
     if cfg.image_size not in (256, 512) and cfg.encoder != "dinov2-demo" and not cfg.random_init:
         raise RaeError(f"--image-size must be 256 or 512 (got {cfg.image_size})")
-    if cfg.dtype not in ("float16", "float32"):
-        raise RaeError(f"--dtype must be float16 or float32 (got {cfg.dtype})")
-    if cfg.codec not in CODECS:
-        raise RaeError(f"--codec must be one of {', '.join(CODECS)} (got {cfg.codec})")
-    if cfg.resize not in ("auto", "cpu", "gpu"):
-        raise RaeError(f"--resize must be auto, cpu or gpu (got {cfg.resize})")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
     if cfg.shard_size < 2 or cfg.shard_size % 2 or cfg.block_size % cfg.shard_size:
         raise RaeError("the shard size must be even and divide the block size")
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .encoders import build_encoder
+from .encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder
 from .errors import ArtifactError
 from .eval_inputs import first_line
 from .manifest import read_manifest
@@ -176,8 +176,8 @@ class DINOv2(nn.Module):
         self.identity = identity
         self.size = size
         self.dim = vit.num_features
-        self.register_buffer("mean", torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

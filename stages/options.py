@@ -24,14 +24,21 @@ UNIT_INTERVAL: Check = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, check: Check | None = None, flag: str | None = None,
            short: str | None = None, alias: str | None = None, path: bool = False, argument: bool = False,
-           replaces: tuple[str, ...] = (), cli: bool = True) -> Any:
+           replaces: tuple[str, ...] = (), cli: bool = True, choices: tuple[str, ...] = ()) -> Any:
     """A config field that is also an option. No default: required. ``flag``: the option's name when it is
     not --field-name (a bool on by default with ``flag`` has only that switch, which turns it off);
     ``short``: e.g. "-o"; ``alias``: an older name, still accepted, not shown; ``path``: a file or folder;
     ``argument``: positional; ``replaces``: preset values this option clears when given; ``cli=False``:
-    not on the command line (set by presets or code), but still checked."""
+    not on the command line (set by presets or code), but still checked; ``choices``: the values a
+    string option accepts."""
     return dataclasses.field(default=default, metadata=dict(help=help, check=check, flag=flag, short=short, alias=alias,
-                                                            path=path, argument=argument, replaces=replaces, cli=cli))
+                                                            path=path, argument=argument, replaces=replaces, cli=cli,
+                                                            choices=choices))
+
+
+def precision_option() -> Any:
+    """--precision, the same in every stage that runs a network."""
+    return option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.", choices=("auto", "bf16", "fp32"))
 
 
 def flag(name: str) -> str:
@@ -51,6 +58,10 @@ def check_options(cfg) -> None:
         for v in values:
             if isinstance(v, float) and not math.isfinite(v):
                 raise RaeError(f"{field_flag(field)} must be a finite number (got {v})")
+        choices = field.metadata.get("choices")
+        if choices and value not in choices:
+            allowed = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+            raise RaeError(f"{field_flag(field)} must be {allowed} (got {value})")
         if field.metadata.get("check") and value is not None:
             test, what = field.metadata["check"]
             for v in values:

@@ -23,7 +23,7 @@ import torch
 
 from . import dist, flow
 from .errors import RaeError
-from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options, option
+from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options, option, precision_option
 from .manifest import (claim_output, create_artifact_dir, digest_json, input_ref, jsonable, new_manifest,
                        read_manifest, resume_if_same, write_manifest)
 from .progress import progress
@@ -45,16 +45,16 @@ class SampleConfig:
     steps: int = option(50, "Solver steps (Heun: 2 model passes per step; 0 = no denoising: the pure-noise baseline).",
                         check=(lambda v: v >= 0, "0 (the pure-noise baseline) or more"))
     shift: float | None = option(None, "Time shift (default: the one the run was trained with).", check=POSITIVE)
-    guidance: str = option("none", "none | cfg | autoguidance.")
+    guidance: str = option("none", "none | cfg | autoguidance.", choices=("none", "cfg", "autoguidance"))
     cfg_scale: float = option(1.0, "Classifier-free guidance scale (1 = none).")
     guide_model: str | None = option(None, "AutoGuidance: the guiding (smaller/earlier) diffusion run.", path=True)
     ag_scale: float = option(1.42, "AutoGuidance scale (1.42: the paper's with DiT^DH-S).", check=NON_NEGATIVE)
     guidance_interval: tuple[float, float] = option((0.0, 1.0), "Guide only for t in [T_MIN, T_MAX] (model time, "
                                                     "t = 1 is noise).")
     ema: bool = option(True, "EMA weights or raw weights.")
-    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
-    dtype: str = option("float16", "Stored latent dtype: float16 or float32.")
-    codec: str = "blosc-zstd"
+    precision: str = precision_option()
+    dtype: str = option("float16", "Stored latent dtype: float16 or float32.", choices=("float16", "float32"))
+    codec: str = option("blosc-zstd", "Compressor: blosc-zstd | blosc-lz4 | none.", choices=CODECS, cli=False)
     shard_size: int = option(64, "Entries per Zarr shard file.", check=AT_LEAST_1, cli=False)
     block_size: int = option(1024, "Samples per unit of work and resume.", check=AT_LEAST_1)
     # Run settings: they do not change the store, so a resume may change them.
@@ -73,8 +73,6 @@ def _validate(cfg: SampleConfig) -> None:
     check_options(cfg)
     if cfg.solver not in flow.SOLVERS:
         raise RaeError(f"--solver must be one of {', '.join(flow.SOLVERS)} (got {cfg.solver})")
-    if cfg.guidance not in ("none", "cfg", "autoguidance"):
-        raise RaeError(f"--guidance must be none, cfg or autoguidance (got {cfg.guidance})")
     if cfg.guidance == "autoguidance" and not cfg.guide_model:
         raise RaeError("--guidance autoguidance needs --guide-model RUN (a smaller or earlier diffusion run)")
     if cfg.guide_model and cfg.guidance != "autoguidance":
@@ -84,12 +82,6 @@ def _validate(cfg: SampleConfig) -> None:
         raise RaeError(f"--guidance-interval must be t_min t_max with 0 <= t_min < t_max <= 1 (got {t_min} {t_max})")
     if (cfg.per_class is None) == (cfg.num is None):
         raise RaeError("give exactly one of --per-class K (K samples of every class) or --num N (random labels)")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
-    if cfg.dtype not in ("float16", "float32"):
-        raise RaeError(f"--dtype must be float16 or float32 (got {cfg.dtype})")
-    if cfg.codec not in CODECS:
-        raise RaeError(f"--codec must be one of {', '.join(CODECS)} (got {cfg.codec})")
     if cfg.block_size % cfg.shard_size:
         raise RaeError("the shard size must divide the block size")
     if cfg.batch_size < 1:

@@ -29,7 +29,7 @@ from . import dist
 from .checkpoint import resume_state, save_checkpoint, save_weights
 from .data import BatchPlan, StoreReader, batches
 from .errors import ArtifactError, RaeError
-from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, option
+from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, option, precision_option
 from .decoder_training import DecoderTraining, Schedule, build_loss_networks
 from .manifest import (claim_output, digest_json, input_ref, jsonable, new_manifest, read_manifest, remove_temporaries,
                        resume_if_same, write_manifest)
@@ -92,7 +92,7 @@ class TrainDecoderConfig:
     weight_decay: float = option(0.0, "AdamW weight decay.", check=NON_NEGATIVE)
     ema_decay: float = option(0.9978, "EMA decay of the decoder weights.", check=UNIT_INTERVAL)
     clip_grad: float | None = option(None, "Clip the decoder's gradient norm to this (reference: off).", check=POSITIVE)
-    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
+    precision: str = precision_option()
     seed: int = option(0, "Seed of initialisation, data order, noise and DiffAug.")
     # Run settings: they do not change the result, so a resume may change them.
     checkpoint_every: int | None = option(None, "Steps between checkpoints (default: once per epoch).",
@@ -121,8 +121,6 @@ def _validate(cfg: TrainDecoderConfig) -> None:
     check_options(cfg)
     if cfg.model not in DECODER_SIZES:
         raise RaeError(f"unknown decoder --model '{cfg.model}'; choose one of: {', '.join(DECODER_SIZES)}")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise RaeError(f"--precision must be auto, bf16 or fp32 (got {cfg.precision})")
     if cfg.random_loss_nets and (cfg.disc_weights or cfg.lpips_vgg_weights or cfg.lpips_lin_weights):
         raise RaeError("--random-loss-nets and weight files for LPIPS or the discriminator exclude each other")
     size = decoder_size(cfg)

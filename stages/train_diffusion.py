@@ -35,7 +35,7 @@ from . import dist, flow
 from .checkpoint import resume_state, rng_state, save_checkpoint, save_weights
 from .data import BatchPlan, StoreReader, batches
 from .errors import ArtifactError, RaeError
-from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, flag, option
+from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, flag, option, precision_option
 from .manifest import (claim_output, create_artifact_dir, digest_json, input_ref, jsonable, new_manifest,
                        read_manifest, remove_temporaries, write_manifest)
 from .models.dit import DIT_SIZES, create_dit, width_rule_warning
@@ -60,7 +60,8 @@ class TrainDiffusionConfig:
     head_depth: int | None = option(None, "DiT^DH: override the head depth (2).", check=AT_LEAST_1)
     head_num_heads: int | None = option(None, "DiT^DH: override the head's number of heads (16).", check=AT_LEAST_1)
     # Flow matching.
-    time_dist: str = option("logit_normal", "Training time distribution: logit_normal | uniform.")
+    time_dist: str = option("logit_normal", "Training time distribution: logit_normal | uniform.",
+                            choices=("logit_normal", "uniform"))
     t_mean: float = option(0.0, "Logit-normal mean.")
     t_std: float = option(1.0, "Logit-normal standard deviation.", check=POSITIVE)
     shift: float | None = option(None, "Time shift a (default: sqrt(C*h*w / shift-base), sqrt(48) for [768, 16, 16] "
@@ -83,7 +84,7 @@ class TrainDiffusionConfig:
                                     "holds it constant).")
     grad_clip: float = option(1.0, "Gradient norm clipping (0: none).", check=NON_NEGATIVE)
     ema_decay: float = option(0.9995, "EMA decay per step.", check=UNIT_INTERVAL)
-    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
+    precision: str = precision_option()
     seed: int = option(0, "Seed of the initial weights, the data order and every draw.")
     # Run settings: they do not change what is learned, so a resume may change them.
     epochs: float = option(800.0, "Training length in epochs.", check=POSITIVE)
@@ -128,13 +129,6 @@ def _validate(cfg: TrainDiffusionConfig) -> None:
         if width in size and (size[width] % size[heads] or size[width] // size[heads] % 4):
             raise RaeError(f"{cfg.model}: {flag(width)} {size[width]} over {flag(heads)} {size[heads]} must give a "
                            "whole head dimension divisible by 4 (2-D RoPE)")
-    checks = [
-        (cfg.time_dist in ("logit_normal", "uniform"), f"--time-dist must be logit_normal or uniform (got {cfg.time_dist})"),
-        (cfg.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32 (got {cfg.precision})"),
-    ]  # the numbers: the fields' checks (check_options)
-    for ok, message in checks:
-        if not ok:
-            raise RaeError(message)
 
 
 #################################################################################

@@ -1,4 +1,4 @@
-"""Every numeric option is checked once, where its stage's config is defined (stages/options.py):
+"""Every numeric or fixed-list option is checked once, where its stage's config is defined (stages/options.py):
 a bad value is one line before any work starts, and writes nothing."""
 import pytest
 
@@ -16,6 +16,13 @@ CASES = [
     (["train-decoder", "--latents", "{d}", "--out", "{o}", "--lr", "-1"], "--lr must be positive"),
     (["train-decoder", "--latents", "{d}", "--out", "{o}", "--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
     (["decode", "{d}", "--decoder", "{d}", "--out", "{o}", "--batch-size", "0"], "--batch-size must be at least 1"),
+    # Words from a fixed list: the field's choices.
+    (["decode", "{d}", "--decoder", "{d}", "--out", "{o}", "--precision", "fp16"],
+     "--precision must be auto, bf16 or fp32 (got fp16)"),
+    (["encode", "{d}", "--out", "{o}", "--preset", "demo", "--codec", "gzip"],
+     "--codec must be blosc-lz4, blosc-zstd or none (got gzip)"),
+    (["train-diffusion", "--latents", "{d}", "--out", "{o}", "--time-dist", "normal"],
+     "--time-dist must be logit_normal or uniform (got normal)"),
 ]
 
 
