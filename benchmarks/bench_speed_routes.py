@@ -69,7 +69,8 @@ def to_float8_inference(model: torch.nn.Module) -> None:
 
 # ---- training --------------------------------------------------------------------------------
 def build_train(name, device, batch, route, precision):
-    from stages.train_diffusion import Trainer, TrainDiffusionConfig
+    from stages.diffusion_training import Trainer
+    from stages.train_diffusion import TrainDiffusionConfig
 
     (preset, overrides), _, (C, H, _) = btd.MODELS[name]
     torch.manual_seed(0)

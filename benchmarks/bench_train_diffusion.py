@@ -7,7 +7,7 @@ in one process) and the data loader alone. Prints a table last, naming the card.
     python benchmarks/bench_train_diffusion.py --smoke [--reference ...]              # CPU, tiny, seconds
 
 Training step: random weights, synthetic latents [768, 16, 16] already on the GPU (the loader is
-measured separately), one GPU, bf16 autocast. "ours" is ``stages.train_diffusion.Trainer.train_step``
+measured separately), one GPU, bf16 autocast. "ours" is ``stages.diffusion_training.Trainer.train_step``
 (the exact code of the training loop: per-step draws, per-sample noise, fused AdamW, grad clip
 1.0, foreach EMA, no host sync). "reference" is the authors' loop body from their train.py on
 their model (DiTwDDTHead imported from the --reference checkout): Transport.training_losses under
@@ -43,7 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.train_diffusion import Trainer, TrainDiffusionConfig  # noqa: E402
+from stages.diffusion_training import Trainer  # noqa: E402
+from stages.train_diffusion import TrainDiffusionConfig  # noqa: E402
 
 # name -> (our preset + overrides, reference DiTwDDTHead kwargs, latent [C, H, W])
 _REF_COMMON = dict(patch_size=1, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, use_qknorm=False,

@@ -129,7 +129,7 @@ def test_null_label_is_an_extra_class(kind):
 
 @pytest.mark.parametrize("kind", ["dit", "ditdh"])
 def test_forward_is_deterministic_in_train_mode(kind):
-    # Label dropout lives in the training loop (train_diffusion.step_draws), not in the model.
+    # Label dropout lives in the training loop (diffusion_training.step_draws), not in the model.
     model = randomized(kind).train()
     x, t, y = inputs()
     assert torch.equal(model(x, t, y), model(x, t, y))

@@ -15,7 +15,8 @@ from stages.errors import ArtifactError, RaeError
 from stages.manifest import new_manifest, read_manifest, write_manifest
 from stages.runs import denormalize, load_diffusion_run
 from stages.store import LatentStore, Moments
-from stages.train_diffusion import TrainDiffusionConfig, learning_rate, run, step_draws
+from stages.diffusion_training import learning_rate, step_draws
+from stages.train_diffusion import TrainDiffusionConfig, run
 from stages.weights import sha256_file
 from tests.conftest import run_rae
 
@@ -194,7 +195,7 @@ def test_resume_after_interruption_equals_uninterrupted_training(store, tmp_path
 def _step_gradients(grad_accum: int, x, labels, share=None) -> dict[str, torch.Tensor]:
     """The gradient one training step applies (captured at the optimiser), in float64."""
     from stages.models.dit import create_dit
-    from stages.train_diffusion import Trainer
+    from stages.diffusion_training import Trainer
 
     torch.manual_seed(0)
     model = create_dit("ditdh-s", 96, 4, 10, **{k: v for k, v in TINY.items() if k != "model"}).double()
