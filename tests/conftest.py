@@ -18,6 +18,19 @@ import torch  # noqa: E402  (after OMP_NUM_THREADS is set)
 torch.set_num_threads(int(THREADS))
 
 
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every weight of a DiT random (adaLN-Zero layers included, so outputs are non-trivial), scaled by
+    fan-in; the frozen position table and Fourier frequencies kept. Returns the model in eval mode."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in ("pos_embed", "t_embedder.W"):
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+    return model.eval()
+
+
 def run_rae(*args, env=None, check=True, nproc=None, timeout=600, fresh_process=False):
     """Run the real `rae` command line and return a CompletedProcess (returncode, stdout, stderr).
 

@@ -31,9 +31,8 @@ def make_decoder_run(path, encoder=ENCODER, seed=0):
     config = {"decoder": {"size": "tiny", "kwargs": DECODER}, "encoder": encoder, "latent_shape": list(LATENT),
               "image_size": 16}
     (path / "config.json").write_text(json.dumps(config))
-    manifest = new_manifest("decoder-run", {}, encoder=encoder, latent_shape=list(LATENT), content_id=f"dec-{seed}")
-    manifest["complete"] = True
-    write_manifest(path, manifest)
+    write_manifest(path, new_manifest("decoder-run", {}, encoder=encoder, latent_shape=list(LATENT),
+                                      content_id=f"dec-{seed}", complete=True))
     return path
 
 

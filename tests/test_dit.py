@@ -15,6 +15,7 @@ from stages.errors import RaeError
 from stages.models.dit import (
     DIT_SIZES, DiT, DiTDH, RoPE2D, apply_rope, config_from_reference_state_dict, create_dit,
     from_reference_state_dict, swiglu_hidden, to_reference_state_dict, width_rule_warning)
+from tests.conftest import randomize_
 
 # sum(p.numel() for p in model.parameters()) of the authors' LightningDiT / DiTwDDTHead for a
 # [768, 16, 16] latent and 1000 classes (measured on their code).
@@ -43,13 +44,7 @@ def tiny(kind, depth=2):
 
 def randomized(kind, seed=1, depth=2):
     """A tiny model with every weight random (adaLN-Zero layers included) so outputs are non-trivial."""
-    model = tiny(kind, depth)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name not in ("pos_embed", "t_embedder.W"):
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-    return model.eval()
+    return randomize_(tiny(kind, depth), seed)
 
 
 def inputs(batch=3, seed=2):

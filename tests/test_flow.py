@@ -12,6 +12,7 @@ import torch
 
 from stages import flow
 from stages.models.dit import DiT
+from tests.conftest import randomize_
 
 # ----------------------------------------------------------------------------- time / shift
 
@@ -231,13 +232,7 @@ class Recording(torch.nn.Module):
 
 def random_dit(seed):
     torch.manual_seed(seed)
-    model = DiT(in_channels=8, input_size=4, width=16, depth=1, num_heads=2, num_classes=K)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name not in ("pos_embed", "t_embedder.W"):
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-    return model.eval()
+    return randomize_(DiT(in_channels=8, input_size=4, width=16, depth=1, num_heads=2, num_classes=K), seed)
 
 
 # The guidance tests compare the guided velocity with the model's own outputs computed on the same

@@ -32,11 +32,9 @@ def make_diffusion_run(path, seed=0, encoder=ENCODER, **overrides):
     stats = {"mean": torch.randn(LATENT), "var": torch.rand(LATENT) + 0.5}
     save_weights(path / "latent_stats.safetensors", stats)
     write_config(path, diffusion_config("DiTDH", kwargs, "tiny", LATENT, [], shift=2.0, encoder=encoder, image_size=16))
-    manifest = new_manifest("diffusion-run", {}, encoder=encoder, latent_shape=list(LATENT),
-                            num_classes=kwargs["num_classes"], class_names=["a", "b", "c"][: kwargs["num_classes"]],
-                            content_id=f"run-{seed}", step=1)
-    manifest["complete"] = True
-    write_manifest(path, manifest)
+    write_manifest(path, new_manifest("diffusion-run", {}, encoder=encoder, latent_shape=list(LATENT),
+                                      num_classes=kwargs["num_classes"], content_id=f"run-{seed}", step=1,
+                                      class_names=["a", "b", "c"][: kwargs["num_classes"]], complete=True))
     return path
 
 
