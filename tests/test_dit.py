@@ -145,13 +145,13 @@ def test_each_sample_is_independent_of_the_rest_of_the_batch(kind):
     other = model(x2, t2, y2)
     assert torch.equal(other[0], batched[0]) and (other[1:] - batched[1:]).abs().max() > 0.1
     # A batch of 1 gives each sample's velocity up to rounding, the batch size changing kernels'
-    # summation orders. In float64 those orders move v by ~1e-14; the model also rounds every RMSNorm
-    # input to float32 (stages/models/dit.py), where such a difference can flip one float32 rounding
-    # (6e-8 relative): at most what the whole float32 forward differs from the float64 one (measured
-    # 2e-6 * max|v|). 1e-5 * max|v| holds that; a leak between samples moves v by O(max|v|) (above).
+    # summation orders. The whole forward runs in float64 (RMSNorm included), where those orders move
+    # v by a few float64 roundoffs per layer over sums of ~100 terms (measured 3e-15 * max|v|);
+    # 1e-10 * max|v| holds that with room, and stays far below one float32 rounding (6e-8) or a leak
+    # between samples, which moves v by O(max|v|) (above).
     model, x, t = model.double(), x.double(), t.double()
     batched = model(x, t, y)
-    tol = 1e-5 * batched.abs().max().item()
+    tol = 1e-10 * batched.abs().max().item()
     for i in range(4):
         torch.testing.assert_close(batched[i:i + 1], model(x[i:i + 1], t[i:i + 1], y[i:i + 1]), rtol=0, atol=tol)
 
@@ -328,3 +328,14 @@ def test_patch_embedding_matmul_form_equals_the_reference_conv():
     assert set(embed.state_dict()) == {"proj.weight", "proj.bias"}
     big = PatchEmbed(12, 20, patch_size=2)  # larger patches always run the convolution
     assert big(torch.randn(1, 12, 4, 4)).shape == (1, 4, 20)
+
+
+def test_rmsnorm_keeps_float64_in_float64():
+    """Float64 checks (gradient accumulation, parity) need the norm itself in float64: the float32
+    rounding it would otherwise add (~6e-8 relative) is far above float64's 1.1e-16 unit roundoff."""
+    from stages.models.dit import RMSNorm
+
+    x = torch.randn(4, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e3 + 1 / 3
+    exact = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+    out = RMSNorm(64)(x)
+    assert out.dtype == torch.float64 and (out - exact).abs().max() < 64 * 2.3e-16 * exact.abs().max()

@@ -78,7 +78,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as LightningDiT), then scaled by a learned weight."""
+    """RMSNorm computed in at least float32 (as LightningDiT; float64 stays float64), then scaled by a
+    learned weight."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -86,7 +87,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
