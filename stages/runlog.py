@@ -54,8 +54,9 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> list[dict]:
 def plot_metrics(records: list[dict], path: str | os.PathLike, titles: dict[str, str],
                  panel: tuple[int, int] = (360, 180), cols: int = 2, smooth: bool = False) -> None:
     """A PNG (PIL only) of the logged values against step: one panel per key of ``titles`` that the
-    records hold, each with its own y range; with ``smooth`` the values in light and their running
-    mean (0.9 * previous + 0.1 * value) in dark. Nothing is drawn before there is a record."""
+    records hold, each with its own y range; with ``smooth`` and at least 100 records, the values in
+    light and their centred mean over 1% of the records on each side in dark (no lag: a trailing mean
+    of a falling loss would sit above it). Nothing is drawn before there is a record."""
     from PIL import Image, ImageDraw
 
     keys = [k for k in titles if any(k in r for r in records)]
@@ -81,22 +82,32 @@ def plot_metrics(records: list[dict], path: str | os.PathLike, titles: dict[str,
         for k in range(5):  # grid and tick labels
             _, py = to_px(s0, lo + (hi - lo) * k / 4)
             draw.line([left, py, right, py], fill=(225, 225, 225))
-            draw.text((ox + 5, py - 6), f"{lo + (hi - lo) * k / 4:.4g}", fill="black")
+            draw.text((ox + 5, py - 6), f"{lo + (hi - lo) * k / 4:.3g}", fill="black")
         for step in sorted({round(s0 + (s1 - s0) * k / 4) for k in range(5)}):
             px, _ = to_px(step, lo)
-            draw.text((px - 10, bottom + 6), str(step), fill="black")
+            width = draw.textlength(str(step))  # centred under its tick, kept inside the panel
+            draw.text((min(px - width / 2, ox + pw - 2 - width), bottom + 6), str(step), fill="black")
         draw.text(((left + right) // 2 - 15, bottom + 25), "step", fill="black")
         draw.rectangle([left, top, right, bottom], outline="black")
         if not pts:
             continue
         lines = [(pts, (20, 60, 160), 2)]
-        if smooth:
-            running, mean = [], pts[0][1]
-            for s, v in pts:
-                mean = 0.9 * mean + 0.1 * v
-                running.append((s, mean))
-            lines = [(pts, (150, 180, 230), 1), (running, (20, 60, 160), 2)]
+        if smooth and len(pts) >= 100:
+            lines = [(pts, (150, 180, 230), 1), (centred_mean(pts, len(pts) // 100), (20, 60, 160), 2)]
         for line, colour, width in lines:
             xy = [to_px(s, v) for s, v in line]
             draw.line(xy if len(xy) > 1 else xy * 2, fill=colour, width=width)
     img.save(path)
+
+
+def centred_mean(pts: list[tuple[int, float]], half: int) -> list[tuple[int, float]]:
+    """(step, mean of the values within ``half`` records on each side), the window shrunk at the ends."""
+    values = [v for _, v in pts]
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    out = []
+    for i, (step, _) in enumerate(pts):
+        a, b = max(0, i - half), min(len(pts), i + half + 1)
+        out.append((step, (sums[b] - sums[a]) / (b - a)))
+    return out

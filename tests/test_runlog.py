@@ -35,3 +35,13 @@ def test_the_plot_has_a_panel_per_logged_key_and_waits_for_a_record(tmp_path):
     assert Image.open(tmp_path / "losses.png").size == (720, 180)  # "gan" was never logged: two panels
     plot_metrics(records[:1], tmp_path / "one.png", {"l1": "training loss"}, panel=(720, 420), cols=1)
     assert Image.open(tmp_path / "one.png").size == (720, 420)
+
+
+def test_the_smoothed_line_is_a_centred_mean_without_lag():
+    from stages.runlog import centred_mean
+
+    pts = [(s, 10.0 - s) for s in range(200)]  # a straight falling loss: a centred mean is the line itself
+    assert centred_mean(pts, 2)[2:-2] == pts[2:-2]
+    assert centred_mean(pts, 2)[0] == (0, (10 + 9 + 8) / 3)  # the window shrinks at the ends
+    noisy = [(s, (-1.0) ** s) for s in range(200)]
+    assert all(abs(v) <= 1 / 5 for _, v in centred_mean(noisy, 2)[2:-2])  # alternating noise averages out
