@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import ArtifactError
-from .manifest import removed_on_error
+from .manifest import atomic_replace, atomic_write_text
 
 _REF = "__tensor__"
 
@@ -70,12 +70,10 @@ def save_state(path: str | os.PathLike, state: Any, metadata: dict | None = None
     # safetensors refuses tensors that share memory; checkpoints are small enough to copy.
     tensors = {k: v.clone() if v.numel() else v for k, v in tensors.items()}
     meta = {"rae_state": json.dumps(skeleton), **{k: str(v) for k, v in (metadata or {}).items()}}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with removed_on_error(tmp):
+    with atomic_replace(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
 
 
 def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
@@ -97,12 +95,9 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], m
     """Plain model weights (what later stages load), atomically, as a flat safetensors file."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
-    with removed_on_error(tmp):
+    with atomic_replace(path) as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -123,8 +118,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Any, keep: int
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.safetensors"
     save_state(path, state, metadata={"step": step})
-    (folder / ".latest.tmp").write_text(path.name)
-    os.replace(folder / ".latest.tmp", folder / "latest")
+    atomic_write_text(folder / "latest", path.name)
     done = sorted((p for p in folder.iterdir() if _STEP.search(p.name)), key=lambda p: p.name)
     for old in done[:-keep] if keep > 0 else []:
         if old != path:

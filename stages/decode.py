@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import io
-import os
 import time
 import zipfile
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ from . import dist
 from .encoders import UNKNOWN_DIGEST
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, check_options, option, precision_option
-from .manifest import (atomic_write_bytes, claim_output, digest_json, input_ref, jsonable, new_manifest, read_manifest,
-                       remove_temporaries, removed_on_error, resume_if_same, write_manifest)
+from .manifest import (atomic_replace, atomic_write_bytes, claim_output, digest_json, input_ref, jsonable, new_manifest,
+                       read_manifest, remove_temporaries, resume_if_same, write_manifest)
 from .progress import console, progress
 from .runs import load_decoder_run
 from .store import open_complete_store
@@ -115,8 +114,7 @@ def _read_png(path: Path) -> np.ndarray:
 def write_npz(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray | None) -> None:
     """ADM ``.npz`` streamed from the PNGs (never all images in memory): arr_0 uint8 [N, H, W, 3]."""
     first = _read_png(folder / png_name(int(indices[0])))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with removed_on_error(tmp), zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_replace(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                       "shape": (len(indices), *first.shape)}
@@ -129,7 +127,6 @@ def write_npz(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray 
         if labels is not None:
             with zf.open("arr_1.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, labels.astype(np.int64))
-    os.replace(tmp, path)
 
 
 def write_grid(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray | None,
@@ -148,9 +145,8 @@ def write_grid(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray
     for r, row in enumerate(rows):
         for c, i in enumerate(row):
             canvas[r * h: (r + 1) * h, c * w: (c + 1) * w] = _read_png(folder / png_name(int(i)))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(canvas).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_replace(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
 
 
 #################################################################################

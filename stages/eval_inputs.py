@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import ArtifactError
 from .images import load_rgb
-from .manifest import read_manifest
+from .manifest import atomic_replace, read_manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -109,11 +109,8 @@ def save_adm_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"ADM images must be uint8 N x H x W x 3, got {images.dtype} {images.shape}")
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": np.asarray(labels)}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the name
+    with atomic_replace(path) as tmp, open(tmp, "wb") as f:  # a file: np.savez would append ".npz" to a name
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 class ImageSet:

@@ -25,7 +25,7 @@ import torch
 from .errors import ArtifactError, RaeError
 from .eval_inputs import ImageSet, first_line, npz_keys
 from .eval_nets import SPATIAL_CHANNELS, SPATIAL_DIM, SPATIAL_GRID
-from .manifest import jsonable
+from .manifest import atomic_replace, jsonable
 from .weights import sha256_file
 
 STATS_FORMAT = "rae-eval-stats"
@@ -62,18 +62,17 @@ def save_ref_stats(path: str | os.PathLike, stats: RefStats) -> None:
     ``dinov2_*`` and a JSON ``rae_meta`` string) or as .safetensors (same tensors, JSON in the metadata)."""
     path = Path(path)
     meta = json.dumps({"format": STATS_FORMAT, "version": 1, **jsonable(stats.meta)})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if path.suffix == ".npz":
-        with open(tmp, "wb") as f:
-            np.savez(f, rae_meta=np.array(meta), **stats.arrays())
-    elif path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stats.arrays().items()}, str(tmp),
-                  metadata={"rae_meta": meta})
-    else:
+    if path.suffix not in (".npz", ".safetensors"):
         raise RaeError(f"--save-ref must end in .npz or .safetensors (got {path.name})")
-    os.replace(tmp, path)
+    with atomic_replace(path) as tmp:
+        if path.suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, rae_meta=np.array(meta), **stats.arrays())
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stats.arrays().items()}, str(tmp),
+                      metadata={"rae_meta": meta})
 
 
 def load_ref_stats(path: str | os.PathLike) -> RefStats:

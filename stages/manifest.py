@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,35 +104,31 @@ def create_artifact_dir(out: str | os.PathLike, build) -> None:
 
 
 @contextlib.contextmanager
-def removed_on_error(tmp: str | os.PathLike):
-    """Delete the temporary file ``tmp`` if the block writing it fails (a full disk, a kill's
-    KeyboardInterrupt): a failed write leaves nothing behind."""
+def atomic_replace(path: str | os.PathLike):
+    """Every file rae writes goes through here: the block writes the yielded temporary path beside
+    ``path`` (``.NAME.tmpPID.TID``, unique per writer thread), which is then renamed to ``path`` in
+    one step; if the block fails (a full disk, a kill's KeyboardInterrupt) it is deleted instead. A
+    reader never sees a partial file, and a failed write leaves nothing behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
     try:
-        yield
+        yield tmp
+        os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename; nothing is left on failure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with removed_on_error(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+    with atomic_replace(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with removed_on_error(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    with atomic_replace(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

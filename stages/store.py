@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 
 from .errors import ArtifactError
 from .manifest import (atomic_write_text, digest_json, has_manifest, read_manifest, remove_temporaries,
-                       removed_on_error, write_manifest)
+                       atomic_replace, write_manifest)
 
 CODECS = ("blosc-lz4", "blosc-zstd", "none")
 DEFAULT_CODEC = "blosc-zstd"
@@ -191,17 +190,14 @@ class ShardIO:
             return None
         conf = codecs[0]["configuration"]
         inner = [c["name"] for c in conf["codecs"] if c["name"] != "bytes"]
-        entry_crc = inner[-1:] == ["crc32c"]
-        compressors = [c for c in conf["codecs"] if c["name"] not in ("bytes", "crc32c")]
-        if (conf.get("index_location", "end") != "end" or len(compressors) > 1
-                or inner not in ([], ["blosc"], ["crc32c"], ["blosc", "crc32c"])):
+        if conf.get("index_location", "end") != "end" or inner not in ([], ["blosc"], ["crc32c"], ["blosc", "crc32c"]):
             return None
         if [c["name"] for c in conf["index_codecs"]] != ["bytes", "crc32c"] or conf["chunk_shape"][0] != 1:
             return None
         shard_size = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
         path = Path(str(array.store_path.store.root)) / array.store_path.path
-        return cls(path, array.shape, array.dtype, shard_size,
-                   compressors[0]["configuration"] if compressors else None, entry_crc)
+        blosc = next((c["configuration"] for c in conf["codecs"] if c["name"] == "blosc"), None)
+        return cls(path, array.shape, array.dtype, shard_size, blosc, entry_crc=inner[-1:] == ["crc32c"])
 
     def _path(self, shard: int) -> Path:
         return self.dir / "c" / str(shard) / self.suffix
@@ -226,11 +222,8 @@ class ShardIO:
         parts += [raw_index, google_crc32c.value(raw_index).to_bytes(4, "little")]
         path = self._path(shard)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-        with removed_on_error(tmp):
-            with open(tmp, "wb") as f:  # part by part: joining 20 MB first would hold the GIL for milliseconds
-                f.writelines(parts)
-            os.replace(tmp, path)
+        with atomic_replace(path) as tmp, open(tmp, "wb") as f:
+            f.writelines(parts)  # part by part: joining 20 MB first would hold the GIL for milliseconds
 
     def _checked_index(self, f, path: Path) -> np.ndarray:
         """The shard's index, verified: its CRC32C, and every entry inside the file."""

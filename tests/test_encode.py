@@ -282,7 +282,7 @@ def test_a_damaged_shard_is_a_one_line_error_naming_it(finished_store, tmp_path,
 
 
 @pytest.mark.parametrize("codec", ["blosc-zstd", "blosc-lz4", "none", "before entry checksums"])
-def test_shard_reads_and_writes_agree_with_zarr(tmp_path, codec):
+def test_shard_reads_and_writes_agree_with_zarr(tmp_path, monkeypatch, codec):
     """The direct shard path and Zarr read each other's files, with every codec; stores written before
     entries carried a CRC32C (Blosc alone after ``bytes``) are still read by the direct path."""
     import zarr.codecs as zc
@@ -294,16 +294,9 @@ def test_shard_reads_and_writes_agree_with_zarr(tmp_path, codec):
     zeros = np.zeros(n, dtype=np.int64)
     if codec == "before entry checksums":
         old = [zc.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2, blocksize=24)]
-        store_mod_make = store_mod.make_codec
-        store_mod.make_codec = lambda *a, **k: old
-        try:
-            s = LatentStore.create(tmp_path / "s.zarr", n, (3, 2, 2), "float16", zeros, zeros, zeros.astype(bool), {},
-                                   shard_size=4, block_size=8)
-        finally:
-            store_mod.make_codec = store_mod_make
-    else:
-        s = LatentStore.create(tmp_path / "s.zarr", n, (3, 2, 2), "float16", zeros, zeros, zeros.astype(bool), {},
-                               shard_size=4, block_size=8, codec=codec)
+        monkeypatch.setattr(store_mod, "make_codec", lambda *a, **k: old)
+    s = LatentStore.create(tmp_path / "s.zarr", n, (3, 2, 2), "float16", zeros, zeros, zeros.astype(bool), {},
+                           shard_size=4, block_size=8, codec="blosc-zstd" if codec == "before entry checksums" else codec)
     assert s.shards is not None and s.shards.entry_crc == (codec != "before entry checksums")
     s.latents[:8] = latents[:8]  # written by Zarr, read directly
     for shard in range(2, 5):  # written directly, read by Zarr

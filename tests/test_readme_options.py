@@ -1,6 +1,7 @@
 """README's sections on each command name only options that rae has (that command's, or another's it
 refers to): a renamed or removed option cannot stay documented."""
 import re
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -14,8 +15,6 @@ def _help(command: str) -> str:
 
 
 def test_every_option_in_a_commands_readme_section_is_in_its_help():
-    from pathlib import Path
-
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     sections = {m.group(1): m.group(2) for m in re.finditer(r"^## `rae ([a-z-]+)`\n(.*?)(?=^## )", text, re.M | re.S)}
     assert {"encode", "train-decoder", "train-diffusion", "sample", "decode", "eval"} <= set(sections)
