@@ -11,8 +11,9 @@ train   DiT^DH-XL training step (``Trainer.train_step``, compiled, bf16 autocast
         rows; the adaLN and embedding Linears have M = batch rows and stay bf16), and with
         torch.compile's CUDA-graph mode; the reference's compiled loop re-run in the same call.
 sample  AutoGuidance sampling (DiT^DH-XL guided by DiT^DH-S, 50 steps, compiled) + ViT-XL decode,
-        bf16 as today, with float8 inference (torchao dynamic activation + weight, per-row scales)
-        on the same token-wise Linears, at batch 128 and 256, and the reference loop.
+        bf16 as today and ``--precision fp8`` (stages.models.fp8: float8 e4m3, per-row scales, on the
+        models' per-token Linears) at the first of --sample-batches, fp8 also at the others; the
+        reference loop with --with-reference.
 attention  SDPA forward + backward at DiT^DH-XL's shape per backend (cuDNN, flash, efficient).
 
 Each prints a table last, naming the card.
@@ -58,13 +59,6 @@ def to_float8_training(model: torch.nn.Module, recipe: str) -> int:
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
                                module_filter_fn=token_linear)
     return n
-
-
-def to_float8_inference(model: torch.nn.Module) -> None:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda m, fqn: token_linear(m, fqn))
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -139,12 +133,19 @@ def part_train(args, device, card):
 
 # ---- sampling --------------------------------------------------------------------------------
 def part_sample(args, device, card):
+    """bf16 (rae sample's default on CUDA) against ``--precision fp8`` (``stages.models.fp8``: the models'
+    per-token Linears as float8 e4m3 with per-row scales), each as ``rae sample`` sets it up: fp32
+    weights under bf16 autocast, the float8 layers converted before compiling."""
+    import copy
+
     import bench_sample as bs
 
     from stages import flow
     from stages.decode import to_uint8
+    from stages.models import fp8
     from stages.models.decoder import ViTDecoder, create_decoder
 
+    torch._dynamo.config.automatic_dynamic_shapes = False  # another batch size: a static recompile
     smoke = args.smoke
     C, H, classes = (32, 4, 10) if smoke else (768, 16, 1000)
     common = dict(input_size=H, in_channels=C, patch_size=1, mlp_ratio=4.0, num_classes=classes)
@@ -159,23 +160,10 @@ def part_sample(args, device, card):
     ref_fn = Sampler(create_transport("Linear", "velocity", time_dist_shift=shift)).sample_ode(
         sampling_method="euler", num_steps=50)
     compile_ = (lambda f: f) if smoke else torch.compile
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=not smoke)
-    dec_c = decoder  # eager: decoding is ~2% of the time (929 img/s alone)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=True)
     scale = 1.42
-
-    # Float8 copies of our two models (the bf16 ones stay for the baseline and the comparison).
-    import copy
-
-    xl8, s8 = copy.deepcopy(xl), copy.deepcopy(s)
-    fp8_note = ""
-    try:
-        if not smoke:
-            xl8, s8 = xl8.to(torch.bfloat16), s8.to(torch.bfloat16)
-            to_float8_inference(xl8)
-            to_float8_inference(s8)
-    except Exception as e:
-        fp8_note = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    log(f"sample: float8 copies made {fp8_note}")
+    xl8, s8 = (fp8.to_float8(copy.deepcopy(m), m.per_token_linears()) for m in (xl, s))
+    log(f"sample: float8 copies made ({len(xl.per_token_linears())} + {len(s.per_token_linears())} layers)")
     models = {"bf16": (compile_(xl), compile_(s)), "fp8": (compile_(xl8), compile_(s8))}
 
     def ours(kind):
@@ -187,7 +175,7 @@ def part_sample(args, device, card):
             v = flow.guided_velocity(m_xl, yb, "autoguidance", scale, guide_model=m_s)
             with torch.autocast(**autocast):
                 x = flow.sample(v, z, 49, shift, "euler-ref")
-                return x, to_uint8(dec_c(x))
+                return x, to_uint8(decoder(x))
         return generate
 
     ref_xl_fwd, ref_s_fwd = compile_(ref_xl.forward), compile_(ref_s.forward)
@@ -204,49 +192,52 @@ def part_sample(args, device, card):
                            additional_model_forward=ref_s_fwd, cfg_interval=(0.0, 1.0))[-1].chunk(2)[0]
             finally:
                 ref_xl.forward = original
-            return to_uint8(dec_c(x))
+            return to_uint8(decoder(x))
 
-    # Each kind at one batch size (a second shape would recompile): its first batch, from fixed noise and
-    # labels, compiles and gives the bf16 vs fp8 comparison; then the timed ones.
-    b = 2 if smoke else args.sample_batches[0]
+    # The first batch of each kind, from fixed noise and labels, compiles and gives the bf16 vs fp8
+    # comparison; then the timed ones.
+    b0 = 2 if smoke else args.sample_batches[0]
     n = 4 if smoke else args.n
     gen = torch.Generator().manual_seed(3)
-    z = torch.randn(b, C, H, H, generator=gen).to(device)
-    yb = torch.randint(0, classes, (b,), generator=gen).to(device)
+    z = torch.randn(b0, C, H, H, generator=gen).to(device)
+    yb = torch.randint(0, classes, (b0,), generator=gen).to(device)
+    plan = (["reference"] if args.with_reference else []) + ["bf16", "fp8"]
+    plan = [(k, b0) for k in plan] + [("fp8", b) for b in ([] if smoke else args.sample_batches[1:])]
     rows, first = [], {}
-    kinds = (["reference"] if args.with_reference else []) + ["bf16", "fp8"]
-    for kind in kinds:
-        log(f"sample: {kind}, batch {b} (first batch compiles)")
+    for kind, b in plan:
+        log(f"sample: {kind}, batch {b} (its first batch compiles)")
         try:
             if kind == "reference":
                 ips = bs.time_loop(reference, n, b, device)
             else:
+                if kind not in first:
+                    with torch.inference_mode():
+                        first[kind] = ours(kind)(b, z, yb)
                 with torch.inference_mode():
-                    first[kind] = ours(kind)(b, z, yb)
-                ips = bs.time_loop(lambda bb: ours(kind)(bb)[1], n, b, device)
+                    ips = bs.time_loop(lambda bb: ours(kind)(bb)[1], n, b, device)
             note = ""
         except Exception as e:
             ips, note = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        rows.append((kind, b, ips, note or (fp8_note if kind == "fp8" else "")))
+        rows.append((kind, b, ips, note))
         print(rows[-1], flush=True)
     drift, pix, mean_pix = float("nan"), -1, float("nan")
     if "fp8" in first:
         (x16, img16), (x8, img8) = first["bf16"], first["fp8"]
-        drift = ((x8.float() - x16.float()).abs().max() / x16.float().abs().max()).item()
-        pix = int(abs(img8.astype(int) - img16.astype(int)).max())
-        mean_pix = float(abs(img8.astype(int) - img16.astype(int)).mean())
-    base = rows[kinds.index("bf16")][2]
+        drift = ((x8.float() - x16.float()).norm() / x16.float().norm()).item()
+        diff = (img8.astype(int) - img16.astype(int))
+        pix, mean_pix = int(abs(diff).max()), float(abs(diff).mean())
+    base = next((ips for k, b, ips, _ in rows if k == "bf16" and ips), None)
     print(f"\n## AutoGuidance sampling (DiT^DH-XL + DiT^DH-S, 50 points) + ViT-XL decode + uint8, {card}, "
           f"models compiled, {n} images per row after a compiling batch")
     print("| configuration | batch | img/s | FID-50K time | vs ours bf16 | note |")
     print("|---|---|---|---|---|---|")
     for kind, bb, ips, note in rows:
         if ips:
-            print(f"| {kind} | {bb} | {ips:.2f} | {50000 / ips / 60:.1f} min | {ips / base:.2f}x | {note} |" if base else
-                  f"| {kind} | {bb} | {ips:.2f} | {50000 / ips / 60:.1f} min | - | {note} |")
+            vs = f"{ips / base:.2f}x" if base else "-"
+            print(f"| {kind} | {bb} | {ips:.2f} | {50000 / ips / 60:.1f} min | {vs} | {note} |")
         else:
             print(f"| {kind} | {bb} | - | - | - | {note} |")
-    print(f"| fp8 vs bf16, same noise and labels (random weights): sample rel max diff | | {drift:.2e} | | | "
+    print(f"| fp8 vs bf16, same noise and labels (random weights): sample relative L2 | | {drift:.2e} | | | "
           f"uint8 max {pix}, mean {mean_pix:.2f} |")
     print(f"card: {card}")
 

@@ -36,8 +36,12 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, check: Check |
                                                             choices=choices))
 
 
-def precision_option() -> Any:
-    """--precision, the same in every stage that runs a network."""
+def precision_option(fp8: bool = False) -> Any:
+    """--precision, the same in every stage that runs a network; ``fp8``: the stage also offers float8."""
+    if fp8:
+        return option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32 | fp8 (bf16 with float8 matrix products "
+                      "in the diffusion models: faster on Hopper/Ada, samples differ slightly; opt-in).",
+                      choices=("auto", "bf16", "fp32", "fp8"))
     return option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.", choices=("auto", "bf16", "fp32"))
 
 

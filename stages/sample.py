@@ -24,6 +24,7 @@ import torch
 from . import dist, flow
 from .errors import RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options, option, precision_option
+from .models import fp8
 from .manifest import (claim_output, create_artifact_dir, digest_json, input_ref, jsonable, new_manifest,
                        read_manifest, resume_if_same, write_manifest)
 from .progress import progress
@@ -52,7 +53,7 @@ class SampleConfig:
     guidance_interval: tuple[float, float] = option((0.0, 1.0), "Guide only for t in [T_MIN, T_MAX] (model time, "
                                                     "t = 1 is noise).")
     ema: bool = option(True, "EMA weights or raw weights.")
-    precision: str = precision_option()
+    precision: str = precision_option(fp8=True)
     dtype: str = option("float16", "Stored latent dtype: float16 or float32.", choices=("float16", "float32"))
     codec: str = option("blosc-zstd", "Compressor: blosc-zstd | blosc-lz4 | none.", choices=CODECS, cli=False)
     shard_size: int = option(64, "Entries per Zarr shard file.", check=AT_LEAST_1, cli=False)
@@ -172,6 +173,8 @@ def run(cfg: SampleConfig) -> dict:
     # What the manifest records: the precision used and the interval as numbers.
     cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device),
                               guidance_interval=tuple(float(t) for t in cfg.guidance_interval))
+    if cfg.precision == "fp8" and (why := fp8.float8_supported(d.device)):
+        raise RaeError(why)
     model_run = load_diffusion_run(cfg.model, ema=cfg.ema, device=d.device)
     guide_run = load_diffusion_run(cfg.guide_model, ema=cfg.ema, device=d.device) if cfg.guidance == "autoguidance" else None
     if guide_run is not None:
@@ -186,6 +189,8 @@ def run(cfg: SampleConfig) -> dict:
     labels = np.asarray(store.labels[:])
     seeds = np.asarray(store.group["seeds"][:])
     model, guide = model_run.model, guide_run.model if guide_run else None
+    if cfg.precision == "fp8":
+        model, guide = (fp8.to_float8(m, m.per_token_linears()) if m is not None else None for m in (model, guide))
     if cfg.compile:
         model = torch.compile(model)
         guide = torch.compile(guide) if guide is not None else None
@@ -225,7 +230,7 @@ def sample_latents(model_run: DiffusionRun, model, labels, seeds, cfg: SampleCon
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=noise.device)
     velocity = make_velocity(cfg, model, y, null_label, guide)
     dev = torch.device(device).type
-    with torch.autocast(dev, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+    with torch.autocast(dev, dtype=torch.bfloat16, enabled=cfg.precision in ("bf16", "fp8")):
         x = flow.sample(velocity, noise, cfg.steps, shift, cfg.solver)
     return model_run.to_raw(x.float())
 

@@ -252,6 +252,11 @@ def _init_weights(model: DiT | DiTDH, patch_embeds: list[PatchEmbed]) -> None:
 #                                    Models                                     #
 #################################################################################
 
+def _linears_except(model: nn.Module, per_sample: tuple[str, ...]) -> list[str]:
+    """Names of the ``nn.Linear`` modules of ``model`` outside the ``per_sample`` prefixes."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.startswith(per_sample)]
+
+
 class DiT(nn.Module):
     """LightningDiT as RAE uses it: x_t [B, C, H, W], t [B] in [0, 1], y [B] -> v [B, C, H, W]."""
 
@@ -289,6 +294,12 @@ class DiT(nn.Module):
             h = block(h, c, rope)
         h = self.final_layer(h, c)
         return unpatchify(h, self.in_channels, self.patch_size)
+
+    def per_token_linears(self) -> list[str]:
+        """The Linear layers applied to every token (what ``--precision fp8`` converts); the timestep,
+        label and adaLN layers see one row per image."""
+        return _linears_except(self, ("t_embedder.", "y_embedder.", "final_layer.adaLN_modulation.")
+                               + tuple(f"blocks.{i}.adaLN_modulation." for i in range(len(self.blocks))))
 
 
 class DiTDH(nn.Module):
@@ -351,6 +362,12 @@ class DiTDH(nn.Module):
             h = block(h, z, dec_rope)
         h = self.final_layer(h, z)
         return unpatchify(h, self.in_channels, self.patch_size)
+
+    def per_token_linears(self) -> list[str]:
+        """The Linear layers applied to every token (what ``--precision fp8`` converts). The head's adaLN
+        layers are among them: their condition z is per token."""
+        return _linears_except(self, ("t_embedder.", "y_embedder.")
+                               + tuple(f"blocks.{i}.adaLN_modulation." for i in range(self.depth)))
 
 
 #################################################################################

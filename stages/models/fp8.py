@@ -1,0 +1,93 @@
+"""Float8 inference for the diffusion transformers' per-token matrix products (``rae sample --precision fp8``).
+
+``Float8Linear`` replaces an ``nn.Linear`` for inference: the weight is stored in float8 e4m3 with one
+float32 scale per output row (set once, from the bf16-rounded weight); the input is cast to e4m3 on every
+call with one scale per token (its row's max |x| maps to e4m3's largest value, 448), and
+``torch._scaled_mm`` multiplies the two on the tensor cores' float8 path (twice the bf16 rate on
+Hopper), applying both scales and returning bf16. Under ``torch.compile`` the cast of the input fuses
+with the elementwise work before it. Only the layers that see one row per token are converted (most of
+the FLOPs); the timestep, label and per-sample adaLN layers have one row per image and stay as they are.
+
+Float8 rounds each input to 3 mantissa bits, so samples differ from bf16 ones: this is an opt-in
+precision, measured in BENCHMARKS.md. ``torch._scaled_mm`` needs float8 matrix units on CUDA (compute
+capability 8.9 or later: Ada, Hopper); on the CPU it runs too (slowly: it is how the tests check it).
+Dimensions that are not multiples of 16 (DiT^DH's 5,461-wide head MLP) are zero-padded, which leaves
+the product unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+_ALIGN = 16                        # torch._scaled_mm: both dimensions of each operand multiples of 16
+_TINY = 1e-12                      # an all-zero row gets scale 1e-12 / 448 instead of 0 (no 0 / 0)
+
+
+def _ceil(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (e4m3 [M, K], float32 scales [M, 1]) with x ~= q * scale, each row's max |x| at 448."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=_TINY) / E4M3_MAX
+    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+class Float8Linear(nn.Module):
+    """Inference-only float8 version of an ``nn.Linear`` (see the module docstring). Output: bf16."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        k, n = _ceil(self.in_features), _ceil(self.out_features)
+        w = torch.zeros(n, k, dtype=torch.float32, device=linear.weight.device)
+        # Scale from the bf16-rounded weight: what the bf16 path multiplies by.
+        w[: self.out_features, : self.in_features] = linear.weight.detach().to(torch.bfloat16).float()
+        q, scale = quantize_rows(w)
+        self.register_buffer("weight", q)                                # [N', K'] e4m3, row-major
+        self.register_buffer("weight_scale", scale.t().contiguous())     # [1, N'] float32
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if x.shape[1] != self.weight.shape[1]:
+            x = nn.functional.pad(x, (0, self.weight.shape[1] - x.shape[1]))
+        q, scale = quantize_rows(x)
+        # The weight's transpose is column-major, as _scaled_mm's second operand must be.
+        y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
+                             out_dtype=torch.bfloat16, use_fast_accum=True)
+        y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3 per-row"
+
+
+def to_float8(model: nn.Module, names: list[str]) -> nn.Module:
+    """Replace the ``nn.Linear`` modules called ``names`` (``model.per_token_linears()``) in place; the
+    model is for inference from here on (no gradients through the float8 layers)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
+        setattr(parent, child, Float8Linear(linear))
+    return model
+
+
+def float8_supported(device: torch.device) -> str | None:
+    """None if ``device`` runs float8 matrix products, else why not (one line)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"--precision fp8 needs float8 matrix units (compute capability 8.9 or later: Ada, Hopper); "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --precision bf16")
+    return None
