@@ -146,6 +146,8 @@ def part_sample(args, device, card):
     from stages.models.decoder import ViTDecoder, create_decoder
 
     torch._dynamo.config.automatic_dynamic_shapes = False  # another batch size: a static recompile
+    # Four models share DiTDH.forward's code object, each compiled for plain and inference-mode inputs.
+    torch._dynamo.config.recompile_limit = 64
     smoke = args.smoke
     C, H, classes = (32, 4, 10) if smoke else (768, 16, 1000)
     common = dict(input_size=H, in_channels=C, patch_size=1, mlp_ratio=4.0, num_classes=classes)

@@ -113,3 +113,10 @@ def test_fp8_is_offered_only_where_it_runs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     why = fp8.float8_supported(torch.device("cuda"))
     assert "8.9" in why and "A100" in why and "\n" not in why
+    monkeypatch.undo()
+
+    def no_rowwise(*a, **k):
+        raise RuntimeError("Invalid scaling configuration\nmore detail")
+    monkeypatch.setattr(torch, "_scaled_mm", no_rowwise)
+    why = fp8.float8_supported(torch.device("cpu"))
+    assert "Invalid scaling configuration" in why and "--precision bf16" in why and "\n" not in why

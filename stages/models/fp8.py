@@ -84,10 +84,14 @@ def to_float8(model: nn.Module, names: list[str]) -> nn.Module:
 
 def float8_supported(device: torch.device) -> str | None:
     """None if ``device`` runs float8 matrix products, else why not (one line)."""
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        return (f"--precision fp8 needs float8 matrix units (compute capability 8.9 or later: Ada, Hopper); "
-                f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --precision bf16")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return (f"--precision fp8 needs float8 matrix units (compute capability 8.9 or later: Ada, Hopper); "
+                    f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --precision bf16")
+    try:  # an older torch may lack per-row scales in _scaled_mm: one tiny product tells
+        Float8Linear(nn.Linear(_ALIGN, _ALIGN).to(device))(torch.ones(_ALIGN, _ALIGN, device=device))
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        return (f"--precision fp8: torch {torch.__version__} cannot run float8 products on {device.type} "
+                f"({str(e).strip().splitlines()[0][:160]}): use --precision bf16")
     return None
