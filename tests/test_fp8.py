@@ -42,9 +42,10 @@ def test_float8_linear_is_the_product_of_its_float8_operands(k, n):
     product = ((xq.double() * xs.double()) @ w.t())[:, :n]
     expected = product + layer.bias.double()
     # Only bf16 rounding on top of the float32 accumulation: the product rounds (2^-8 of |product|), then
-    # the sum with the bias (2^-8 of |sum|); float32 accumulation adds ~1e-6 relative.
+    # the sum with the bias (2^-8 of |sum|); float32 accumulation of K terms adds at most K 2^-24 sum|x||w|.
     err = (out.reshape(15, n).double() - expected).abs()
-    assert torch.all(err <= 2 ** -8 * (product.abs() + expected.abs()) + 1e-6), err.max()
+    magnitude = ((xq.double() * xs.double()).abs() @ w.abs().t())[:, :n]
+    assert torch.all(err <= 2 ** -8 * (product.abs() + expected.abs()) + k * 2 ** -24 * magnitude), err.max()
     # And against the exact linear map: each operand rounds to 3 mantissa bits (relative 2^-4 at most, above
     # e4m3's subnormals), so |error| <= (2^-4 + 2^-4 + 2^-8) sum_k |x_k||w_k| + subnormal and output rounding.
     exact = nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
@@ -98,11 +99,15 @@ def test_sample_with_fp8(tmp_path):
     run(_cfg(model, a, precision="bf16"))
     run(_cfg(model, b, precision="fp8"))
     assert read_manifest(b, kind="sample-store")["sampling"]["precision"] == "fp8"
-    x16, x8 = _latents(a), _latents(b)
-    assert np.isfinite(x8).all() and not np.array_equal(x16, x8)
-    # Close to the bf16 samples (same noise): much closer than two different noises are to each other.
-    gap = np.abs(x8 - x16).mean()
-    assert gap < 0.1 * np.abs(x16[1:] - x16[:-1]).mean(), gap
+    run(_cfg(model, tmp_path / "fp32.zarr", precision="fp32"))
+    x32, x16, x8 = _latents(tmp_path / "fp32.zarr"), _latents(a), _latents(b)
+    assert np.isfinite(x8).all()
+    # Same noise: fp8 samples stay far closer to the fp32 ones than two different noises' samples are to
+    # each other (measured: 0.09 of that distance with this tiny, large-weight model, 4 steps), and float8
+    # moves them more than bf16 does (measured 6x): the float8 layers really ran.
+    gap8, gap16 = np.abs(x8 - x32).mean(), np.abs(x16 - x32).mean()
+    between = np.abs(x32[1:] - x32[:-1]).mean()
+    assert gap16 < gap8 < 0.3 * between, (gap16, gap8, between)
 
 
 def test_fp8_is_offered_only_where_it_runs(monkeypatch):
