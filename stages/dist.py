@@ -43,7 +43,7 @@ def init(device: str = "auto") -> Dist:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``--precision auto``: bf16 autocast on CUDA, fp32 elsewhere; "bf16" and "fp32" as they are."""
+    """``--precision auto``: bf16 autocast on CUDA, fp32 elsewhere; any other value as it is."""
     return precision if precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
 
 

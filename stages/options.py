@@ -38,11 +38,10 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, check: Check |
 
 def precision_option(fp8: bool = False) -> Any:
     """--precision, the same in every stage that runs a network; ``fp8``: the stage also offers float8."""
-    if fp8:
-        return option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32 | fp8 (bf16 with float8 matrix products "
-                      "in the diffusion models: faster on Hopper/Ada, samples differ slightly; opt-in).",
-                      choices=("auto", "bf16", "fp32", "fp8"))
-    return option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.", choices=("auto", "bf16", "fp32"))
+    fp8_help = (" | fp8 (bf16 with float8 matrix products in the diffusion models: faster on Hopper/Ada, samples "
+                "differ slightly; opt-in)") if fp8 else ""
+    return option("auto", f"auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32{fp8_help}.",
+                  choices=("auto", "bf16", "fp32") + (("fp8",) if fp8 else ()))
 
 
 def flag(name: str) -> str:
