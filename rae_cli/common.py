@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
 
 import typer
 from rich.console import Console
@@ -12,11 +15,32 @@ from stages.errors import RaeError
 err_console = Console(stderr=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``kill``, torchrun stopping its ranks): unwound like Ctrl-C,
+    so atomic writes clean up and the stage says how to go on."""
+
+
+def _terminate_handler(main_pid: int):
+    def handler(signum, frame):
+        if os.getpid() != main_pid:  # a forked worker inherited this: die as it would have
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+    return handler
+
+
 def user_errors(fn):
-    """Run a command; a RaeError (or a bad path) becomes ``error: <message>`` and exit code 1."""
+    """Run a command; a RaeError (or a bad path) becomes ``error: <message>`` and exit code 1; Ctrl-C and
+    SIGTERM end it with a line saying how to go on. The outputs it writes are given back either way."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from stages.outputs import release_writers
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminate_handler(os.getpid()))
         try:
             return fn(*args, **kwargs)
         except RaeError as e:
@@ -25,9 +49,16 @@ def user_errors(fn):
         except OSError as e:  # the environment: a full disk, a read-only folder, a file where a folder goes
             err_console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
+        except Terminated:
+            err_console.print("terminated (SIGTERM): run the same command again to resume", highlight=False)
+            sys.exit(143)
         except KeyboardInterrupt:
             err_console.print("interrupted: run the same command again to resume", highlight=False)
             sys.exit(130)
+        finally:
+            release_writers()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

@@ -31,13 +31,13 @@ def eval_cmd(result: dict, cfg: EvalConfig, preset: None) -> None:
     """Evaluate images: FID, sFID, IS, precision/recall, KID and FD_DINOv2 as the ADM suite computes them; PSNR/SSIM with --pairs.
 
     rFID: `rae eval RECONSTRUCTIONS --ref ORIGINALS --pairs` (ImageNet val, 50K, ADM center crop 256).
-    Writes eval.json; under `torchrun --nproc_per_node N` the GPUs share the images.
+    Writes eval.json (see --out for where); under `torchrun --nproc_per_node N` the GPUs share the images.
     """
     print_result(result)
 
 
 def print_result(result: dict, console: Console | None = None) -> None:
-    """The metric table, then one line per reason for the metrics that were skipped."""
+    """The metric table, the notes on it, then one line per reason for the metrics that were skipped."""
     console = console or Console()
     title = f"rae eval: {result['num_images']} images"
     if result.get("num_ref_images"):
@@ -51,12 +51,14 @@ def print_result(result: dict, console: Console | None = None) -> None:
     console.print(f"[bold]{title}[/]", highlight=False)
     if result["metrics"]:
         console.print(table)
+    for note in result.get("notes", ()):
+        console.print(f"[cyan]note:[/] {note}", highlight=False, soft_wrap=True)
     by_reason: dict[str, list[str]] = {}
     for key, why in result["skipped"].items():
         by_reason.setdefault(why, []).append("precision/recall" if key == "pr" else _SHOWN.get(key, (key,))[0])
     for why, names in by_reason.items():
         console.print(f"[yellow]skipped[/] {', '.join(names)}: {why}", highlight=False, soft_wrap=True)
     if result.get("written"):
-        console.print(f"wrote {result['written']}", highlight=False)
+        console.print(f"wrote {result['written']}", highlight=False, soft_wrap=True)  # the whole path, unbroken
     if result.get("saved_ref"):
         console.print(f"saved reference statistics to {result['saved_ref']}", highlight=False)

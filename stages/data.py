@@ -111,6 +111,8 @@ class StoreReader:
                 m = read_manifest(self.path, require_complete=False)
                 self._root = Path(m["inputs"]["images"]["path"])
                 self._files = (Path(self.path) / m["sources_file"]).read_text().splitlines()
+                stats = Path(self.path) / m.get("source_stats_file", "-")
+                self._stats = np.load(stats) if stats.is_file() else None  # stores before 2026-12 have none
                 self._src = np.asarray(self._store.source_index[:])
                 self._flip = np.asarray(self._store.flipped[:])
                 self._size = int(self._store.attrs["image_size"])
@@ -122,14 +124,42 @@ class StoreReader:
         labels = torch.from_numpy(self._labels[idx])
         if not self.with_images:
             return lat, labels
-        from .images import load_crop
-
         imgs = []
         for i in idx:
-            crop = load_crop(self._root / self._files[self._src[i]], self._size)
+            crop = self._source_crop(int(self._src[i]))
             imgs.append(crop[:, ::-1].copy() if self._flip[i] else crop)  # the mirrored entry's image
         images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
         return lat, labels, images
+
+
+    def _source_crop(self, s: int) -> np.ndarray:
+        """Source image ``s``, checked against its size and time when encoded (a replaced image would
+        train on a mismatched pair), ADM-cropped."""
+        from .images import BadImage, center_crop_arr, load_rgb
+
+        path = self._root / self._files[s]
+        expect = tuple(int(v) for v in self._stats[s]) if self._stats is not None else None
+        try:
+            return center_crop_arr(load_rgb(path, expect=expect), self._size)
+        except BadImage as e:  # it was readable when the store was made (only valid entries are read)
+            raise ArtifactError(f"{path} can no longer be read ({e}); restore it, or re-encode the images with "
+                                "`rae encode ... --overwrite`") from None
+
+
+def check_source_images(store: LatentStore, manifest: dict) -> None:
+    """Before training on a store's source images: each one the store uses still has the size and
+    modification time it had when encoded (one line naming the first that does not). Stores made
+    before these were recorded are not checked."""
+    from .images import check_sources
+
+    stats_file = Path(store.path) / manifest.get("source_stats_file", "-")
+    if not stats_file.is_file():
+        return
+    files = (Path(store.path) / manifest["sources_file"]).read_text().splitlines()
+    stats = np.load(stats_file)
+    used = np.unique(np.asarray(store.source_index[:])[store.valid_indices()])
+    check_sources(Path(manifest["inputs"]["images"]["path"]), [files[i] for i in used], stats[used].tolist(),
+                  progress_label="check source images")
 
 
 def batches(plan: BatchPlan, reader: StoreReader, start_step: int, stop_step: int, num_workers: int = 4,

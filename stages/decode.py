@@ -30,8 +30,9 @@ from . import dist
 from .encoders import UNKNOWN_DIGEST
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, check_options, option, precision_option
-from .manifest import (atomic_replace, atomic_write_bytes, claim_output, digest_json, input_ref, jsonable, new_manifest,
-                       read_manifest, remove_temporaries, resume_if_same, write_manifest)
+from .manifest import (atomic_replace, atomic_write_bytes, claim_output, describe_difference, digest_json, input_ref,
+                       jsonable, new_manifest, read_manifest, remove_temporaries, resume_if_same, write_manifest)
+from .outputs import stage
 from .progress import console, progress
 from .runs import load_decoder_run
 from .store import open_complete_store
@@ -158,11 +159,12 @@ def _prepare_folder(cfg: DecodeConfig, store_manifest: dict, decoder_manifest: d
     inputs = {"latents": input_ref(cfg.store, store_manifest), "decoder": input_ref(cfg.decoder, decoder_manifest)}
     wanted = digest_json({"config": cfg.identity(), "inputs": [v["content_id"] for v in inputs.values()]})
     state = claim_output(out, cfg.overwrite, resume_if_same("image-folder", wanted),
-                         different=f"{out} was made from other latents, decoder or settings; "
-                                   "pass --overwrite to replace it, or choose another --out",
+                         different=lambda old: describe_difference(
+                             out, cfg, old, {k: v["content_id"] for k, v in inputs.items()}),
                          foreign=f"{out} exists and is not a rae image folder; choose another --out")
     if state == "resume":  # scores of the unfinished folder no longer describe it
-        (out / "eval.json").unlink(missing_ok=True)
+        for stale in ("eval.json", Path(NPZ).stem + ".eval.json"):
+            (out / stale).unlink(missing_ok=True)
     if state:
         return state
     out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +173,7 @@ def _prepare_folder(cfg: DecodeConfig, store_manifest: dict, decoder_manifest: d
     return "new"
 
 
+@stage
 def run(cfg: DecodeConfig) -> dict:
     check_options(cfg)
     d = dist.init(cfg.device)

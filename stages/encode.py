@@ -27,12 +27,15 @@ from .options import AT_LEAST_1, check_options, option, precision_option
 from .images import (BadImage, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded, crop_batch_extra_bytes,
                      fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops, unpack_crop_batch)
 from .loader import SlotLoader
-from .manifest import (claim_output, create_artifact_dir, digest_json, new_manifest, read_manifest, resume_if_same,
-                       write_manifest)
+from .manifest import (claim_output, create_artifact_dir, describe_difference, digest_json, new_manifest,
+                       read_manifest, resume_if_same, write_manifest)
+from .outputs import stage
 from .progress import console, progress
 from .store import CODECS, LatentStore, Moments, claim_blocks, remove_store
 
 SOURCES = "sources.txt"
+# (size, mtime_ns) int64 [images, 2] of each source when listed: the decoder reads the images again later.
+SOURCE_STATS = "source_stats.npy"
 
 
 @dataclass
@@ -185,9 +188,9 @@ def _prepare_store(cfg: EncodeConfig, listing, identity: dict, enc_id: dict) -> 
     out = Path(cfg.out)
     wanted = {"config": identity, "encoder": enc_id, "images": listing.content_id()}
     state = claim_output(out, cfg.overwrite, resume_if_same("latent-store", digest_json(wanted)),
-                         different=f"{out} was made with a different configuration or input; "
-                                   "pass --overwrite to replace it, or choose another --out",
-                         foreign=f"{out} exists and is not a rae latent store; choose another --out")
+                         different=lambda old: describe_difference(out, cfg, old, {"images": listing.content_id()}),
+                         foreign=f"{out} exists and is not a rae latent store; choose another --out",
+                         intact=LatentStore)
     if state:
         return state
     n_images = len(listing.files)
@@ -202,18 +205,30 @@ def _prepare_store(cfg: EncodeConfig, listing, identity: dict, enc_id: dict) -> 
                             identity=digest_json(wanted), encoder=enc_id,
                             latent_shape=list(spec.latent_shape(cfg.image_size)), num_entries=len(src),
                             num_images=n_images, class_names=listing.class_names, sources_file=SOURCES,
-                            ignored_files=listing.ignored)
+                            source_stats_file=SOURCE_STATS, ignored_files=listing.ignored,
+                            unlisted_files=[list(s) for s in listing.skipped])
 
     def build(folder: Path) -> None:
         LatentStore.create(folder, len(src), spec.latent_shape(cfg.image_size), cfg.dtype, labels, src, flipped,
                            attrs, shard_size=cfg.shard_size, block_size=cfg.block_size, codec=cfg.codec)
         (folder / SOURCES).write_text("".join(f + "\n" for f in listing.files))
+        np.save(folder / SOURCE_STATS, np.asarray(listing.stats, dtype=np.int64).reshape(-1, 2))
         write_manifest(folder, manifest)
 
     create_artifact_dir(out, build)
     return "new"
 
 
+def _report_unlisted(skipped: list, shown: int = 10) -> None:
+    """What the listing left out (special files, dangling links, folder loops, rae artifacts)."""
+    for rel, why in skipped[:shown]:
+        console.print(f"[yellow]warning:[/] not listed: {rel}: {why}", highlight=False, soft_wrap=True)
+    if len(skipped) > shown:
+        console.print(f"[yellow]warning:[/] ... and {len(skipped) - shown} more (the store's manifest lists them as "
+                      "unlisted_files)", highlight=False)
+
+
+@stage
 def run(cfg: EncodeConfig) -> dict:
     _validate(cfg)
     d = dist.init(cfg.device)
@@ -222,6 +237,8 @@ def run(cfg: EncodeConfig) -> dict:
     cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device), resize=resize)
     resize_on_device = cfg.resize == "gpu"
     listing = list_images(cfg.data, cfg.limit)
+    if d.is_main:
+        _report_unlisted(listing.skipped)
     encoder, digest = build_encoder(cfg.encoder, cfg.image_size, weights=cfg.encoder_weights,
                                     pretrained=not cfg.random_init, seed=cfg.seed)
     enc_id = encoder_identity(cfg.encoder, cfg.image_size, digest, pretrained=not cfg.random_init)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError
-from .images import load_rgb
+from .images import load_rgb, walk_files
 from .manifest import atomic_replace, read_manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -28,13 +28,9 @@ def first_line(e: Exception) -> str:
 
 
 def _list_image_files(root: Path) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in filenames:
-            if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES):
-                out.append((Path(dirpath) / f).relative_to(root).as_posix())
-    return sorted(out)
+    """Image files under ``root`` as sorted relative posix paths; the safe walk leaves out symlink loops,
+    FIFOs, dangling links and rae artifacts inside the folder (never ``root`` itself)."""
+    return sorted(walk_files(root, IMAGE_SUFFIXES)[0])
 
 
 def _npz_member(path: Path, name: str) -> tuple[tuple, np.dtype, int | None]:

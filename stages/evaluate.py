@@ -15,6 +15,7 @@ Inception features.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,9 @@ from .eval_inputs import ImageSet, artifact_content_id
 from .eval_nets import (DINOV2_DEFAULT, SPATIAL_CHANNELS, SPATIAL_DIM, SPATIAL_GRID, SPATIAL_LAYER, exact_float32,
                         load_dinov2, load_inception, load_store_encoder)
 from .eval_refs import Reference, RefStats, check_stats_identity, open_reference, save_ref_stats
-from .manifest import atomic_write_json, jsonable
+from .manifest import atomic_write_json, has_manifest, jsonable
 from .options import option
+from .outputs import stage
 from .progress import console
 from .weights import MissingWeightsError
 
@@ -49,8 +51,8 @@ class EvalConfig:
                          "order). With reconstructions vs originals, FID is rFID.")
     save_ref: str | None = option(None, "Write IMAGES' statistics (Inception mu/sigma, spatial mu_s/sigma_s and pool "
                                   "features, DINOv2 mu/sigma) to this .npz or .safetensors, for later --ref.", path=True)
-    out: str | None = option(None, "Where to write eval.json (default: inside the image folder, or NAME.eval.json "
-                             "beside an .npz).", path=True)
+    out: str | None = option(None, "Where to write eval.json (default: inside a `rae decode` folder; NAME.eval.json "
+                             "beside an .npz in a rae artifact folder, else in the current folder).", path=True)
     metrics: tuple[str, ...] = option(METRICS, "Comma-separated: fid, sfid (ADM's spatial FID: Inception mixed_6/conv, "
                                       "first 7 channels), is, pr (precision/recall), kid, fd_dinov2.")
     inception_weights: str | None = option(None, "torch-fidelity's Inception file (weights-inception-2015-12-05-"
@@ -82,9 +84,13 @@ class EvalConfig:
 
 
 def default_out(images: str | os.PathLike) -> Path:
-    """eval.json inside an image folder; ``NAME.eval.json`` beside an .npz."""
+    """Where eval.json goes without --out: never into a user's dataset. Inside a rae image folder (its
+    documented place, which `rae decode` clears on resume), ``NAME.eval.json`` beside an .npz of a rae
+    artifact folder, else ``NAME.eval.json`` in the current folder."""
     p = Path(images)
-    return p / "eval.json" if p.is_dir() else p.with_name(p.stem + ".eval.json")
+    if p.is_dir():
+        return p / "eval.json" if has_manifest(p) else Path.cwd() / f"{p.resolve().name or 'images'}.eval.json"
+    return p.with_name(p.stem + ".eval.json") if has_manifest(p.parent) else Path.cwd() / f"{p.stem}.eval.json"
 
 
 def fd_key(fd_model: str) -> str:
@@ -119,6 +125,12 @@ def _warn(d, msg: str) -> None:
         console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
 
 
+def _own_folder(cfg: EvalConfig) -> tuple[str, ...]:
+    """eval.json may go inside IMAGES when it is a ``rae decode`` folder (its documented place)."""
+    return ("IMAGES",) if Path(cfg.images).is_dir() and has_manifest(cfg.images) else ()
+
+
+@stage(allow_inside=_own_folder)
 def run(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.images``; returns (on every rank) the dict written to eval.json."""
     _validate(cfg)
@@ -139,8 +151,15 @@ def _run(cfg: EvalConfig, d) -> dict:
                            f"not the {ref.kind} file {ref.path}")
         if len(ref.images) != len(images):
             raise RaeError(f"--pairs: {len(images)} images but {len(ref.images)} reference images")
-        if images.files and ref.images.files and images.files != ref.images.files:
+        # A rae image folder's files are entry-numbered: paired by entry order by construction.
+        if (images.files and ref.images.files and images.files != ref.images.files
+                and not has_manifest(images.path) and not has_manifest(ref.images.path)):
             _warn(d, "--pairs: file names differ between the two folders; pairing by sorted order")
+    notes = []
+    if ref is not None and _same_images(images, ref.images):
+        notes.append("IMAGES and --ref are the same images: " + (
+            "the scores against its images are trivial (FID and sFID use its precomputed statistics)"
+            if ref.kind == "adm-ref-batch" else "FID and the other distances are 0 by construction"))
 
     pre = ref.stats if ref is not None and ref.stats is not None else RefStats()
     fd_name = {"fd_dinov2": fdk}
@@ -221,9 +240,31 @@ def _run(cfg: EvalConfig, d) -> dict:
     result = None
     if d.is_main:
         result = _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, dinov2, wanted,
-                         skipped, fdk)
+                         skipped, fdk, notes)
     result = dist.broadcast_object(result)
     return result
+
+
+def _arr0_crc(path: Path) -> int:
+    with zipfile.ZipFile(path) as z:
+        return z.getinfo("arr_0.npy").CRC
+
+
+def _same_images(images: ImageSet, other: ImageSet | None) -> bool:
+    """Whether the reference's images are IMAGES themselves (the same file or folder, or a copy): the
+    scores are then trivial, which the result says."""
+    if other is None:
+        return False
+    if os.path.samefile(images.path, other.path):
+        return True
+    if other.kind != images.kind or len(other) != len(images) or other.listing_sha256() != images.listing_sha256():
+        return False
+    # Listings are names and sizes (two decodes' samples.npz of one shape share theirs): the contents too,
+    # cheaply: the zip's CRC-32 of arr_0, or the bytes of the first, middle and last files.
+    if images.kind == "npz":
+        return _arr0_crc(images.path) == _arr0_crc(other.path)
+    return all((images.path / images.files[i]).read_bytes() == (other.path / other.files[i]).read_bytes()
+               for i in {0, len(images) // 2, len(images) - 1})
 
 
 def _reference_skips(ref: Reference | None, pre: RefStats, wanted: list[str],
@@ -249,7 +290,8 @@ def _reference_skips(ref: Reference | None, pre: RefStats, wanted: list[str],
     return skipped
 
 
-def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, dinov2, wanted, skipped, fdk) -> dict:
+def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, dinov2, wanted, skipped, fdk,
+            notes) -> dict:
     values: dict[str, float] = {}
 
     def want(m):
@@ -303,6 +345,7 @@ def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, 
         "rae_version": __version__,
         "metrics": values,
         "skipped": skipped,
+        "notes": notes,
         "num_images": len(images),
         "num_ref_images": len(ref.images) if ref is not None and ref.images is not None else None,
         # What was scored: its listing (file names and sizes) and, for a `rae decode` folder, its content id.
@@ -327,7 +370,7 @@ def _report(cfg, d, images, ref, pre, img_col, ref_col, pair_values, inception, 
         },
         "config": jsonable(cfg),
     }
-    out = Path(cfg.out) if cfg.out else default_out(cfg.images)
+    out = Path(os.path.abspath(cfg.out if cfg.out else default_out(cfg.images)))  # printed: where it really is
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
     result["written"] = str(out)

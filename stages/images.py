@@ -1,12 +1,17 @@
 """Image folders in, uint8 crops out: listing, robust loading and the ADM center crop."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
 import math
 import os
+import stat
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -14,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL import __version__ as PIL_VERSION
 
-from .errors import RaeError
+from .errors import ArtifactError, RaeError
 
 # Decompression-bomb guard stays on, but at a size real photographs never reach.
 Image.MAX_IMAGE_PIXELS = 400_000_000
@@ -27,60 +32,254 @@ class ImageList:
     labels: list[int]          # class index (sorted folder names, as torchvision's ImageFolder) or -1
     class_names: list[str]     # empty for a flat folder
     ignored: list[str]         # files at the root of a class-layout folder (not part of any class)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why) left out by the walk
+    stats: list[tuple[int, int]] = field(default_factory=list)    # (st_size, st_mtime_ns) of each of files
 
     def content_id(self) -> str:
         """Digest of the file list with sizes: a changed folder is detected on resume."""
         h = hashlib.sha256()
-        for rel in self.files:
-            h.update(f"{rel}\t{os.path.getsize(self.root / rel)}\n".encode())
+        sizes = ([s for s, _ in self.stats] if len(self.stats) == len(self.files)
+                 else [os.path.getsize(self.root / rel) for rel in self.files])
+        for rel, size in zip(self.files, sizes):
+            h.update(f"{rel}\t{size}\n".encode())
         return h.hexdigest()
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
-    return sorted(out)
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "unknown type"
+
+
+def _open_nonblocking(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """Open read-only without ever blocking (a plain open of a FIFO waits for a writer forever) and
+    fstat what was opened, so the caller can refuse anything that is not a regular file."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _is_rae_artifact(folder: str) -> bool:
+    """Whether ``folder`` holds a rae manifest (a JSON object with "kind"): rae's outputs put inside an
+    input folder must not be read back as images or become a class."""
+    try:
+        fd, st = _open_nonblocking(os.path.join(folder, "manifest.json"))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(st.st_mode):
+                return False
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "kind" in data
+
+
+class _Walk(NamedTuple):
+    files: list[tuple[tuple[str, ...], tuple[int, int]]]  # (parts relative to the root, (size, mtime_ns))
+    skipped: list[tuple[str, str]]                          # (relative posix path, why)
+    top_dirs: list[str]  # the root's subfolders that were entered or reached twice (not artifacts, not the root)
+
+
+def _walk(folder: Path, suffixes: tuple[str, ...] | None = None) -> _Walk:
+    """The walk behind ``walk_files``. Folders reached through fewer symlinks claim their real directory
+    first (all real subfolders, then through one symlink, ...), so a link to a folder that is also
+    listed directly is the one reported, whatever the names."""
+    try:
+        root_st = os.stat(folder)
+    except OSError as e:
+        raise RaeError(f"cannot read folder {folder}: {e.strerror}") from None
+    root_key = (root_st.st_dev, root_st.st_ino)
+    seen: dict[tuple[int, int], tuple[str, ...]] = {}  # real directory -> the path that walked it
+    files, skipped, top = [], [], {}
+    phase = [((), root_key)]
+    while phase:
+        later = []
+        stack = phase[::-1]
+        while stack:
+            parts, key = stack.pop()
+            rel = "/".join(parts)
+            if key in seen:
+                first = seen[key]
+                skipped.append((rel, f"repeats folder {'/'.join(first)} (a second link to it)" if first
+                                else "repeats the listed folder itself (a symlink loop)"))
+                continue
+            seen[key] = parts
+            path = os.path.join(folder, *parts)
+            try:
+                with os.scandir(path) as it:
+                    entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+            except OSError as e:
+                skipped.append((rel, f"unreadable folder ({e.strerror})"))
+                continue
+            if parts and any(e.name == "manifest.json" for e in entries) and _is_rae_artifact(path):
+                skipped.append((rel, "a rae artifact"))
+                if len(parts) == 1:
+                    del top[parts[0]]
+                continue
+            subdirs = []
+            for e in entries:
+                sub = parts + (e.name,)
+                if e.is_dir():
+                    try:
+                        st = e.stat()
+                    except OSError as err:
+                        skipped.append(("/".join(sub), f"unreadable folder ({err.strerror})"))
+                        continue
+                    key = (st.st_dev, st.st_ino)
+                    if not parts and key != root_key:
+                        top[e.name] = True
+                    (later if e.is_symlink() else subdirs).append((sub, key))
+                    continue
+                if suffixes and not e.name.lower().endswith(suffixes):
+                    continue
+                try:
+                    st = e.stat()
+                except FileNotFoundError:
+                    skipped.append(("/".join(sub), "dangling symlink" if e.is_symlink() else "vanished while listing"))
+                    continue
+                except OSError as err:
+                    skipped.append(("/".join(sub), f"unreadable ({err.strerror})"))
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    files.append((sub, (st.st_size, st.st_mtime_ns)))
+                else:
+                    skipped.append(("/".join(sub), f"not a regular file ({_file_kind(st.st_mode)})"))
+            stack += subdirs[::-1]
+        phase = later
+    files.sort(key=lambda f: f[0])  # as sorting the full paths did: part by part
+    skipped.sort(key=lambda s: s[0].split("/"))
+    return _Walk(files, skipped, list(top))
+
+
+def walk_files(folder: str | os.PathLike, suffixes=None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Regular files under ``folder`` (relative posix paths, sorted part by part) and what was left out
+    ((relative path, why)), safe against what hangs or pollutes a plain ``os.walk(followlinks=True)``.
+
+    Directory symlinks are followed but each real directory is walked once (a loop or a second link is
+    reported); FIFOs, sockets, devices and dangling symlinks are reported, never opened; subfolders that
+    are rae artifacts (a manifest.json with "kind") are reported and not entered, the folder itself
+    always is. Hidden entries are left out silently. ``suffixes`` keeps names ending (case-insensitively)
+    with one of them.
+    """
+    walk = _walk(Path(folder), tuple(s.lower() for s in suffixes) if suffixes else None)
+    return ["/".join(parts) for parts, _ in walk.files], walk.skipped
 
 
 def list_images(root: str | os.PathLike, limit: int | None = None) -> ImageList:
     """List an ImageNet-layout folder (one subfolder per class) or a flat folder (unlabelled).
 
-    Every visible file counts; those that turn out not to be images are skipped at load time with
-    a warning. ``limit`` keeps ``limit`` files evenly spread over the sorted list (so a subset of
-    ImageNet still covers every class).
+    Every visible regular file counts; those that turn out not to be images are skipped at load time
+    with a warning, what the walk leaves out is in ``skipped``. ``limit`` keeps ``limit`` files evenly
+    spread over the sorted list (so a subset of ImageNet still covers every class).
     """
     root = Path(root)
     if not root.exists():
         raise RaeError(f"input folder does not exist: {root}")
     if not root.is_dir():
         raise RaeError(f"input is not a folder: {root}")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files, labels, ignored = [], [], []
-    if subdirs:
-        class_names = [d.name for d in subdirs]
-        for idx, d in enumerate(subdirs):
-            for f in _visible_files(d):
-                files.append(str(f.relative_to(root)))
-                labels.append(idx)
-        ignored = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    walk = _walk(root)
+    class_names = sorted(walk.top_dirs)
+    files, labels, stats, ignored = [], [], [], []
+    if class_names:
+        index = {name: i for i, name in enumerate(class_names)}
+        counts = [0] * len(class_names)
+        for parts, st in walk.files:
+            if len(parts) == 1:
+                ignored.append(parts[0])
+                continue
+            files.append(os.sep.join(parts))
+            labels.append(index[parts[0]])
+            stats.append(st)
+            counts[index[parts[0]]] += 1
+        empty = [name for name, n in zip(class_names, counts) if n == 0]
+        if empty:
+            why = dict(walk.skipped).get(empty[0])
+            more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise RaeError(f"class folder {root / empty[0]}{more} holds no files{f' ({why})' if why else ''}: "
+                           "class indices are the sorted folder names (as torchvision's ImageFolder, which "
+                           "refuses empty class folders), so it would shift every later label; remove it or add images")
     else:
-        class_names = []
-        for f in _visible_files(root):
-            files.append(str(f.relative_to(root)))
+        for parts, st in walk.files:
+            files.append(os.sep.join(parts))
             labels.append(-1)
+            stats.append(st)
     if not files:
-        raise RaeError(f"no files found in {root} (expected images, in class subfolders or flat)")
+        hint = (f" ({len(walk.skipped)} entries skipped, e.g. {walk.skipped[0][0]}: {walk.skipped[0][1]})"
+                if walk.skipped else "")
+        raise RaeError(f"no files found in {root}{hint} (expected images, in class subfolders or flat)")
     if limit is not None and 0 < limit < len(files):
         keep = np.unique(np.linspace(0, len(files) - 1, limit).round().astype(np.int64))
         files = [files[i] for i in keep]
         labels = [labels[i] for i in keep]
-    return ImageList(root=root, files=files, labels=labels, class_names=class_names, ignored=sorted(ignored))
+        stats = [stats[i] for i in keep]
+    return ImageList(root=root, files=files, labels=labels, class_names=class_names, ignored=sorted(ignored),
+                     skipped=walk.skipped, stats=stats)
 
 
 class BadImage(Exception):
     """A file that cannot be turned into an RGB image; the message says why (one line)."""
+
+
+class SourceChanged(ArtifactError):
+    """A source image differs from the one a store was encoded from: training the decoder on it would
+    pair a latent with another image."""
+
+
+def _utc(ns: int) -> str:
+    """A modification time in UTC to the nanosecond (times that differ below a second must read differently)."""
+    return datetime.fromtimestamp(ns // 10**9, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 10**9:09d}Z"
+
+
+def _source_changed(path, what: str) -> SourceChanged:
+    return SourceChanged(f"{path} {what}: re-encode it with `rae encode ... --overwrite`, or restore the original "
+                         "(copies must keep modification times: cp -p, rsync -a)")
+
+
+def _changed(path, expect, size: int, mtime_ns: int) -> SourceChanged:
+    return _source_changed(path, f"changed since it was encoded (size {expect[0]} -> {size} bytes, modified at "
+                                 f"{_utc(mtime_ns)} vs {_utc(expect[1])} recorded)")
+
+
+def check_sources(root: str | os.PathLike, files: list[str], stats, progress_label: str | None = None) -> None:
+    """Raise ``SourceChanged`` for the first of ``files`` (in list order) that is missing or whose size
+    or modification time differ from ``stats`` ((st_size, st_mtime_ns) each), without opening any:
+    the decoder trains on a store's source images, which must still be the ones encoded. Stats run
+    on threads, since on a network filesystem each one is a round trip."""
+    root = str(root)
+    if len(files) != len(stats):
+        raise ValueError("files and stats differ in length")
+    chunk = 256
+    starts = range(0, len(files), chunk)
+
+    def check(start: int):
+        for i in range(start, min(start + chunk, len(files))):
+            path = os.path.join(root, files[i])
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return _source_changed(path, "is missing (deleted or moved since it was encoded)")
+            except OSError as e:
+                return _source_changed(path, f"cannot be read since it was encoded ({e.strerror})")
+            if (st.st_size, st.st_mtime_ns) != tuple(stats[i]):
+                return _changed(path, stats[i], st.st_size, st.st_mtime_ns)
+        return None
+
+    if progress_label is None:
+        bar = contextlib.nullcontext(lambda n=1: None)
+    else:
+        from .progress import progress
+
+        bar = progress(len(files), progress_label, unit="file")
+    with bar as advance, ThreadPoolExecutor(max_workers=max(1, min(32, len(starts)))) as pool:
+        for start, error in zip(starts, pool.map(check, starts)):
+            if error is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise error
+            advance(min(chunk, len(files) - start))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -101,14 +300,29 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_rgb(path: str | os.PathLike, min_size: int = 16) -> Image.Image:
-    """Open, fully decode and convert one image; raise BadImage (one-line reason) if impossible."""
+def load_rgb(path: str | os.PathLike, min_size: int = 16, expect: tuple[int, int] | None = None) -> Image.Image:
+    """Open, fully decode and convert one image; raise BadImage (one-line reason) if impossible.
+
+    Never blocks on a FIFO or device (opened non-blocking, refused unless a regular file). With
+    ``expect`` ((st_size, st_mtime_ns) recorded when encoded), a file that differs raises SourceChanged.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's EXIF / palette chatter
-            with Image.open(path) as im:
-                im.load()
-                img = to_rgb(im)
+        fd, st = _open_nonblocking(path)
+    except FileNotFoundError:
+        raise BadImage("missing: deleted or moved since it was listed") from None
+    except OSError as e:
+        raise BadImage(f"unreadable: {e.strerror or type(e).__name__}") from None
+    try:
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(st.st_mode):
+                raise BadImage(f"not a regular file ({_file_kind(st.st_mode)})")
+            if expect is not None and (st.st_size, st.st_mtime_ns) != tuple(expect):
+                raise _changed(path, expect, st.st_size, st.st_mtime_ns)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PIL's EXIF / palette chatter
+                with Image.open(f) as im:
+                    im.load()
+                    img = to_rgb(im)
     except UnidentifiedImageError:
         raise BadImage("not an image (or an unsupported format)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -30,11 +30,13 @@ import torch
 from .checkpoint import save_weights
 from .encoders import UNKNOWN_DIGEST, encoder_identity, spec_for
 from .errors import RaeError
-from .manifest import claim_output, new_manifest, write_manifest
+from .manifest import (claim_output, file_records, has_manifest, new_manifest, read_manifest, verify_files,
+                       write_manifest)
 from .models import decoder as decoder_model
 from .models import dit as dit_model
 from .options import option
-from .runs import (DECODER_EMA, DECODER_RAW, DIFFUSION_EMA, DIFFUSION_RAW, NORM_EPS, STATS, decoder_config,
+from .outputs import stage
+from .runs import (CONFIG, DECODER_EMA, DECODER_RAW, DIFFUSION_EMA, DIFFUSION_RAW, NORM_EPS, STATS, decoder_config,
                    diffusion_config, training_shift, write_config)
 from .weights import MissingWeightsError, cached_pretrained_file, read_torch_file, sha256_file
 
@@ -161,6 +163,8 @@ def load_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     (``rae import stats``, or any decoder or diffusion run)."""
     path = Path(path)
     if path.is_dir():
+        if has_manifest(path):
+            verify_files(path, read_manifest(path, require_complete=False))
         path = path / STATS
         if not path.is_file():
             raise RaeError(f"{path.parent} holds no {STATS} (make one with `rae import stats stat.pt --out DIR`)")
@@ -236,7 +240,8 @@ def _finish_run(out: Path, manifest: dict, files: dict[str, dict[str, torch.Tens
     for name, tensors in files.items():
         save_weights(out / name, tensors)
     write_config(out, config)
-    manifest.update(content_id=sha256_file(out / content_file), complete=True)
+    records = file_records(out, [*files, CONFIG])
+    manifest.update(files=records, content_id=records[content_file]["sha256"], complete=True)
     write_manifest(out, manifest)
 
 
@@ -403,6 +408,7 @@ def import_diffusion(cfg: ImportConfig) -> dict:
                      f"{sum(v.numel() for v in sets['ema'].values()) / 1e6:.2f}M parameters"}
 
 
+@stage
 def run(cfg: ImportConfig) -> dict:
     _validate(cfg)
     return {"decoder": import_decoder, "stats": import_stats, "diffusion": import_diffusion}[cfg.kind](cfg)

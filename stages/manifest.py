@@ -54,19 +54,34 @@ def remove_temporaries(root: str | os.PathLike) -> int:
     return n
 
 
-def claim_output(out: str | os.PathLike, overwrite: bool, reuse, different, foreign: str) -> str | None:
-    """Where a stage is to write its artifact, decide what to do with what is already there.
+def claim_output(out: str | os.PathLike, overwrite: bool, reuse, different, foreign: str, intact=None) -> str | None:
+    """Where a stage is to write its artifact, become its only writer (``stages.outputs``), then
+    decide what to do with what is already there.
 
     ``reuse(manifest)`` looks at a rae artifact at ``out``: "done" or "resume" (returned as they
     are) when it is this stage's own, with the same identity; "replace" to replace it even without
     ``overwrite`` (an interrupted import); None for another one, which is deleted with ``overwrite``
     and refused otherwise with ``different`` (a message, or a function of the manifest making one).
+    ``intact(out)`` raises ArtifactError when an artifact to be reused cannot be read (a folder left
+    broken by a crash or an older rae): replaced with ``overwrite``, refused otherwise.
     A folder that holds anything but is no rae artifact is never touched: refused with ``foreign``.
     Returns None when ``out`` is then absent or an empty folder."""
+    from .outputs import claim_writer
+    from .progress import console
+
+    claim_writer(out, say=lambda line: console.print(line, highlight=False, soft_wrap=True))
     out = Path(out)
     if (out / MANIFEST).is_file():
         old = read_manifest(out, require_complete=False)
         state = reuse(old)
+        if state in ("done", "resume") and intact is not None:
+            try:
+                intact(out)
+            except ArtifactError as e:
+                if not overwrite:
+                    raise ArtifactError(f"{out} is damaged and cannot be resumed ({e}); pass --overwrite to "
+                                        "replace it") from None
+                state = "replace"
         if state in ("done", "resume"):
             return state
         if state != "replace" and not overwrite:
@@ -75,6 +90,23 @@ def claim_output(out: str | os.PathLike, overwrite: bool, reuse, different, fore
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ArtifactError(foreign)
     return None
+
+
+def describe_difference(out, cfg, old: dict, inputs: dict[str, str | None] | None = None) -> str:
+    """Why the artifact whose manifest is ``old`` is not the one ``cfg`` asks for, as one line: the
+    options that differ (``--lr 0.0001 there, 0.0002 here``; run settings, ``cfg.RUN_ONLY``, never do)
+    and the inputs (``{name: content id now}``) whose content differs. Ends with what to do."""
+    from .options import field_flag
+
+    was, now = old.get("config") or {}, jsonable(cfg)
+    run_only = set(getattr(cfg, "RUN_ONLY", ()))
+    parts = [f"{field_flag(f)} {json.dumps(was[f.name])} there, {json.dumps(now[f.name])} here"
+             for f in dataclasses.fields(cfg)
+             if f.name not in run_only and f.name in was and was[f.name] != now[f.name]]
+    parts += [f"another {name} (other content)" for name, cid in (inputs or {}).items()
+              if (old.get("inputs", {}).get(name) or {}).get("content_id") != cid]
+    what = "; ".join(parts) if parts else "made by another rae version or with another encoder"
+    return f"{out} was made differently ({what}); pass --overwrite to replace it, or choose another --out"
 
 
 def resume_if_same(kind: str, identity: str):
@@ -90,17 +122,22 @@ def resume_if_same(kind: str, identity: str):
 def create_artifact_dir(out: str | os.PathLike, build) -> None:
     """Make a new artifact folder: ``build(folder)`` fills a staging folder beside ``out`` (its
     manifest included), which is then renamed to ``out`` in one step. A kill leaves either no ``out``
-    or one with its manifest, never a folder that no command recognises; staging folders of killed
-    runs are removed by the next. ``out`` must not exist (or be an empty folder)."""
+    or one with its manifest, never a folder that no command recognises; a failure removes its own
+    staging folder, and those of killed runs are removed by the next (the caller is the output's only
+    writer: ``claim_output``). ``out`` must not exist (or be an empty folder)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.creating*"):
         shutil.rmtree(stale, ignore_errors=True)
     staging = out.parent / f".{out.name}.creating{os.getpid()}"
-    build(staging)
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    os.replace(staging, out)
+    try:
+        build(staging)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -186,6 +223,55 @@ def read_manifest(directory: str | os.PathLike, kind: str | tuple[str, ...] | No
     if require_complete and not manifest.get("complete", False):
         raise ArtifactError(f"{directory} is unfinished (its stage was interrupted): run the command that made it again to complete it")
     return manifest
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(directory: str | os.PathLike, names) -> dict[str, dict]:
+    """What a finished artifact's files are (``manifest["files"]``): size, modification time and
+    sha256 of each of ``names`` that exists, so that a file swapped or edited afterwards is caught."""
+    records = {}
+    for name in names:
+        path = Path(directory) / name
+        if path.is_file():
+            st = path.stat()
+            records[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+    return records
+
+
+def changed_files(directory: str | os.PathLike, manifest: dict) -> list[tuple[str, str]]:
+    """The recorded files (``file_records``) that are no longer what was written, with why. Size and
+    modification time unchanged: trusted without reading; otherwise the content is hashed, so a copy
+    with new times but the same bytes passes."""
+    changed = []
+    for name, rec in (manifest.get("files") or {}).items():
+        path = Path(directory) / name
+        try:
+            st = path.stat()
+        except OSError:
+            changed.append((name, "missing"))
+            continue
+        if st.st_size != rec["size"]:
+            changed.append((name, f"{rec['size']} bytes when written, {st.st_size} now"))
+        elif st.st_mtime_ns != rec["mtime_ns"] and sha256_file(path) != rec["sha256"]:
+            changed.append((name, "its content differs from what was written"))
+    return changed
+
+
+def verify_files(directory: str | os.PathLike, manifest: dict) -> None:
+    """Refuse, in one line, an artifact whose recorded files were changed after it was finished."""
+    changed = changed_files(directory, manifest)
+    if changed:
+        name, why = changed[0]
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ArtifactError(f"{Path(directory) / name} was changed after rae wrote it ({why}){more}; restore it, "
+                            "or make the artifact again with the command that made it")
 
 
 def input_ref(directory: str | os.PathLike, manifest: dict) -> dict:

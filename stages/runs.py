@@ -25,7 +25,7 @@ import torch.nn as nn
 from . import flow
 from .checkpoint import load_weights
 from .errors import ArtifactError
-from .manifest import atomic_write_json, read_manifest
+from .manifest import atomic_write_json, read_manifest, verify_files
 from .models.decoder import DECODER_SIZES, ViTDecoder
 from .models.dit import DiT, DiTDH
 
@@ -34,6 +34,9 @@ STATS = "latent_stats.safetensors"
 DECODER_EMA, DECODER_RAW = "decoder_ema.safetensors", "decoder.safetensors"
 DIFFUSION_EMA, DIFFUSION_RAW = "model_ema.safetensors", "model.safetensors"
 NORM_EPS = 1e-5
+# What a finished run's manifest records (``manifest.file_records``) and every load checks.
+DECODER_FILES = (DECODER_EMA, DECODER_RAW, CONFIG, STATS)
+DIFFUSION_FILES = (DIFFUSION_EMA, DIFFUSION_RAW, CONFIG, STATS)
 MODEL_CLASSES = {"DiT": DiT, "DiTDH": DiTDH}
 
 
@@ -85,6 +88,7 @@ def load_decoder_run(run_dir: str | os.PathLike, device="cpu", ema: bool = True)
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir, kind="decoder-run", what="decoder run")
+    verify_files(run_dir, manifest)
     config = read_config(run_dir)
     decoder = ViTDecoder(**_decoder_kwargs(config))
     weights = run_dir / (DECODER_EMA if ema else DECODER_RAW)
@@ -176,6 +180,7 @@ def load_diffusion_run(run_dir: str | os.PathLike, ema: bool = True,
     """A complete diffusion run; ``ema``: the EMA weights (what the paper samples with) or the raw model's."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir, kind="diffusion-run", what="diffusion run")
+    verify_files(run_dir, manifest)
     config = read_config(run_dir)
     spec = config["model"]
     if spec["class"] not in MODEL_CLASSES:

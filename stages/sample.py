@@ -25,8 +25,9 @@ from . import dist, flow
 from .errors import RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options, option, precision_option
 from .models import fp8
-from .manifest import (claim_output, create_artifact_dir, digest_json, input_ref, jsonable, new_manifest,
-                       read_manifest, resume_if_same, write_manifest)
+from .manifest import (claim_output, create_artifact_dir, describe_difference, digest_json, input_ref, jsonable,
+                       new_manifest, read_manifest, resume_if_same, write_manifest)
+from .outputs import stage
 from .progress import progress
 from .runs import DiffusionRun, load_diffusion_run
 from .store import CODECS, LatentStore, claim_blocks
@@ -123,9 +124,10 @@ def _prepare_store(cfg: SampleConfig, run: DiffusionRun, guide: DiffusionRun | N
         inputs["guide"] = input_ref(guide.path, guide.manifest)
     wanted = digest_json({"config": cfg.identity(), "inputs": [v["content_id"] for v in inputs.values()]})
     state = claim_output(out, cfg.overwrite, resume_if_same("sample-store", wanted),
-                         different=f"{out} was made with different settings or models; "
-                                   "pass --overwrite to replace it, or choose another --out",
-                         foreign=f"{out} exists and is not a rae sample store; choose another --out")
+                         different=lambda old: describe_difference(
+                             out, cfg, old, {k: v["content_id"] for k, v in inputs.items()}),
+                         foreign=f"{out} exists and is not a rae sample store; choose another --out",
+                         intact=LatentStore)
     if state:
         return state
     num_classes = run.num_classes
@@ -167,6 +169,7 @@ def make_velocity(cfg: SampleConfig, model, y: torch.Tensor, null_label: int, gu
                                 guide_model=guide_model, null_label=null_label)
 
 
+@stage
 def run(cfg: SampleConfig) -> dict:
     _validate(cfg)
     d = dist.init(cfg.device)

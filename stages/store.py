@@ -293,11 +293,21 @@ class LatentStore:
         if not (self.path / "zarr.json").is_file():
             raise ArtifactError(f"{self.path} is not a latent store (no zarr.json)")
         self.group = zarr.open_group(str(self.path), mode=mode)
-        self.latents = self.group["latents"]
-        self.labels = self.group["labels"]
-        self.source_index = self.group["source_index"]
-        self.flipped = self.group["flipped"]
-        self.valid = self.group["valid"]
+        try:
+            self.latents = self.group["latents"]
+            self.labels = self.group["labels"]
+            self.source_index = self.group["source_index"]
+            self.flipped = self.group["flipped"]
+            self.valid = self.group["valid"]
+        except KeyError as e:
+            raise ArtifactError(f"{self.path} has no {e.args[0]} array: the store is damaged; make it again with "
+                                "the command that made it and --overwrite") from None
+        n = self.latents.shape[0]
+        for name in ("labels", "source_index", "flipped", "valid"):
+            if self.group[name].shape != (n,):
+                raise ArtifactError(f"{self.path}/{name} has shape {list(self.group[name].shape)}, but the store holds "
+                                    f"{n} entries: the store is damaged; make it again with the command that made it "
+                                    "and --overwrite")
         self.attrs = dict(self.group.attrs)
         self.block_size = int(self.attrs["block_size"])
         self.shard_size = int(self.attrs["shard_size"])

@@ -27,19 +27,19 @@ import torch
 
 from . import dist
 from .checkpoint import resume_state, save_checkpoint, save_weights
-from .data import BatchPlan, StoreReader, batches
+from .data import BatchPlan, StoreReader, batches, check_source_images
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, option, precision_option
 from .decoder_training import DecoderTraining, Schedule, build_loss_networks
-from .manifest import (claim_output, digest_json, input_ref, jsonable, new_manifest, read_manifest, remove_temporaries,
-                       resume_if_same, write_manifest)
+from .manifest import (claim_output, describe_difference, digest_json, file_records, input_ref, jsonable,
+                       new_manifest, read_manifest, remove_temporaries, resume_if_same, write_manifest)
 from .models.decoder import DECODER_SIZES, ViTDecoder
 from .models.discriminator import DINO_TIMM_NAME
+from .outputs import stage
 from .progress import console, progress
 from .runlog import append_metrics, plot_metrics, truncate_metrics
-from .runs import DECODER_EMA, DECODER_RAW, STATS, decoder_config, write_config
+from .runs import DECODER_EMA, DECODER_FILES, DECODER_RAW, STATS, decoder_config, write_config
 from .store import open_complete_store
-from .weights import sha256_file
 
 
 @dataclass
@@ -181,10 +181,7 @@ def _why_different(cfg: TrainDecoderConfig, old: dict, wanted: dict) -> str:
     if old.get("inputs", {}).get("latents", {}).get("content_id") != wanted["store"]:
         return (f"{out} was trained on another latent store than {cfg.latents} (same encoder, other content); "
                 "pass the store it was trained on, or --overwrite to start over")
-    changed = sorted(k for k in set(wanted["config"]) | set(old.get("config", {}))
-                     if k not in cfg.RUN_ONLY and old.get("config", {}).get(k) != wanted["config"].get(k))
-    return (f"{out} was made with a different configuration ({', '.join(changed) or 'format'}); "
-            "pass --overwrite to replace it, or choose another --out")
+    return describe_difference(out, cfg, old)
 
 
 def _prepare_run(cfg: TrainDecoderConfig, wanted: dict, identity: str, store_manifest: dict) -> str:
@@ -325,12 +322,23 @@ def _plot(out: Path, records: list[dict]) -> None:
 # run
 
 
+def source_images(cfg: TrainDecoderConfig) -> dict[str, str]:
+    """The image folder the store was encoded from: the decoder reads it too (an input as --latents is)."""
+    try:
+        path = read_manifest(cfg.latents, require_complete=False)["inputs"]["images"]["path"]
+    except (ArtifactError, KeyError, TypeError):
+        return {}  # the stage itself says what is wrong with the store
+    return {"the source images of --latents": path}
+
+
+@stage(extra_inputs=source_images)
 def run(cfg: TrainDecoderConfig) -> dict:
     _validate(cfg)
     d = dist.init(cfg.device)
     cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device))  # as the manifest says
     out = Path(cfg.out)
     store_manifest, store = open_complete_store(cfg.latents, kind=("latent-store",))
+    dist.main_decides(lambda: check_source_images(store, store_manifest))  # before anything is written
     arch = decoder_architecture(cfg, store_manifest["encoder"], store.latent_shape)
     plan = BatchPlan.for_store(store, cfg.batch_size, cfg.seed, d.rank, d.world)
     if (cfg.batch_size // d.world) % cfg.grad_accum:
@@ -446,7 +454,8 @@ def _finalize(training: DecoderTraining, previews, out: Path, records: list[dict
     _plot(out, records)
     remove_temporaries(out)
     manifest = read_manifest(out, require_complete=False)
-    manifest["content_id"] = sha256_file(out / DECODER_EMA)
+    manifest["files"] = file_records(out, DECODER_FILES)
+    manifest["content_id"] = manifest["files"][DECODER_EMA]["sha256"]
     manifest["final_metrics"] = records[-1] if records else {}
     manifest["complete"] = True
     write_manifest(out, manifest)

@@ -34,15 +34,15 @@ from .data import BatchPlan, StoreReader, batches
 from .diffusion_training import Schedule, Trainer, learning_rate
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, flag, option, precision_option
-from .manifest import (claim_output, create_artifact_dir, digest_json, input_ref, jsonable, new_manifest,
-                       read_manifest, remove_temporaries, write_manifest)
+from .manifest import (claim_output, create_artifact_dir, describe_difference, digest_json, file_records, input_ref,
+                       jsonable, new_manifest, read_manifest, remove_temporaries, write_manifest)
 from .models.dit import DIT_SIZES, create_dit, width_rule_warning
+from .outputs import stage
 from .progress import console, progress
 from .runlog import append_metrics, plot_metrics, read_metrics, truncate_metrics
-from .runs import (DIFFUSION_EMA, DIFFUSION_RAW, STATS, denormalize, diffusion_config, normalize, training_shift,
+from .runs import (CONFIG, DIFFUSION_EMA, DIFFUSION_FILES, DIFFUSION_RAW, STATS, denormalize, diffusion_config, normalize, training_shift,
                    write_config)
 from .store import open_complete_store
-from .weights import sha256_file
 
 
 @dataclass
@@ -225,6 +225,13 @@ def _open_latents(cfg: TrainDiffusionConfig, d: dist.Dist) -> _Latents:
                     torch.from_numpy(mean.copy()), torch.from_numpy(var.copy()))
 
 
+def _intact(out: Path) -> None:
+    """A run to resume has what its creation wrote in one step (written before anything else)."""
+    for name in (CONFIG, STATS):
+        if not (out / name).is_file():
+            raise ArtifactError(f"it has no {name}")
+
+
 def _prepare_run(cfg: TrainDiffusionConfig, identity: str, config: dict, manifest: dict, latents: _Latents,
                  total_steps: int) -> str:
     """Rank 0: create, resume or refuse the run directory. Returns "new", "resume" or "done"."""
@@ -236,9 +243,9 @@ def _prepare_run(cfg: TrainDiffusionConfig, identity: str, config: dict, manifes
         return None
 
     state = claim_output(out, cfg.overwrite, reuse,
-                         different=f"{out} holds a run made with a different configuration or latent store; "
-                                   "pass --overwrite to replace it, or choose another --out",
-                         foreign=f"{out} exists and is not a rae run; choose another --out")
+                         different=lambda old: describe_difference(
+                             out, cfg, old, {"latents": latents.manifest.get("content_id")}),
+                         foreign=f"{out} exists and is not a rae run; choose another --out", intact=_intact)
     if state:
         return state
 
@@ -318,6 +325,7 @@ def _resolve_workers(n: int) -> int:
     return max(0, min(16, per_process - 1))
 
 
+@stage
 def run(cfg: TrainDiffusionConfig) -> dict:
     _validate(cfg)
     d = dist.init(cfg.device)
@@ -424,7 +432,8 @@ def _finish(out: Path, trainer: Trainer, cfg: TrainDiffusionConfig, latents: _La
     _plot(out, records)
     remove_temporaries(out)
     manifest = read_manifest(out, require_complete=False)
-    manifest.update(step=total_steps, content_id=sha256_file(out / DIFFUSION_EMA), complete=True)
+    files = file_records(out, DIFFUSION_FILES)
+    manifest.update(step=total_steps, files=files, content_id=files[DIFFUSION_EMA]["sha256"], complete=True)
     write_manifest(out, manifest)
 
 

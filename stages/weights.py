@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import RaeError
+from .manifest import sha256_file  # noqa: F401  (re-exported: the stages hash weights with it)
 
 
 class MissingWeightsError(RaeError):
@@ -30,17 +31,6 @@ class MissingWeightsError(RaeError):
 
 class WeightsFileError(RaeError):
     """Raised when a weights file exists but cannot be read (corrupt, truncated, wrong format)."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:

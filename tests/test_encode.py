@@ -353,7 +353,11 @@ def test_a_kill_at_every_step_of_the_end_resumes_to_the_same_store(finished_stor
 
 def test_a_kill_while_the_store_is_created_leaves_nothing_a_rerun_refuses(demo_images, tmp_path, monkeypatch):
     """The store is built under a staging name and renamed into place with its manifest: killed
-    before (here: at the manifest write), there is no half-made `--out` and the same command works."""
+    before (here: at the manifest write), there is no half-made `--out`, the interrupted run removed
+    its staging folder and gave back the output's lock, and the same command works. (A SIGKILL leaves
+    the staging folder: the next run removes it, test_nothing_lost.)"""
+    from stages.outputs import lock_path
+
     import stages.encode as encode_mod
 
     original = encode_mod.write_manifest
@@ -366,6 +370,7 @@ def test_a_kill_while_the_store_is_created_leaves_nothing_a_rerun_refuses(demo_i
     with pytest.raises(KeyboardInterrupt):
         run(_cfg(demo_images, out, flip=True))
     monkeypatch.setattr(encode_mod, "write_manifest", original)
-    assert not out.exists() and list(tmp_path.glob(".x.zarr.creating*"))  # only the staging folder
+    assert not out.exists() and not list(tmp_path.glob(".x.zarr.*"))  # neither staging folder nor lock
+    assert not lock_path(out).exists()
     run(_cfg(demo_images, out, flip=True))
     assert read_manifest(out)["complete"] and not list(tmp_path.glob(".x.zarr.creating*"))

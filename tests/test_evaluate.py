@@ -24,6 +24,7 @@ from stages.eval_inputs import ImageSet, read_adm_npz, save_adm_npz
 from stages.eval_nets import inception_cache_path, load_dinov2, load_inception
 from stages.eval_refs import RefStats, load_ref_stats, open_reference, save_ref_stats
 from stages.evaluate import EvalConfig, run
+from stages.manifest import new_manifest, write_manifest
 from stages.weights import MissingWeightsError, WeightsFileError
 
 U64, U16 = 2.0**-53, 2.0**-11
@@ -35,6 +36,13 @@ def _write_folder(folder: Path, images: np.ndarray) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
         Image.fromarray(im).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _rae_image_folder(folder: Path, images: np.ndarray) -> Path:
+    """A finished `rae decode` folder as eval sees it: numbered PNGs and a complete image-folder manifest."""
+    _write_folder(folder, images)
+    write_manifest(folder, {**new_manifest("image-folder", None), "complete": True})
     return folder
 
 
@@ -85,6 +93,12 @@ def folders(tmp_path_factory):
     a = _write_folder(root / "a", _smooth_images(4, 48, seed=0))
     b = _write_folder(root / "b", _smooth_images(4, 48, seed=1, brightness=60))
     return a, b
+
+
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path, monkeypatch):
+    """Results written by default to the current folder go to the test's own."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -220,7 +234,7 @@ def test_eval_end_to_end_fid_is_pr_kid_then_save_ref_and_reuse(torch_home, folde
     # FID(A, B) = 10.3 here; IS = exp(KL) >= 1 (KL = 4e-5 here, float64 rounding ~1e-13)
     assert np.isfinite(m["fid"]) and m["fid"] > 1 and m["is"] >= 1.0 and 0 <= m["precision"] <= 1
     assert r["num_images"] == 4 and r["num_ref_images"] == 4 and r["fid_reference"] == "computed from the reference images"
-    on_disk = json.loads((a / "eval.json").read_text())
+    on_disk = json.loads((tmp_path / "a.eval.json").read_text())  # a is no rae folder: not written into it
     assert on_disk["metrics"] == m  # JSON writes floats with repr: exact round trip
     assert on_disk["extractors"]["inception"]["weights_sha256"] == r["extractors"]["inception"]["weights_sha256"]
     assert len(on_disk["reference"]["stats_sha256"]) == 64 and on_disk["reference"]["kind"] == "folder"
@@ -283,7 +297,7 @@ def test_offline_eval_reports_psnr_ssim_and_fd_and_says_what_it_skipped(no_cache
     assert 25 < m["psnr"] < 40 and 0 < m["ssim"] < 1 and m[f"fd_{DINO_SMALL}"] > 0
     assert set(r["skipped"]) == {"fid", "sfid", "is", "pr", "kid"}
     assert all(INCEPTION_FILE in why for why in r["skipped"].values())
-    assert (tmp_path / "recon.eval.json").is_file()  # beside the .npz
+    assert r["written"] == str(tmp_path / "recon.eval.json")  # in the current folder (the test's tmp_path)
 
 
 def test_save_ref_of_an_adm_batch_keeps_its_fid_statistics(no_cache, dino_file, tmp_path):
@@ -415,7 +429,81 @@ def test_cli_prints_a_table_and_user_errors_as_one_line(no_cache, folders, tmp_p
                              "--out", str(tmp_path / "e.json")])
     assert ok.exit_code == 0, ok.output
     assert "PSNR" in ok.output and "SSIM" in ok.output and "skipped" in ok.output
+    assert f"note: {SAME}" in ok.output and f"wrote {tmp_path / 'e.json'}" in ok.output
     # SSIM of images with themselves: every window's ratio is 1 within 8 u64 (see test_metrics)
     assert json.loads((tmp_path / "e.json").read_text())["metrics"]["ssim"] == pytest.approx(1.0, rel=1e-14)
     bad = runner.invoke(app, ["eval", str(tmp_path / "missing"), "--offline"])
     assert bad.exit_code == 1 and "error:" in bad.output and "not found" in bad.output
+
+
+# ---------------------------------------------------------------- where results go, what they say
+
+
+def test_eval_json_goes_into_rae_folders_only_and_else_to_the_current_folder(folders, tmp_path, monkeypatch):
+    ref = folders[1]
+    data, cwd = tmp_path / "data", tmp_path / "cwd"
+    mine = _write_folder(data / "mine", _smooth_images(4, 48, seed=2))
+    save_adm_npz(data / "mine.npz", _smooth_images(4, 48, seed=2))
+    decoded = _rae_image_folder(tmp_path / "decoded", _smooth_images(4, 48, seed=3))
+    save_adm_npz(decoded / "samples.npz", _smooth_images(4, 48, seed=3))
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def written(images):
+        return Path(run(EvalConfig(images=str(images), ref=str(ref), pairs=True, metrics=(), num_workers=0,
+                                   device="cpu"))["written"])
+
+    before = sorted(data.rglob("*"))
+    # A user's folder or .npz is never written into (nor beside): NAME.eval.json in the current folder.
+    assert written(mine) == cwd / "mine.eval.json" and written(data / "mine.npz") == cwd / "mine.eval.json"
+    assert written(Path("..") / "data" / "mine") == cwd / "mine.eval.json"  # a relative path: printed absolute
+    assert sorted(data.rglob("*")) == before
+    # A `rae decode` folder keeps its eval.json inside, and its samples.npz its NAME.eval.json beside it.
+    assert written(decoded) == decoded / "eval.json"
+    assert written(decoded / "samples.npz") == decoded / "samples.eval.json"
+    assert json.loads((decoded / "eval.json").read_text())["num_images"] == 4
+    assert sorted(p.name for p in cwd.iterdir()) == ["mine.eval.json"]
+
+
+SAME = "IMAGES and --ref are the same images: FID and the other distances are 0 by construction"
+
+
+def test_images_scored_against_themselves_say_so(folders, tmp_path):
+    a, b = folders
+
+    def notes(images, ref):
+        r = run(EvalConfig(images=str(images), ref=str(ref), pairs=True, metrics=(), num_workers=0, device="cpu",
+                           out=str(tmp_path / "e.json")))
+        assert json.loads((tmp_path / "e.json").read_text())["notes"] == r["notes"]
+        return r["notes"]
+
+    (tmp_path / "link").symlink_to(a)
+    copy = _write_folder(tmp_path / "copy", np.stack([np.asarray(Image.open(p)) for p in sorted(a.glob("*.png"))]))
+    assert notes(a, a) == notes(a, tmp_path / "link") == notes(copy, a) == [SAME]
+    assert notes(a, b) == []
+    (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
+    save_adm_npz(tmp_path / "x" / "s.npz", _smooth_images(4, 16, seed=5))
+    save_adm_npz(tmp_path / "y" / "s.npz", _smooth_images(4, 16, seed=6))  # same name, size and shape: not the same
+    (tmp_path / "s_link.npz").symlink_to(tmp_path / "x" / "s.npz")
+    assert notes(tmp_path / "x" / "s.npz", tmp_path / "s_link.npz") == [SAME]
+    assert notes(tmp_path / "x" / "s.npz", tmp_path / "y" / "s.npz") == []
+
+
+def test_pairs_warn_about_differing_names_only_between_two_plain_folders(folders, tmp_path, capsys):
+    a = folders[0]
+    images = _smooth_images(4, 48, seed=4)
+    decoded = _rae_image_folder(tmp_path / "decoded", images)  # 000.png ...
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(plain / f"img_{i}.png")
+    warning = "file names differ between the two folders"
+
+    def pairs(x, y):
+        capsys.readouterr()
+        run(EvalConfig(images=str(x), ref=str(y), pairs=True, metrics=(), num_workers=0, device="cpu",
+                       out=str(tmp_path / "e.json")))
+        return capsys.readouterr().err
+
+    assert warning not in pairs(decoded, plain) and warning not in pairs(plain, decoded)
+    assert warning in pairs(a, plain)

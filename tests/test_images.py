@@ -1,9 +1,16 @@
+import contextlib
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from stages.errors import RaeError
-from stages.images import BadImage, center_crop_arr, list_images, load_rgb
+from stages.errors import ArtifactError, RaeError
+from stages.images import BadImage, SourceChanged, center_crop_arr, check_sources, list_images, load_rgb, walk_files
 
 
 def test_adm_crop_box_halves_large_images_then_bicubic_then_centre():
@@ -79,6 +86,209 @@ def test_bad_files_raise_bad_image(tmp_path):
     for name in ("zero.jpg", "text.jpg", "trunc.jpg", "tiny.png"):
         with pytest.raises(BadImage):
             load_rgb(tmp_path / name)
+
+
+class _Hung(Exception):
+    """Not an OSError (as TimeoutError is), which the code under test might turn into BadImage."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int = 20):
+    """A regression that hangs (a walk that never ends, an open that waits on a FIFO) fails the test
+    instead of stalling the suite."""
+    def expire(*_):
+        raise _Hung(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _png(path, size=20):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (9, 9, 9)).save(path)
+
+
+def _old_listing(root: Path) -> list[str]:
+    """Today's listing before the safe walker, verbatim in substance: its order defines stores' content ids."""
+    def visible(folder):
+        out = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            out += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+        return sorted(out)
+
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [str(f.relative_to(root)) for d in (subdirs or [root]) for f in visible(d)]
+
+
+def _old_eval_listing(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [(Path(dirpath) / f).relative_to(root).as_posix() for f in filenames
+                if not f.startswith(".") and f.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))]
+    return sorted(out)
+
+
+def test_listing_order_and_content_id_are_those_of_the_old_walk(tmp_path):
+    """Part-by-part order ("x/2" before "x-y/1"), unlike plain string order (which eval keeps), and the
+    same digest: stores made before the safe walker still resume."""
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    names = ["a/x/2.png", "a/x-y/1.png", "a/x.y/3.PNG", "a/x y/0.jpg", "a/10.png", "a/9.png", "a/B.png",
+             "a/notes.txt", "b/deep/er/1.png", "b/deep-er/0.png", "b/.hidden.png", "b/.cache/5.png", "B/1.png",
+             "c d/1.jpeg", "top.png"]
+    for i, name in enumerate(names):
+        if name.endswith(".txt"):
+            (root / name).write_text("not an image, listed all the same")
+        else:
+            _png(root / name, 16 + i)
+    _png(outside / "linked.png")
+    os.symlink(outside, root / "b" / "link")  # an ordinary directory symlink: followed as before
+    listing = list_images(root)
+    assert listing.files == _old_listing(root) and "a/x/2.png" in listing.files
+    assert listing.files.index("a/x/2.png") < listing.files.index("a/x-y/1.png")
+    assert listing.class_names == ["B", "a", "b", "c d"] and listing.ignored == ["top.png"] and listing.skipped == []
+    old_id = hashlib.sha256()
+    for rel in listing.files:
+        old_id.update(f"{rel}\t{os.path.getsize(root / rel)}\n".encode())
+    assert listing.content_id() == old_id.hexdigest()
+    assert listing.stats == [(os.stat(root / f).st_size, os.stat(root / f).st_mtime_ns) for f in listing.files]
+    sub = list_images(root, limit=5)
+    assert len(sub.stats) == 5 and sub.stats == [listing.stats[listing.files.index(f)] for f in sub.files]
+
+    from stages.eval_inputs import _list_image_files
+
+    assert _list_image_files(root) == _old_eval_listing(root) and "a/x.y/3.PNG" in _list_image_files(root)
+
+
+def test_crossing_directory_symlinks_list_each_image_once(tmp_path):
+    for cls in ("a", "b"):
+        for i in range(2):
+            _png(tmp_path / cls / f"{i}.png")
+    os.symlink(tmp_path / "b", tmp_path / "a" / "link_to_b")
+    os.symlink(tmp_path / "a", tmp_path / "b" / "link_to_a")
+    with _deadline():
+        listing = list_images(tmp_path)
+        files, skipped = walk_files(tmp_path)
+    assert listing.files == [os.path.join(c, f"{i}.png") for c in "ab" for i in range(2)]
+    assert listing.labels == [0, 0, 1, 1]
+    assert {p for p, _ in listing.skipped} == {"a/link_to_b", "b/link_to_a"}
+    assert all("repeats folder" in why for _, why in listing.skipped)
+    assert files == ["a/0.png", "a/1.png", "b/0.png", "b/1.png"] and skipped == listing.skipped
+
+
+def test_link_back_to_the_folder_is_reported_not_a_class(tmp_path):
+    for i in range(2):
+        _png(tmp_path / f"{i}.png")
+    os.symlink(tmp_path, tmp_path / "loop")
+    with _deadline():
+        listing = list_images(tmp_path)
+    assert listing.class_names == [] and listing.files == ["0.png", "1.png"]
+    assert [p for p, _ in listing.skipped] == ["loop"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifo_named_like_an_image_is_skipped_and_never_blocks(tmp_path):
+    from stages.eval_inputs import _list_image_files
+
+    _png(tmp_path / "real.png")
+    os.mkfifo(tmp_path / "x.png")
+    with _deadline(10):
+        listing = list_images(tmp_path)
+        assert listing.files == ["real.png"]
+        assert listing.skipped == [("x.png", "not a regular file (fifo)")]
+        assert _list_image_files(tmp_path) == ["real.png"]
+        with pytest.raises(BadImage, match="not a regular file"):
+            load_rgb(tmp_path / "x.png")
+
+
+def test_dangling_symlinks_are_skipped_and_reported(tmp_path):
+    _png(tmp_path / "cls" / "0.png")
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "cls" / "gone.png")
+    os.symlink(tmp_path / "nowhere", tmp_path / "gone_top")  # at the top of a class-layout folder
+    listing = list_images(tmp_path)
+    assert listing.files == [os.path.join("cls", "0.png")] and listing.ignored == []
+    assert listing.skipped == [("cls/gone.png", "dangling symlink"), ("gone_top", "dangling symlink")]
+    with pytest.raises(BadImage, match="missing"):
+        load_rgb(tmp_path / "cls" / "gone.png")
+
+
+def test_rae_artifacts_inside_an_image_folder_are_not_listed(tmp_path):
+    manifest = json.dumps({"kind": "latent-store", "complete": True})
+    # A class-layout folder: an artifact beside the classes, and one nested inside a class.
+    classes = tmp_path / "classes"
+    _png(classes / "cat" / "0.png")
+    _png(classes / "cat" / "decoded" / "0.png")
+    (classes / "cat" / "decoded" / "manifest.json").write_text(manifest)
+    _png(classes / "out" / "0.png")
+    (classes / "out" / "manifest.json").write_text(manifest)
+    _png(classes / "dog" / "0.png")
+    (classes / "dog" / "manifest.json").write_text("[1, 2]")  # not a rae manifest: an ordinary class
+    listing = list_images(classes)
+    assert listing.class_names == ["cat", "dog"]
+    assert listing.files == [os.path.join("cat", "0.png"), os.path.join("dog", "0.png"), os.path.join("dog", "manifest.json")]
+    assert listing.skipped == [("cat/decoded", "a rae artifact"), ("out", "a rae artifact")]
+    # A flat folder with rae's output written inside it stays flat (the artifact is no class).
+    flat = tmp_path / "flat"
+    for i in range(2):
+        _png(flat / f"{i}.png")
+    _png(flat / "rae_out" / "0.png")
+    (flat / "rae_out" / "manifest.json").write_text(manifest)
+    listing = list_images(flat)
+    assert listing.class_names == [] and listing.files == ["0.png", "1.png"] and listing.labels == [-1, -1]
+    assert listing.skipped == [("rae_out", "a rae artifact")]
+    # The folder asked for is walked even when it is an artifact itself (eval scores `rae decode` folders).
+    assert walk_files(flat / "rae_out", (".png",)) == (["0.png"], [])
+
+
+def test_empty_class_folder_is_refused_in_one_line(tmp_path):
+    _png(tmp_path / "a" / "0.png")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / ".DS_Store").write_text("x")  # hidden: still empty
+    with pytest.raises(RaeError) as e:
+        list_images(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "b") in msg and "remove it or add images" in msg
+
+
+def test_load_rgb_refuses_a_file_that_changed_since_it_was_listed(tmp_path):
+    path = tmp_path / "img.png"
+    _png(path)
+    st = os.stat(path)
+    assert load_rgb(path, expect=(st.st_size, st.st_mtime_ns)).size == (20, 20)
+    for expect in ((st.st_size + 1, st.st_mtime_ns), [st.st_size, st.st_mtime_ns - 1]):
+        with pytest.raises(SourceChanged) as e:
+            load_rgb(path, expect=expect)
+        assert isinstance(e.value, ArtifactError) and "\n" not in str(e.value)
+        assert str(path) in str(e.value) and "--overwrite" in str(e.value) and "cp -p" in str(e.value)
+
+
+@pytest.mark.parametrize("change", ["replaced", "touched", "deleted"])
+def test_check_sources_catches_replaced_touched_and_deleted_files(tmp_path, change):
+    for i in range(600):  # more than one chunk of stats
+        (tmp_path / f"{i:03d}.png").write_bytes(b"x" * (i % 7 + 1))
+    listing = list_images(tmp_path)
+    check_sources(tmp_path, listing.files, listing.stats)
+    check_sources(tmp_path, listing.files, [list(s) for s in listing.stats], progress_label="checking")  # as JSON gives them back
+    victim, later = tmp_path / "417.png", tmp_path / "590.png"
+    for path in (later, victim):  # two changes: the first in list order is named
+        if change == "replaced":
+            path.write_bytes(b"y" * 100)
+        elif change == "touched":
+            st = os.stat(path)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        else:
+            path.unlink()
+    with pytest.raises(SourceChanged) as e:
+        check_sources(tmp_path, listing.files, listing.stats)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(victim)) and "590" not in msg
+    assert ("missing" in msg) == (change == "deleted") and ("-> 100 bytes" in msg) == (change == "replaced")
 
 
 def _random_image(rng, h, w):

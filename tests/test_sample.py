@@ -162,7 +162,7 @@ def test_guide_from_another_latent_space_is_refused(runs, tmp_path):
 def test_changed_settings_refuse_to_reuse_the_store(runs, tmp_path):
     out = tmp_path / "s.zarr"
     run(_cfg(runs[0], out, num=4))
-    with pytest.raises(RaeError, match="different settings"):
+    with pytest.raises(RaeError, match=r"made differently \(--steps 4 there, 5 here\)"):
         run(_cfg(runs[0], out, num=4, steps=5))
     run(_cfg(runs[0], out, num=4, steps=5, overwrite=True))
     assert read_manifest(out)["config"]["steps"] == 5

@@ -281,7 +281,7 @@ def test_unfinished_store_is_refused(tmp_path):
 def test_changed_configuration_is_refused_unless_overwrite(store, tmp_path):
     out = tmp_path / "run"
     run(_cfg(store, out, steps=2, sample_every=0))
-    with pytest.raises(ArtifactError, match="different configuration"):
+    with pytest.raises(ArtifactError, match=r"made differently \(--lr 0.001 there, 0.0005 here\)"):
         run(_cfg(store, out, steps=2, sample_every=0, lr=5e-4))
     run(_cfg(store, out, steps=2, sample_every=0, lr=5e-4, overwrite=True))
     assert read_manifest(out)["config"]["lr"] == 5e-4
