@@ -16,7 +16,7 @@ def info(path: Path = typer.Argument(..., help="An artifact directory."),
     from rich.console import Console
     from rich.table import Table
 
-    from stages.manifest import changed_files, read_manifest
+    from stages.manifest import RECORDS, changed_files, read_manifest
 
     manifest = read_manifest(path, require_complete=False, what="artifact")
     if as_json:
@@ -36,9 +36,9 @@ def info(path: Path = typer.Argument(..., help="An artifact directory."),
     if manifest.get("class_names"):
         names = manifest["class_names"]
         table.add_row("classes", f"{len(names)}: " + ", ".join(names[:8]) + (" …" if len(names) > 8 else ""))
-    if manifest.get("files"):
+    if manifest.get(RECORDS):
         changed = changed_files(path, manifest)
-        table.add_row("files", f"{len(manifest['files'])}, as written" if not changed else
+        table.add_row("files", f"{len(manifest[RECORDS])}, as written" if not changed else
                       "[red]changed since written: " + "; ".join(f"{n} ({why})" for n, why in changed)
                       + " — the content id no longer describes them[/]")
     if manifest.get("skipped_files"):

@@ -30,7 +30,7 @@ import torch
 from .checkpoint import save_weights
 from .encoders import UNKNOWN_DIGEST, encoder_identity, spec_for
 from .errors import RaeError
-from .manifest import (claim_output, file_records, has_manifest, new_manifest, read_manifest, verify_files,
+from .manifest import (RECORDS, claim_output, file_records, has_manifest, new_manifest, read_manifest, verify_files,
                        write_manifest)
 from .models import decoder as decoder_model
 from .models import dit as dit_model
@@ -241,7 +241,8 @@ def _finish_run(out: Path, manifest: dict, files: dict[str, dict[str, torch.Tens
         save_weights(out / name, tensors)
     write_config(out, config)
     records = file_records(out, [*files, CONFIG])
-    manifest.update(files=records, content_id=records[content_file]["sha256"], complete=True)
+    manifest.update(content_id=records[content_file]["sha256"], complete=True)
+    manifest[RECORDS] = records
     write_manifest(out, manifest)
 
 

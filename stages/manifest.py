@@ -23,6 +23,9 @@ from .errors import ArtifactError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
+# The key under which a finished artifact records its files (``file_records``).
+RECORDS = "written_files"
+
 KINDS = ("latent-store", "sample-store", "decoder-run", "diffusion-run", "latent-stats", "image-folder", "eval")
 
 
@@ -234,7 +237,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def file_records(directory: str | os.PathLike, names) -> dict[str, dict]:
-    """What a finished artifact's files are (``manifest["files"]``): size, modification time and
+    """What a finished artifact's files are (``manifest[RECORDS]``): size, modification time and
     sha256 of each of ``names`` that exists, so that a file swapped or edited afterwards is caught."""
     records = {}
     for name in names:
@@ -250,7 +253,7 @@ def changed_files(directory: str | os.PathLike, manifest: dict) -> list[tuple[st
     modification time unchanged: trusted without reading; otherwise the content is hashed, so a copy
     with new times but the same bytes passes."""
     changed = []
-    for name, rec in (manifest.get("files") or {}).items():
+    for name, rec in (manifest.get(RECORDS) or {}).items():
         path = Path(directory) / name
         try:
             st = path.stat()

@@ -31,7 +31,7 @@ from .data import BatchPlan, StoreReader, batches, check_source_images
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, option, precision_option
 from .decoder_training import DecoderTraining, Schedule, build_loss_networks
-from .manifest import (claim_output, describe_difference, digest_json, file_records, input_ref, jsonable,
+from .manifest import (RECORDS, claim_output, describe_difference, digest_json, file_records, input_ref, jsonable,
                        new_manifest, read_manifest, remove_temporaries, resume_if_same, write_manifest)
 from .models.decoder import DECODER_SIZES, ViTDecoder
 from .models.discriminator import DINO_TIMM_NAME
@@ -454,8 +454,8 @@ def _finalize(training: DecoderTraining, previews, out: Path, records: list[dict
     _plot(out, records)
     remove_temporaries(out)
     manifest = read_manifest(out, require_complete=False)
-    manifest["files"] = file_records(out, DECODER_FILES)
-    manifest["content_id"] = manifest["files"][DECODER_EMA]["sha256"]
+    manifest[RECORDS] = file_records(out, DECODER_FILES)
+    manifest["content_id"] = manifest[RECORDS][DECODER_EMA]["sha256"]
     manifest["final_metrics"] = records[-1] if records else {}
     manifest["complete"] = True
     write_manifest(out, manifest)

@@ -34,8 +34,8 @@ from .data import BatchPlan, StoreReader, batches
 from .diffusion_training import Schedule, Trainer, learning_rate
 from .errors import ArtifactError, RaeError
 from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_options, flag, option, precision_option
-from .manifest import (claim_output, create_artifact_dir, describe_difference, digest_json, file_records, input_ref,
-                       jsonable, new_manifest, read_manifest, remove_temporaries, write_manifest)
+from .manifest import (RECORDS, claim_output, create_artifact_dir, describe_difference, digest_json, file_records,
+                       input_ref, jsonable, new_manifest, read_manifest, remove_temporaries, write_manifest)
 from .models.dit import DIT_SIZES, create_dit, width_rule_warning
 from .outputs import stage
 from .progress import console, progress
@@ -433,7 +433,8 @@ def _finish(out: Path, trainer: Trainer, cfg: TrainDiffusionConfig, latents: _La
     remove_temporaries(out)
     manifest = read_manifest(out, require_complete=False)
     files = file_records(out, DIFFUSION_FILES)
-    manifest.update(step=total_steps, files=files, content_id=files[DIFFUSION_EMA]["sha256"], complete=True)
+    manifest.update(step=total_steps, content_id=files[DIFFUSION_EMA]["sha256"], complete=True)
+    manifest[RECORDS] = files
     write_manifest(out, manifest)
 
 

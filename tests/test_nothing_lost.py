@@ -200,6 +200,8 @@ def test_a_run_whose_files_changed_is_refused_and_shown(chain, tmp_path):
     _refused(run_rae("sample", "--model", run, "--out", tmp_path / "s.zarr", *SAMPLE_ARGS, check=False),
              "config.json", "changed after rae wrote it")
     assert "changed since written: config.json" in run_rae("info", run).stdout
+    assert "as written" in run_rae("info", chain / "dit").stdout
+    run_rae("info", chain / "img")  # an image folder's manifest lists its first and last PNG under "files"
     # Swapped weights (the raw model's in the EMA's place), and the decoder's the same way.
     shutil.copy(chain / "dit" / "config.json", run / "config.json")
     shutil.copy(run / "model.safetensors", run / "model_ema.safetensors")
