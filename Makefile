@@ -87,11 +87,11 @@ test: install
 
 # The suite under OMP_NUM_THREADS 1 and 2 and every ATEN_CPU_CAPABILITY this CPU runs (4-6 full runs).
 test-portability: install
-	tests/portability_sweep.sh $(PY)
+	tests/tools/portability_sweep.sh $(PY)
 
 # Every stage of the demo chain killed at every write and run again; every shard damaged (minutes).
 fuzz: install
-	$(PY) tests/fuzz_kills.py
+	$(PY) tests/tools/fuzz_kills.py
 
 clean:
 	rm -rf out .pytest_cache

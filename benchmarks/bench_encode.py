@@ -65,8 +65,8 @@ def make_folder(root: Path, n: int, classes: int = 100) -> None:
 def _loader(root: Path, workers: int, resize: str, limit: int | None = None, device: str = "cuda"):
     """`rae encode`'s loader over a folder: chunks of `chunk_images(256)` images, shared buffers."""
     from stages.encode import _LoadChunk, chunk_bytes, chunk_images
-    from stages.images import list_images
-    from stages.loader import SlotLoader
+    from stages.artifacts.images import list_images
+    from stages.artifacts.loader import SlotLoader
 
     listing = list_images(root, limit)
     n, c = len(listing.files), chunk_images(256)
@@ -95,7 +95,7 @@ def bench_breakdown(root: Path, workers: int, batch: int, work: Path) -> list[tu
     import subprocess
 
     from stages.encode import _crops_on_device
-    from stages.encoders import build_encoder
+    from stages.models.encoders import build_encoder
 
     enc, _ = build_encoder("dinov2-b", 256, pretrained=False)
     enc = enc.cuda()
@@ -129,8 +129,8 @@ def bench_worker(root: Path, n: int) -> list[tuple]:
     (decode; Pillow's crop or box-halving + coefficients; packing into the buffer), then through a
     real one-worker loader."""
     from stages.encode import chunk_bytes, chunk_images
-    from stages.images import (banded_crop, center_crop_arr, collate_banded, crop_batch_extra_bytes, fit_banded,
-                               list_images, load_rgb, pack_crop_batch, stack_crops)
+    from stages.artifacts.images import (banded_crop, center_crop_arr, collate_banded, crop_batch_extra_bytes,
+                                         fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops)
 
     files = list_images(root, n).files
     n = len(files)
@@ -203,7 +203,7 @@ def bench_store_write(tmp: Path, codec: str, entries: int = 4096) -> tuple[float
     N(0, 0.7^2), which compresses like DINOv2 latents after its final LayerNorm (measured: 1.06x both)."""
     import concurrent.futures as cf
 
-    from stages.store import LatentStore, Moments
+    from stages.artifacts.store import LatentStore, Moments
 
     shutil.rmtree(tmp, ignore_errors=True)
     n = entries
@@ -260,7 +260,7 @@ def main() -> None:
             print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} |")
         return
 
-    from stages.encoders import build_encoder
+    from stages.models.encoders import build_encoder
     from stages.encode import EncodeConfig, run
 
     rows = []
@@ -290,7 +290,7 @@ def main() -> None:
             rows.append((f"store writes alone, --codec {codec} (statistics precomputed)", f"{rate:,.0f}",
                          f"[768,16,16] fp16, {size / 1024:.0f} KiB/entry"))
     if part("encode"):
-        from stages import store as store_mod
+        from stages.artifacts import store as store_mod
 
         def encode(out: Path, mode: str, **kw) -> dict:
             shutil.rmtree(out, ignore_errors=True)

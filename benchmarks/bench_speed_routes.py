@@ -5,7 +5,7 @@
     python benchmarks/bench_speed_routes.py --part attention
     python benchmarks/bench_speed_routes.py --part train --smoke        # CPU, tiny: checks the script runs
 
-train   DiT^DH-XL training step (``Trainer.train_step``, compiled, bf16 autocast, [768, 16, 16]) as it
+train   DiT^DH-XL training step (``DiffusionTraining.train_step``, compiled, bf16 autocast, [768, 16, 16]) as it
         is, with torchao float8 training (tensorwise and rowwise recipes) on the token-wise Linear
         layers (qkv, proj, SwiGLU w12/w3, the head projector and final linear: M = batch x 256
         rows; the adaLN and embedding Linears have M = batch rows and stay bf16), and with
@@ -63,8 +63,8 @@ def to_float8_training(model: torch.nn.Module, recipe: str) -> int:
 
 # ---- training --------------------------------------------------------------------------------
 def build_train(name, device, batch, route, precision):
-    from stages.diffusion_training import Trainer
-    from stages.train_diffusion import TrainDiffusionConfig
+    from stages.train.diffusion_step import DiffusionTraining
+    from stages.train.config import TrainDiffusionConfig
 
     (preset, overrides), _, (C, H, _) = btd.MODELS[name]
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def build_train(name, device, batch, route, precision):
         to_float8_training(model, route[4:])
     cfg = TrainDiffusionConfig(latents="-", out="-", model=preset, batch_size=batch, precision=precision,
                                compile=route != "cudagraphs")
-    trainer = Trainer(model, cfg, device, shift=btd._shift(C, H), null_label=1000)
+    trainer = DiffusionTraining(model, cfg, device, shift=btd._shift(C, H), null_label=1000)
     if route == "cudagraphs":
         trainer.net = torch.compile(trainer.net, mode="reduce-overhead")
     x = torch.randn(batch, C, H, H, device=device)

@@ -4,7 +4,7 @@ Both steps do the paper's full recipe with every term active (L1 + LPIPS + adapt
 discriminator update), ViT-XL decoder with p_d = 16 on DINOv2-B's [768, 16, 16] latents, random
 weights everywhere (the same compute as pretrained ones):
 
-* ours: ``stages.train_decoder.DecoderTraining.step`` on latents and uint8 images already in GPU
+* ours: ``stages.train.decoder.DecoderTraining.step`` on latents and uint8 images already in GPU
   memory (training reads both from the store; the encoder never runs);
 * reference: the operations of the loop body of the reference ``train_stage1.py``, built from the
   reference modules imported from ``--reference`` (its RAE with the Hugging Face DINOv2-B encoder
@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_ours(args, device: torch.device, compile_: bool, precision: str):
     from stages.dist import Dist
-    from stages.losses import LPIPS, GanSchedule
-    from stages.models.discriminator import DinoDiscriminator
-    from stages.train_decoder import DecoderTraining, Schedule, TrainDecoderConfig
+    from stages.train.losses import LPIPS, GanSchedule
+    from stages.models.weights import load_discriminator
+    from stages.train.decoder import DecoderTraining, Schedule
+    from stages.train.config import TrainDecoderConfig
 
     size = dict(model="vit-xl") if not args.smoke else dict(model="vit-b", width=32, depth=1, heads=2, mlp_dim=64)
     cfg = TrainDecoderConfig(latents="", out="", compile=compile_, precision=precision, batch_size=args.batch, **size,
@@ -49,7 +50,7 @@ def build_ours(args, device: torch.device, compile_: bool, precision: str):
     schedule = Schedule(total=10**6, warmup=1, steps_per_epoch=10**4, losses=GanSchedule(disc_start=0, gan_start=0))
     torch.manual_seed(0)
     lpips = LPIPS(pretrained=False)
-    disc = DinoDiscriminator(pretrained=False, timm_name=cfg.disc_backbone)
+    disc = load_discriminator(pretrained=False, timm_name=cfg.disc_backbone)
     training = DecoderTraining(cfg, arch, schedule, Dist(0, 1, 0, device), lpips, disc, precision)
     g = torch.Generator(device).manual_seed(1)
     z = torch.randn(args.batch, args.channels, args.grid, args.grid, device=device, generator=g)
@@ -66,7 +67,7 @@ def build_ours(args, device: torch.device, compile_: bool, precision: str):
 
 
 def _size(cfg):
-    from stages.train_decoder import decoder_size
+    from stages.train.config import decoder_size
 
     return decoder_size(cfg)
 

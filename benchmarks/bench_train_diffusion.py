@@ -7,7 +7,7 @@ in one process) and the data loader alone. Prints a table last, naming the card.
     python benchmarks/bench_train_diffusion.py --smoke [--reference ...]              # CPU, tiny, seconds
 
 Training step: random weights, synthetic latents [768, 16, 16] already on the GPU (the loader is
-measured separately), one GPU, bf16 autocast. "ours" is ``stages.diffusion_training.Trainer.train_step``
+measured separately), one GPU, bf16 autocast. "ours" is ``stages.train.diffusion_step.DiffusionTraining.train_step``
 (the exact code of the training loop: per-step draws, per-sample noise, fused AdamW, grad clip
 1.0, foreach EMA, no host sync). "reference" is the authors' loop body from their train.py on
 their model (DiTwDDTHead imported from the --reference checkout): Transport.training_losses under
@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.diffusion_training import Trainer  # noqa: E402
-from stages.train_diffusion import TrainDiffusionConfig  # noqa: E402
+from stages.train.diffusion_step import DiffusionTraining  # noqa: E402
+from stages.train.config import TrainDiffusionConfig  # noqa: E402
 
 # name -> (our preset + overrides, reference DiTwDDTHead kwargs, latent [C, H, W])
 _REF_COMMON = dict(patch_size=1, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, use_qknorm=False,
@@ -99,7 +99,7 @@ def build_ours(name, device, batch, precision, compile_, grad_ckpt):
     model = create_dit(preset, C, H, 1000, **overrides)
     cfg = TrainDiffusionConfig(latents="-", out="-", model=preset, batch_size=batch, precision=precision,
                                compile=compile_, grad_checkpointing=grad_ckpt)
-    trainer = Trainer(model, cfg, device, shift=_shift(C, H), null_label=1000)
+    trainer = DiffusionTraining(model, cfg, device, shift=_shift(C, H), null_label=1000)
     x = torch.randn(batch, C, H, H, device=device)
     labels = torch.randint(0, 1000, (batch,))
     state = {"step": 0}
@@ -239,7 +239,7 @@ def measure(name, impl, batch, compile_, ckpt, args, device, ref, flops, label) 
 
 
 def make_store(path: Path, n: int, shape, shard: int = 64) -> None:
-    from stages.store import LatentStore, Moments
+    from stages.artifacts.store import LatentStore, Moments
 
     marker = f"{n} {list(shape)}"
     if (path / "done").is_file() and (path / "done").read_text() == marker:
@@ -259,8 +259,8 @@ def make_store(path: Path, n: int, shape, shard: int = 64) -> None:
 
 
 def bench_loader(path: Path, workers: int, batch: int, steps: int, device, to_device: bool) -> float:
-    from stages.data import BatchPlan, StoreReader, batches
-    from stages.store import LatentStore
+    from stages.train.data import BatchPlan, StoreReader, batches
+    from stages.artifacts.store import LatentStore
 
     n = LatentStore(path).n
     plan = BatchPlan(np.arange(n), batch, seed=0)

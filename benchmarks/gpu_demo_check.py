@@ -61,14 +61,14 @@ def demo_chain(out: Path, upto: str | None = None) -> list[tuple[str, float]]:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    from stages.runs import load_diffusion_run
+    from stages.artifacts.runs import load_diffusion_run
 
     model = load_diffusion_run(run, ema=True, device="cpu").model
     return {k: v.float() for k, v in model.state_dict().items()}
 
 
 def _latents(store: Path) -> np.ndarray:
-    from stages.store import LatentStore
+    from stages.artifacts.store import LatentStore
 
     s = LatentStore(store)
     return s.read(np.arange(s.n)).astype(np.float32)

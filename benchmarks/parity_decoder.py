@@ -12,7 +12,7 @@ outputs, fp32 on CPU (``--device cuda``: encoder and decoder on the GPU, TF32 of
   including an upsampling (p_d = 32) case; also checks the fixed position embedding as built;
 * discriminator: reference ``DinoDisc`` (recipe S_8, ks 9, spectral norm) vs ``DinoDiscriminator``
   on a random DINO ViT-S/8 written to a temporary file, with and without DiffAug (same seed);
-* LPIPS: the ``lpips`` package (the same weights as the reference's) vs ``stages.losses.LPIPS``.
+* LPIPS: the ``lpips`` package (the same weights as the reference's) vs ``stages.train.losses.LPIPS``.
 
 Not a test (tests never import the reference code); run it by hand after touching these files.
 """
@@ -105,7 +105,7 @@ def check_encoder(ref_root: Path, batch: int, device: str = "cpu", image_size: i
     ``RAE.encode`` (512x512 -> 448 -> [768, 32, 32] for ``image_size`` 512)."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    from stages.encoders import build_encoder
+    from stages.models.encoders import build_encoder
 
     dinov2 = importlib.import_module("ref_encoders.dinov2")
     config = Dinov2WithRegistersConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -140,7 +140,8 @@ def check_encoder(ref_root: Path, batch: int, device: str = "cpu", image_size: i
 def check_discriminator(ref_root: Path, batch: int) -> float:
     import timm
 
-    from stages.models.discriminator import DinoDiscriminator, diffaug
+    from stages.models.discriminator import diffaug
+    from stages.models.weights import load_discriminator
 
     dinodisc = importlib.import_module("ref_disc.dinodisc")
     ref_diffaug = importlib.import_module("ref_disc.diffaug")
@@ -151,7 +152,7 @@ def check_discriminator(ref_root: Path, batch: int) -> float:
         torch.save(backbone.state_dict(), path)
         ref = dinodisc.DinoDisc(device=torch.device("cpu"), dino_ckpt_path=str(path), ks=9, norm_type="bn",
                                 using_spec_norm=True, recipe="S_8")
-        ours = DinoDiscriminator(weights=path, kernel_size=9)
+        ours = load_discriminator(path, kernel_size=9)
     randomize_(ref.heads, seed=3)
     # only the spectral-norm names differ: weight_orig/_u/_v -> parametrizations.weight.original/0._u/0._v
     renames = {"weight_orig": "parametrizations.weight.original", "weight_u": "parametrizations.weight.0._u",
@@ -184,7 +185,7 @@ def check_discriminator(ref_root: Path, batch: int) -> float:
 def check_lpips(batch: int) -> float:
     import lpips
 
-    from stages.losses import LPIPS
+    from stages.train.losses import LPIPS
 
     torch.manual_seed(0)
     ref = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()

@@ -32,8 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages import flow  # noqa: E402
-from stages.models.dit import (  # noqa: E402
-    config_from_reference_state_dict, from_reference_state_dict, to_reference_state_dict)
+from stages.models.dit import config_from_reference_state_dict, from_reference_state_dict, to_reference_state_dict
 
 TARGET = 1e-5
 

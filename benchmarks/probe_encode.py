@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import stages.encode as encode  # noqa: E402
-from stages import store  # noqa: E402
-from stages.loader import SlotLoader  # noqa: E402
+from stages.artifacts import store  # noqa: E402
+from stages.artifacts.loader import SlotLoader  # noqa: E402
 
 SECONDS: dict[str, float] = collections.defaultdict(float)
 

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_train_step.py --reference /path/to/RAE [--model ditdh-xl] [--batch 64] [--grid 16]
 
-Builds the step of ``bench_train_diffusion.py`` (ours: ``Trainer.train_step``; the reference: its
+Builds the step of ``bench_train_diffusion.py`` (ours: ``DiffusionTraining.train_step``; the reference: its
 loop body on its model), compiled, warms it up, then profiles a few steps and sums the CUDA
 kernel time per category: matrix products, attention, normalisation + elementwise (eager kernels
 and Triton-fused ones), optimiser + EMA, copies, other. Prints one table last, naming the card:

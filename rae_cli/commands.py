@@ -11,13 +11,13 @@ import typer
 from typer.core import TyperGroup
 
 COMMANDS = {  # name: (module of rae_cli, function)
-    "encode": ("encode_cmd", "encode"),
-    "train-decoder": ("train_decoder_cmd", "train_decoder"),
-    "train-diffusion": ("train_diffusion_cmd", "train_diffusion"),
-    "sample": ("sample_cmd", "sample"),
-    "decode": ("decode_cmd", "decode"),
-    "eval": ("eval_cmd", "eval_cmd"),
-    "import": ("import_cmd", "import_file"),
+    "encode": ("encode_cmd", "report_encode"),
+    "train-decoder": ("train_decoder_cmd", "report_train_decoder"),
+    "train-diffusion": ("train_diffusion_cmd", "report_train_diffusion"),
+    "sample": ("sample_cmd", "report_sample"),
+    "decode": ("decode_cmd", "report_decode"),
+    "eval": ("eval_cmd", "report_eval"),
+    "import": ("import_cmd", "report_import"),
     "info": ("info_cmd", "info"),
     "demo-data": ("demo_cmd", "demo_data"),
     "demo-report": ("demo_cmd", "demo_report"),

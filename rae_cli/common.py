@@ -36,7 +36,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from stages.outputs import release_writers
+        from stages.artifacts.outputs import release_writers
 
         previous = None
         if threading.current_thread() is threading.main_thread():

@@ -8,7 +8,7 @@ from .config_command import config_command
 
 
 @config_command(DecodeConfig, run, "decode")
-def decode(result: dict, cfg: DecodeConfig, preset: str | None) -> None:
+def report_decode(result: dict, cfg: DecodeConfig, preset: str | None) -> None:
     """Decode a latent store or sample store into PNGs, an ADM-format .npz and a preview grid.
 
     Decoding an encoded store gives reconstructions (rFID); decoding a sample store gives generations

@@ -14,7 +14,7 @@ def demo_data(out: Path = typer.Argument(..., help="Output folder (one subfolder
               size: int = typer.Option(64, help="Image side in pixels."),
               seed: int = typer.Option(0, help="Seed: the same seed gives the same images.")):
     """Generate the embedded demonstration dataset (procedural shapes and textures, 10 classes)."""
-    from stages.demo_data import CLASSES, generate
+    from stages.demo.data import CLASSES, generate
     from stages.progress import console
 
     generate(out, per_class=per_class, size=size, seed=seed)
@@ -27,7 +27,7 @@ def demo_report(out: Path = typer.Argument(..., help="The demo output folder of 
     """Evaluate the demonstration chain against its pure-noise baselines and show where to look."""
     from rich.table import Table
 
-    from stages.demo_report import run
+    from stages.demo.report import run
     from stages.progress import console
 
     report = run(out)

@@ -9,7 +9,7 @@ from .config_command import config_command
 
 
 @config_command(EncodeConfig, run, "encode")
-def encode(result: dict, cfg: EncodeConfig, preset: str | None) -> None:
+def report_encode(result: dict, cfg: EncodeConfig, preset: str | None) -> None:
     """Encode an image folder (ImageNet layout or flat) into a Zarr latent store with exact statistics.
 
     Run it again after an interruption to resume; under `torchrun --nproc_per_node N` the ranks share

@@ -5,7 +5,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stages import dist
-from stages.evaluate import EvalConfig, run
+from stages.eval.evaluate import EvalConfig, run
 
 from .config_command import config_command
 
@@ -27,7 +27,7 @@ def _run(cfg: EvalConfig) -> dict:
 
 
 @config_command(EvalConfig, _run)
-def eval_cmd(result: dict, cfg: EvalConfig, preset: None) -> None:
+def report_eval(result: dict, cfg: EvalConfig, preset: None) -> None:
     """Evaluate images: FID, sFID, IS, precision/recall, KID and FD_DINOv2 as the ADM suite computes them; PSNR/SSIM with --pairs.
 
     rFID: `rae eval RECONSTRUCTIONS --ref ORIGINALS --pairs` (ImageNet val, 50K, ADM center crop 256).

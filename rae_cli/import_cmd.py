@@ -8,7 +8,7 @@ from .config_command import config_command
 
 
 @config_command(ImportConfig, run)
-def import_file(result: dict, cfg: ImportConfig, preset: None) -> None:
+def report_import(result: dict, cfg: ImportConfig, preset: None) -> None:
     """Import the paper's released models (decoder, latent statistics, DiT^DH) as rae runs.
 
     The files of Hugging Face `nyu-visionx/RAE-collections` become what `rae train-decoder` and

@@ -16,7 +16,7 @@ def info(path: Path = typer.Argument(..., help="An artifact directory."),
     from rich.console import Console
     from rich.table import Table
 
-    from stages.manifest import RECORDS, changed_files, read_manifest
+    from stages.artifacts.manifest import RECORDS, changed_files, read_manifest
 
     manifest = read_manifest(path, require_complete=False, what="artifact")
     if as_json:

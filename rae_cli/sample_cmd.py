@@ -8,7 +8,7 @@ from .config_command import config_command
 
 
 @config_command(SampleConfig, run, "sample")
-def sample(result: dict, cfg: SampleConfig, preset: str | None) -> None:
+def report_sample(result: dict, cfg: SampleConfig, preset: str | None) -> None:
     """Sample a trained diffusion run into a sample store of generated latents (raw encoder space).
 
     Each sample's noise comes from its own seed, so the store is the same at any batch size and on

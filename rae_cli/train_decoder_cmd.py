@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from stages.presets import DEMO_NOTE
 from stages.progress import console
-from stages.train_decoder import TrainDecoderConfig, run
+from stages.train.config import TrainDecoderConfig
+from stages.train.decoder import run
 
 from .config_command import config_command
 
 
 @config_command(TrainDecoderConfig, run, "train_decoder")
-def train_decoder(result: dict, cfg: TrainDecoderConfig, preset: str | None) -> None:
+def report_train_decoder(result: dict, cfg: TrainDecoderConfig, preset: str | None) -> None:
     """Train the RAE pixel decoder on a latent store: L1 + LPIPS + GAN, noise-augmented latents.
 
     The encoder never runs: latents come from the store and targets are its source images. Run the

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from stages.presets import DEMO_NOTE
 from stages.progress import console
-from stages.train_diffusion import TrainDiffusionConfig, run
+from stages.train.config import TrainDiffusionConfig
+from stages.train.diffusion import run
 
 from .config_command import config_command
 
 
 @config_command(TrainDiffusionConfig, run, "train_diffusion")
-def train_diffusion(result: dict, cfg: TrainDiffusionConfig, preset: str | None) -> None:
+def report_train_diffusion(result: dict, cfg: TrainDiffusionConfig, preset: str | None) -> None:
     """Train a DiT / DiT^DH with flow matching on a latent store.
 
     Defaults are the paper's DiT^DH-XL recipe. Run the same command again to resume after an

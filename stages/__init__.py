@@ -1,5 +1,15 @@
-"""rae stages: one module per pipeline command (``encode``, ``train_decoder``, ``train_diffusion``,
-``sample``, ``decode``, ``evaluate``), each with a config dataclass and ``run(config)``, over shared
-pieces (models, flow-matching maths, latent store, manifests, checkpoints, distributed helpers)."""
+"""rae's pipeline. The verbs live here, one module each (``encode``, ``sample``, ``decode``,
+``importer``), beside the small modules every floor shares (``errors``, ``options``, ``presets``,
+``dist``, ``progress``, ``flow``, ``digests``). The wings, from the ground up:
+
+``models``     the networks (no I/O), the frozen encoders and pretrained-weight loading
+``artifacts``  what rae writes and reads on disk: atomic files, manifests, the latent store, runs,
+               checkpoints, image folders, the loading workers, outputs and their writers
+``train``      both trainers: one config module below their stages and steps, the data plan, the
+               run log, the losses
+``eval``       ``rae eval``: inputs, references, feature networks, one feature pass, the metrics
+``demo``       the embedded demonstration data and report
+
+A module imports from its own floor or the ones below it, never above (tests/test_architecture.py)."""
 
 __version__ = "0.1.0"

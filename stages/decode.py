@@ -27,15 +27,16 @@ import numpy as np
 import torch
 
 from . import dist
-from .encoders import UNKNOWN_DIGEST
+from .artifacts.atomic import atomic_replace, atomic_write_bytes, jsonable, remove_temporaries
+from .artifacts.manifest import (claim_output, describe_difference, digest_json, input_ref, new_manifest,
+                                 read_manifest, resume_if_same, write_manifest)
+from .artifacts.outputs import stage
+from .artifacts.runs import load_decoder_run
+from .artifacts.store import open_complete_store
 from .errors import ArtifactError, RaeError
+from .models.encoders import UNKNOWN_DIGEST
 from .options import AT_LEAST_1, NON_NEGATIVE, check_options, option, precision_option
-from .manifest import (atomic_replace, atomic_write_bytes, claim_output, describe_difference, digest_json, input_ref,
-                       jsonable, new_manifest, read_manifest, remove_temporaries, resume_if_same, write_manifest)
-from .outputs import stage
 from .progress import console, progress
-from .runs import load_decoder_run
-from .store import open_complete_store
 
 NPZ = "samples.npz"
 GRID = "grid.png"

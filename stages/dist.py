@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import ArtifactError, RaeError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -78,8 +80,6 @@ def broadcast_object(obj, src: int = 0):
 def main_decides(decide):
     """Run ``decide()`` on rank 0 only and return its result on every rank. A user error (RaeError)
     raised there is raised on every rank, so no rank is left waiting at the next collective."""
-    from .errors import ArtifactError, RaeError
-
     result, error = None, None
     if int(os.environ.get("RANK", "0")) == 0:
         try:

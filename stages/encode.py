@@ -3,7 +3,7 @@
 Each source image is loaded (robustly: anything PIL can read becomes RGB, the rest is skipped and
 listed), ADM-center-cropped to ``image_size`` and run through the frozen encoder; with ``flip``
 its horizontal mirror is encoded too (an encoded mirror, not a mirrored latent). Work proceeds in
-blocks (see ``stages.store``): resumable, shared between ``torchrun`` ranks, and bit-identical to a
+blocks (see ``stages.artifacts.store``): resumable, shared between ``torchrun`` ranks, and bit-identical to a
 single-process run.
 """
 from __future__ import annotations
@@ -21,17 +21,19 @@ import torch
 from PIL import Image
 
 from . import dist
-from .encoders import build_encoder, encoder_identity, spec_for
+from .artifacts.atomic import jsonable
+from .artifacts.images import (BadImage, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded,
+                               crop_batch_extra_bytes, fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops,
+                               unpack_crop_batch)
+from .artifacts.loader import SlotLoader
+from .artifacts.manifest import (claim_output, create_artifact_dir, describe_difference, digest_json, new_manifest,
+                                 read_manifest, resume_if_same, write_manifest)
+from .artifacts.outputs import stage
+from .artifacts.store import CODECS, LatentStore, Moments, claim_blocks, remove_store
 from .errors import RaeError
+from .models.encoders import build_encoder, encoder_identity, spec_for
 from .options import AT_LEAST_1, check_options, option, precision_option
-from .images import (BadImage, banded_crop, bicubic_crop_batch, center_crop_arr, collate_banded, crop_batch_extra_bytes,
-                     fit_banded, list_images, load_rgb, pack_crop_batch, stack_crops, unpack_crop_batch)
-from .loader import SlotLoader
-from .manifest import (claim_output, create_artifact_dir, describe_difference, digest_json, new_manifest,
-                       read_manifest, resume_if_same, write_manifest)
-from .outputs import stage
 from .progress import console, progress
-from .store import CODECS, LatentStore, Moments, claim_blocks, remove_store
 
 SOURCES = "sources.txt"
 # (size, mtime_ns) int64 [images, 2] of each source when listed: the decoder reads the images again later.
@@ -72,8 +74,6 @@ class EncodeConfig:
 
     def identity(self) -> dict:
         """The fields that define the store's content (compared on resume)."""
-        from .manifest import jsonable
-
         return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY}
 
 
@@ -87,7 +87,7 @@ def _validate(cfg: EncodeConfig) -> None:
 
 
 class _LoadChunk:
-    """A loading worker's job (``stages.loader``): the images of one chunk, ADM-cropped, into a buffer.
+    """A loading worker's job (``stages.artifacts.loader``): the images of one chunk, ADM-cropped, into a buffer.
 
     A bad file becomes a flagged black image. Written into ``out``: Pillow's uint8 crops [n, S, S, 3],
     or with ``resize_on_device`` a packed ``CropBatch`` (the worker only decodes, box-halves and
@@ -228,6 +228,136 @@ def _report_unlisted(skipped: list, shown: int = 10) -> None:
                       "unlisted_files)", highlight=False)
 
 
+class _BlockWriter:
+    """The encoded batches of one block at a time, written in a writer thread once the block is whole.
+
+    Latents leave the GPU batch by batch into pinned memory on a side stream, overlapping the next
+    batches' compute (a pageable copy of a whole block would stall the compute stream); each block's
+    float64 statistics per shard are computed on that stream too (the CPU is busy decoding images).
+    Nothing here waits for the device: the writer thread does, before compressing and writing. At
+    most a couple of blocks are in flight, which bounds memory.
+    """
+
+    def __init__(self, store: LatentStore, device: torch.device):
+        self.store, self.device = store, device
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pool = cf.ThreadPoolExecutor(max_workers=2)
+        self.in_flight: list[cf.Future] = []
+        self.block, self.lat, self.host, self.ok, self.skipped = None, [], [], [], []
+
+    @staticmethod
+    def _to_pinned(t: torch.Tensor) -> torch.Tensor:  # on the current stream, without waiting
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+    def add(self, block: int, z: torch.Tensor, ok: np.ndarray, skipped: list) -> None:
+        """One batch's latents (on the device), validity and skipped files, of ``block``."""
+        if self.block is not None and block != self.block:
+            self.flush()
+        self.block = block
+        self.lat.append(z)
+        self.host.append(self._copy_to_host(z))
+        self.ok.append(ok)
+        self.skipped += skipped
+
+    def _copy_to_host(self, z: torch.Tensor) -> torch.Tensor:
+        if self.copy_stream is None:
+            return z
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            host = self._to_pinned(z)
+        z.record_stream(self.copy_stream)
+        return host
+
+    def flush(self) -> None:
+        """Send the current block to the writer thread."""
+        if self.block is None:
+            return
+        b, lat, host, ok = self.block, torch.cat(self.lat), list(self.host), np.concatenate(self.ok)
+        info = {"skipped": list(self.skipped)}
+        self.block, self.lat, self.host, self.ok, self.skipped = None, [], [], [], []
+        copied, partials = None, None
+        if self.copy_stream is not None:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            lat.record_stream(self.copy_stream)
+            with torch.cuda.stream(self.copy_stream):
+                valid = torch.from_numpy(ok).pin_memory().to(self.device, non_blocking=True)
+                partials = [self._to_pinned(t) for t in Moments.shard_partials(lat, valid, self.store.shard_size)]
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+
+        def write():  # merges, compression and the write, in the writer thread, whose waits stall nothing else
+            if copied is None:
+                moments = Moments.of_shards(lat, torch.from_numpy(ok), self.store.shard_size)
+                data = lat.numpy()
+            else:
+                copied.synchronize()  # this block's latents and partial statistics have landed
+                moments = Moments.merge_partials(*(t.numpy() for t in partials))
+                data = torch.cat(host).numpy()
+            self.store.write_block(b, data, ok, info, moments)
+
+        self.in_flight.append(self.pool.submit(write))
+        while len(self.in_flight) > 2:
+            self.in_flight.pop(0).result()
+
+    def finish(self) -> None:
+        self.flush()
+        for f in self.in_flight:
+            f.result()
+
+    def close(self) -> None:
+        """On an interruption: block writes in flight finish or are cancelled."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _plan_batches(cfg: EncodeConfig, store: LatentStore, my_blocks: list[int]):
+    """This rank's batches: (block, image ids, loading chunks) each, and the loading tasks in order.
+    Batches never cross a block boundary, so results do not depend on how blocks are shared out;
+    workers load chunks of a batch (a few dozen images each: fine-grained, small buffers)."""
+    src = np.asarray(store.source_index[:])
+    images_per_batch = max(cfg.batch_size // (2 if cfg.flip else 1), 1)
+    batches, tasks = [], []
+    for b in my_blocks:
+        rng = store.block_range(b)
+        imgs = np.unique(src[rng.start: rng.stop])
+        for s in range(0, len(imgs), images_per_batch):
+            ids = imgs[s: s + images_per_batch]
+            parts = np.array_split(ids, -(-len(ids) // chunk_images(cfg.image_size)))
+            tasks += [part.tolist() for part in parts]
+            batches.append((b, ids.tolist(), len(parts)))
+    return batches, tasks
+
+
+def _encoder_forward(cfg: EncodeConfig, encoder: torch.nn.Module, device: torch.device):
+    """The encoder on a uint8 batch -> latents in the store's dtype, as a CUDA graph where it pays."""
+    encoder = encoder.to(device)
+    if cfg.compile:
+        encoder = torch.compile(encoder)
+    latent_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+
+    def forward(x):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            return encoder(x).to(latent_dtype)
+
+    if device.type == "cuda" and cfg.cuda_graph and not cfg.compile:
+        return _GraphedForward(forward, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), device)
+    return forward
+
+
+def _next_batch(loader, n_chunks: int, img_ids: list[int], files: list[str]):
+    """A batch's crops on the device from its loading chunks, its validity, and the skipped files."""
+    parts, ok, reasons = [], [], []
+    for _ in range(n_chunks):
+        buf, (layout, part_ok, part_reasons) = next(loader)
+        parts.append(_crops_on_device(buf, layout))
+        ok.append(part_ok)
+        reasons += part_reasons
+    x, ok = torch.cat(parts) if len(parts) > 1 else parts[0], np.concatenate(ok)
+    skipped = [[files[i], why] for i, good, why in zip(img_ids, ok.tolist(), reasons) if not good]
+    for name, why in skipped:
+        console.print(f"[yellow]warning:[/] skipping {name}: {why}", highlight=False)
+    return x, ok, skipped
+
+
 @stage
 def run(cfg: EncodeConfig) -> dict:
     _validate(cfg)
@@ -235,137 +365,41 @@ def run(cfg: EncodeConfig) -> dict:
     # What the manifest records: the precision and resize route used.
     resize = cfg.resize if cfg.resize != "auto" else ("gpu" if d.device.type == "cuda" else "cpu")
     cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device), resize=resize)
-    resize_on_device = cfg.resize == "gpu"
     listing = list_images(cfg.data, cfg.limit)
     if d.is_main:
         _report_unlisted(listing.skipped)
     encoder, digest = build_encoder(cfg.encoder, cfg.image_size, weights=cfg.encoder_weights,
                                     pretrained=not cfg.random_init, seed=cfg.seed)
     enc_id = encoder_identity(cfg.encoder, cfg.image_size, digest, pretrained=not cfg.random_init)
-    identity = cfg.identity()
 
     out = Path(cfg.out)
-    state, store, my_blocks = claim_blocks(out, lambda: _prepare_store(cfg, listing, identity, enc_id), d)
+    state, store, my_blocks = claim_blocks(out, lambda: _prepare_store(cfg, listing, cfg.identity(), enc_id), d)
     if state == "done":
         return summary(out)
-    encoder = encoder.to(d.device)
-    if cfg.compile:
-        encoder = torch.compile(encoder)
-    latent_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-
-    def forward(x):
-        with torch.no_grad(), torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            return encoder(x).to(latent_dtype)
-
-    if d.device.type == "cuda" and cfg.cuda_graph and not cfg.compile:
-        forward = _GraphedForward(forward, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), d.device)
-    src = np.asarray(store.source_index[:])
-    reps = 2 if cfg.flip else 1
-
-    # Batches never cross a block boundary, so results do not depend on how blocks are shared out.
-    # Workers load chunks of a batch (a few dozen images each: fine-grained, small buffers).
-    images_per_batch = max(cfg.batch_size // reps, 1)
-    batches, batch_block, tasks, batch_chunks = [], [], [], []
-    for b in my_blocks:
-        imgs = np.unique(src[store.block_range(b).start: store.block_range(b).stop])
-        for s in range(0, len(imgs), images_per_batch):
-            ids = imgs[s: s + images_per_batch]
-            parts = np.array_split(ids, -(-len(ids) // chunk_images(cfg.image_size)))
-            tasks += [p.tolist() for p in parts]
-            batch_chunks.append(len(parts))
-            batches.append(ids.tolist())
-            batch_block.append(b)
-    fill = _LoadChunk(listing.root, listing.files, cfg.image_size, cfg.min_size, resize_on_device=resize_on_device)
+    forward = _encoder_forward(cfg, encoder, d.device)
+    batches, tasks = _plan_batches(cfg, store, my_blocks)
+    fill = _LoadChunk(listing.root, listing.files, cfg.image_size, cfg.min_size, resize_on_device=cfg.resize == "gpu")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     workers = cfg.num_workers if cfg.num_workers >= 0 else max(1, min(32, (os.cpu_count() or 2) // local_world - 2))
     # Started (forked) before the writer and progress threads exist.
     loader = SlotLoader(fill, tasks, workers, chunk_bytes(cfg.image_size), d.device, slots=2 * workers + 2).start()
-    writer = cf.ThreadPoolExecutor(max_workers=2)
-    in_flight: list[cf.Future] = []
+    writer = _BlockWriter(store, d.device)
     total = sum(len(store.block_range(b)) for b in my_blocks)
     t0 = time.time()
     label = "encode" if d.world == 1 else f"encode (rank {d.rank}/{d.world})"
-    block_lat, block_host, block_ok, block_skipped, current = [], [], [], [], None
-    # Latents leave the GPU batch by batch into pinned memory on a side stream, overlapping the next
-    # batches' compute (a pageable copy of a whole block would stall the compute stream).
-    copy_stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None
-
-    def to_pinned(t):  # on the current stream, without waiting
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-
-    def to_host(z):
-        if copy_stream is None:
-            return z
-        copy_stream.wait_stream(torch.cuda.current_stream(d.device))
-        with torch.cuda.stream(copy_stream):
-            host = to_pinned(z)
-        z.record_stream(copy_stream)
-        return host
-
-    def flush(b):
-        lat, host = torch.cat(block_lat), list(block_host)
-        ok = np.concatenate(block_ok)
-        copied, partials = None, None
-        if copy_stream is not None:
-            # Float64 statistics per shard on the GPU (the CPU is busy decoding images), on the copy
-            # stream: nothing here waits for the device, and the results come back with the latents.
-            copy_stream.wait_stream(torch.cuda.current_stream(d.device))
-            lat.record_stream(copy_stream)
-            with torch.cuda.stream(copy_stream):
-                valid = torch.from_numpy(ok).pin_memory().to(d.device, non_blocking=True)
-                partials = [to_pinned(t) for t in Moments.shard_partials(lat, valid, store.shard_size)]
-            copied = torch.cuda.Event()
-            copied.record(copy_stream)
-        info = {"skipped": block_skipped[:]}
-
-        def write():
-            # Merges, compression and the write, in the writer thread, whose waits stall nothing else.
-            if copied is None:
-                moments = Moments.of_shards(lat, torch.from_numpy(ok), store.shard_size)
-                data = lat.numpy()
-            else:
-                copied.synchronize()  # this block's latents and partial statistics have landed
-                moments = Moments.merge_partials(*(t.numpy() for t in partials))
-                data = torch.cat(host).numpy()
-            store.write_block(b, data, ok, info, moments)
-
-        in_flight.append(writer.submit(write))
-        while len(in_flight) > 2:  # bound memory: at most a couple of blocks in flight
-            in_flight.pop(0).result()
-
     try:
         with progress(total, label, unit="img") as advance:
-            for b, img_ids, n_chunks in zip(batch_block, batches, batch_chunks):
-                if current is not None and b != current:
-                    flush(current)
-                    block_lat, block_host, block_ok, block_skipped = [], [], [], []
-                current = b
-                parts, ok, reasons = [], [], []
-                for _ in range(n_chunks):
-                    buf, (layout, part_ok, part_reasons) = next(loader)
-                    parts.append(_crops_on_device(buf, layout))
-                    ok.append(part_ok)
-                    reasons += part_reasons
-                x, ok = torch.cat(parts) if len(parts) > 1 else parts[0], np.concatenate(ok)
-                for i, good, why in zip(img_ids, ok.tolist(), reasons):
-                    if not good:
-                        block_skipped.append([listing.files[i], why])
-                        console.print(f"[yellow]warning:[/] skipping {listing.files[i]}: {why}", highlight=False)
+            for b, img_ids, n_chunks in batches:
+                x, ok, skipped = _next_batch(loader, n_chunks, img_ids, listing.files)
                 if cfg.flip:  # entries 2i, 2i+1: the image, then its mirror (encoded as an image)
                     x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
                     ok = np.repeat(ok, 2)
-                z = forward(x)
-                block_lat.append(z)
-                block_host.append(to_host(z))
-                block_ok.append(ok)
+                writer.add(b, forward(x), ok, skipped)
                 advance(len(x))
-            if current is not None:
-                flush(current)
-            for f in in_flight:
-                f.result()
+            writer.finish()
     finally:  # on an interruption, stop the loading workers; let block writes in flight finish or be cancelled
         loader.close()
-        writer.shutdown(wait=True, cancel_futures=True)
+        writer.close()
     elapsed = time.time() - t0
     dist.barrier()
     dist.main_decides(lambda: _finalize(store, out, cfg.data))

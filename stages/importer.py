@@ -27,18 +27,19 @@ from typing import Any
 
 import torch
 
-from .checkpoint import save_weights
-from .encoders import UNKNOWN_DIGEST, encoder_identity, spec_for
+from .artifacts.checkpoint import save_weights
+from .artifacts.manifest import (RECORDS, claim_output, file_records, has_manifest, new_manifest, read_manifest,
+                                 verify_files, write_manifest)
+from .artifacts.outputs import stage
+from .artifacts.runs import (CONFIG, DECODER_EMA, DECODER_RAW, DIFFUSION_EMA, DIFFUSION_RAW, NORM_EPS, STATS,
+                             decoder_config, diffusion_config, training_shift, write_config)
+from .digests import sha256_file
 from .errors import RaeError
-from .manifest import (RECORDS, claim_output, file_records, has_manifest, new_manifest, read_manifest, verify_files,
-                       write_manifest)
 from .models import decoder as decoder_model
 from .models import dit as dit_model
+from .models.encoders import UNKNOWN_DIGEST, encoder_identity, spec_for
+from .models.weights import MissingWeightsError, cached_pretrained_file, read_torch_file
 from .options import option
-from .outputs import stage
-from .runs import (CONFIG, DECODER_EMA, DECODER_RAW, DIFFUSION_EMA, DIFFUSION_RAW, NORM_EPS, STATS, decoder_config,
-                   diffusion_config, training_shift, write_config)
-from .weights import MissingWeightsError, cached_pretrained_file, read_torch_file, sha256_file
 
 KINDS = ("decoder", "stats", "diffusion")
 

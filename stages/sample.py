@@ -3,7 +3,7 @@
 Sample ``i`` starts from its own noise, drawn on the CPU from ``torch.Generator().manual_seed(seed + i)``,
 and batches never cross a block: the store is the same whatever the batch size or the number of
 ``torchrun`` ranks (edm2's per-seed determinism). Work proceeds in blocks of the latent-store layout
-(``stages.store``), so a killed run resumes at the first unfinished block.
+(``stages.artifacts.store``), so a killed run resumes at the first unfinished block.
 
 Solvers (``stages.flow``): "euler" and "heun" take ``steps`` steps from t = 1 to exactly t = 0;
 "euler-ref" is the authors' sampler: their ``num_steps: 50`` (time points) is
@@ -22,15 +22,16 @@ import numpy as np
 import torch
 
 from . import dist, flow
+from .artifacts.atomic import jsonable
+from .artifacts.manifest import (claim_output, create_artifact_dir, describe_difference, digest_json, input_ref,
+                                 new_manifest, read_manifest, resume_if_same, write_manifest)
+from .artifacts.outputs import stage
+from .artifacts.runs import DiffusionRun, load_diffusion_run
+from .artifacts.store import CODECS, LatentStore, claim_blocks
 from .errors import RaeError
-from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options, option, precision_option
 from .models import fp8
-from .manifest import (claim_output, create_artifact_dir, describe_difference, digest_json, input_ref, jsonable,
-                       new_manifest, read_manifest, resume_if_same, write_manifest)
-from .outputs import stage
+from .options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_options, option, precision_option
 from .progress import progress
-from .runs import DiffusionRun, load_diffusion_run
-from .store import CODECS, LatentStore, claim_blocks
 
 
 @dataclass
@@ -109,9 +110,14 @@ def sample_labels(cfg: SampleConfig, num_classes: int) -> np.ndarray:
 #                                    Stage                                      #
 #################################################################################
 
+def guidance_scale(cfg: SampleConfig) -> float:
+    """The scale of the configured guidance (1 without guidance)."""
+    return {"none": 1.0, "cfg": cfg.cfg_scale, "autoguidance": cfg.ag_scale}[cfg.guidance]
+
+
 def _sampling_settings(cfg: SampleConfig, shift: float) -> dict:
     return {"solver": cfg.solver, "steps": cfg.steps, "shift": shift, "guidance": cfg.guidance,
-            "scale": {"none": 1.0, "cfg": cfg.cfg_scale, "autoguidance": cfg.ag_scale}[cfg.guidance],
+            "scale": guidance_scale(cfg),
             "interval": list(cfg.guidance_interval), "ema": cfg.ema, "precision": cfg.precision,
             "seed": cfg.seed, "noise": "torch.Generator().manual_seed(seed + index), CPU randn"}
 
@@ -164,8 +170,8 @@ def _check_guide(run: DiffusionRun, guide: DiffusionRun) -> None:
 
 def make_velocity(cfg: SampleConfig, model, y: torch.Tensor, null_label: int, guide_model=None):
     """The solver's velocity for labels ``y`` under the configured guidance."""
-    scale = {"none": 1.0, "cfg": cfg.cfg_scale, "autoguidance": cfg.ag_scale}[cfg.guidance]
-    return flow.guided_velocity(model, y, method=cfg.guidance, scale=scale, interval=tuple(cfg.guidance_interval),
+    return flow.guided_velocity(model, y, method=cfg.guidance, scale=guidance_scale(cfg),
+                                interval=tuple(cfg.guidance_interval),
                                 guide_model=guide_model, null_label=null_label)
 
 

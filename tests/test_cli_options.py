@@ -115,7 +115,7 @@ def test_every_preset_value_is_a_field_of_its_stage_and_differs_from_its_default
 
 @pytest.mark.parametrize("stage", CONFIGS)
 def test_every_command_offers_each_option_field_of_its_config(stage):
-    from tests.conftest import run_rae
+    from tests.helpers import run_rae
 
     text = run_rae(stage.replace("_", "-"), "--help").stdout
     for f in dataclasses.fields(_config(stage)):

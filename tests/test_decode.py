@@ -8,16 +8,16 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from stages.checkpoint import save_weights
+from stages.artifacts.checkpoint import save_weights
 from stages.decode import DecodeConfig, run, to_uint8
 from stages.errors import RaeError
-from stages.manifest import new_manifest, read_manifest, write_manifest
+from stages.artifacts.manifest import new_manifest, read_manifest, write_manifest
 from stages.models.decoder import ViTDecoder
-from stages.runs import load_decoder_run
+from stages.artifacts.runs import load_decoder_run
 from stages.sample import SampleConfig
 from stages.sample import run as sample_run
-from stages.store import LatentStore
-from tests.test_sample import ENCODER, LATENT, make_diffusion_run
+from stages.artifacts.store import LatentStore
+from tests.helpers import ENCODER, LATENT, make_diffusion_run
 
 DECODER = dict(in_dim=8, grid=4, patch_size=4, width=16, depth=1, heads=2, mlp_dim=32)
 
@@ -110,7 +110,7 @@ def test_resume_keeps_existing_pngs_and_gives_the_same_npz(setup, tmp_path, monk
     assert not read_manifest(out, require_complete=False)["complete"] and not (out / "samples.npz").exists()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("0*.png")}
     # `rae eval` refuses the unfinished folder; scores written for it before (an older rae) go away.
-    from tests.conftest import run_rae
+    from tests.helpers import run_rae
 
     proc = run_rae("eval", out, "--offline", "--metrics", "fid", check=False)
     assert proc.returncode == 1 and "unfinished" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -127,12 +127,12 @@ def test_resume_keeps_existing_pngs_and_gives_the_same_npz(setup, tmp_path, monk
 
 
 def test_end_to_end_cli_sample_then_decode(tmp_path):
-    from rae_cli.decode_cmd import decode
-    from rae_cli.sample_cmd import sample
+    from rae_cli.decode_cmd import report_decode
+    from rae_cli.sample_cmd import report_sample
 
     app = typer.Typer()
-    app.command("sample")(sample)
-    app.command("decode")(decode)
+    app.command("sample")(report_sample)
+    app.command("decode")(report_decode)
     model = make_diffusion_run(tmp_path / "xl", seed=0)
     guide = make_diffusion_run(tmp_path / "s", seed=1, width=8, head_width=8)
     decoder = make_decoder_run(tmp_path / "decoder")
@@ -162,7 +162,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(setup, tmp_path, m
     temporary file left, and the same command finishes once there is space."""
     import errno
 
-    from tests.conftest import run_rae
+    from tests.helpers import run_rae
 
     model, decoder, store = setup
     real_replace, calls = os.replace, {"n": 0}
@@ -187,7 +187,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(setup, tmp_path, m
 
 
 def test_out_that_is_a_file_is_one_line(setup, tmp_path):
-    from tests.conftest import run_rae
+    from tests.helpers import run_rae
 
     model, decoder, store = setup
     (tmp_path / "taken").write_text("a file")

@@ -12,7 +12,7 @@ import torch
 
 from stages import flow
 from stages.models.dit import DiT
-from tests.conftest import randomize_
+from tests.helpers import randomize_
 
 # ----------------------------------------------------------------------------- time / shift
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from stages.checkpoint import load_weights
+from stages.artifacts.checkpoint import load_weights
 from stages.importer import decoder_architecture
-from stages.manifest import read_manifest
+from stages.artifacts.manifest import read_manifest
 from stages.models import decoder as dec
 from stages.models import dit
-from stages.runs import load_decoder_run, load_diffusion_run
-from stages.weights import sha256_file
-from tests.conftest import run_rae
+from stages.artifacts.runs import load_decoder_run, load_diffusion_run
+from stages.digests import sha256_file
+from tests.helpers import run_rae
 
 # The demonstration encoder's latents: dinov2-demo at 64 px gives [96, 4, 4].
 LATENT = (96, 4, 4)

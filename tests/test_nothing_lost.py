@@ -1,7 +1,7 @@
 """Nothing lost, nothing mixed, nothing hung: an output never replaces or sits inside an input,
 one writer per output, inputs and finished runs that change afterwards are caught, and the
 smaller user-facing refusals. Every stage runs through the real command line on the demo chain
-at its smallest sizes (tests/test_pipeline_chain.py's arguments)."""
+at its smallest sizes (the arguments of tests/test_pipeline_chain.py, in tests/helpers.py)."""
 import json
 import os
 import shutil
@@ -13,10 +13,12 @@ import time
 import numpy as np
 import pytest
 
-from stages.manifest import read_manifest
-from stages.outputs import claim_writer, lock_path, overlap, release_writers
-from tests.conftest import REPO, THREADS, run_rae
-from tests.test_pipeline_chain import DECODE_ARGS, DECODER_ARGS, DIFFUSION_ARGS, ENCODE_ARGS, SAMPLE_ARGS
+from stages.artifacts.manifest import read_manifest
+from stages.artifacts.outputs import claim_writer, lock_path, overlap, release_writers
+from tests.helpers import (DECODE_ARGS, DECODER_ARGS, DIFFUSION_ARGS, ENCODE_ARGS, REPO, SAMPLE_ARGS, THREADS,
+                           run_rae)
+
+pytestmark = pytest.mark.chain
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,7 @@ def test_overlap_by_inode_sees_bind_like_links_and_missing_outputs(tmp_path):
 _HOLDER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from stages.outputs import claim_writer
+from stages.artifacts.outputs import claim_writer
 claim_writer({out!r})
 print("held", flush=True)
 time.sleep(120)

@@ -2,7 +2,7 @@
 a bad value is one line before any work starts, and writes nothing."""
 import pytest
 
-from tests.conftest import run_rae
+from tests.helpers import run_rae
 
 CASES = [
     (["encode", "{d}", "--out", "{o}", "--preset", "demo", "--limit", "0"], "--limit must be at least 1"),

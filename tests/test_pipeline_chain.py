@@ -17,7 +17,7 @@ as a difference.
 Sizes: the demo preset, 40 images of 64 px (80 entries with --flip), 6 training steps of 8. The
 sample run draws 70 samples with the demo preset's blocks of 64, so the second rank gets a real
 block (ranks take alternate blocks: 0-63 on rank 0, 64-69 on rank 1); decode's chunks of 64 split
-the same way. Each simulated machine runs the whole chain in one launch (tests/torchrun_chain.py)."""
+the same way. Each simulated machine runs the whole chain in one launch (tests/tools/torchrun_chain.py)."""
 import json
 import os
 import socket
@@ -29,19 +29,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages.manifest import read_manifest
-from stages.store import LatentStore
-from tests.conftest import REPO, THREADS, run_rae
+from stages.artifacts.manifest import read_manifest
+from stages.artifacts.store import LatentStore
+from tests.helpers import (DECODE_ARGS, DECODER_ARGS, DIFFUSION_ARGS, ENCODE_ARGS, REPO, SAMPLE_ARGS, THREADS,
+                           run_rae)
 
-ENCODE_ARGS = ["--preset", "demo", "--flip", "--block-size", 16, "--shard-size", 8, "--batch-size", 8,
-               "--num-workers", 0, "--device", "cpu"]
-DECODER_ARGS = ["--preset", "demo", "--steps", 6, "--batch-size", 8, "--lpips-start-step", 2,
-                "--disc-start-step", 2, "--gan-start-step", 3, "--num-workers", 0, "--preview-every", 3,
-                "--checkpoint-every", 3, "--log-every", 1]
-DIFFUSION_ARGS = ["--preset", "demo", "--steps", 6, "--batch-size", 8, "--decay-end-step", 6, "--sample-every", 0,
-                  "--num-samples", 2, "--sample-steps", 2, "--checkpoint-every", 3, "--log-every", 1]
-SAMPLE_ARGS = ["--preset", "demo", "--per-class", 7, "--steps", 3]
-DECODE_ARGS = ["--batch-size", 8]
+pytestmark = pytest.mark.chain
 
 
 def _chain(images, o, accum: list) -> list[list]:
@@ -69,8 +62,9 @@ def chains(demo_images, tmp_path_factory):
         port = sock.getsockname()[1]
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_id", "rae-test",
-                               "--rdzv_endpoint", f"127.0.0.1:{port}", str(REPO / "tests" / "torchrun_chain.py"),
-                               str(spec)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               "--rdzv_endpoint", f"127.0.0.1:{port}",
+                               str(REPO / "tests" / "tools" / "torchrun_chain.py"), str(spec)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for node in (0, 1)]
     for node in nodes:
         out, _ = node.communicate(timeout=900)
@@ -153,7 +147,7 @@ def test_chain_outputs_evaluate_and_finished_stages_are_reused(chains, demo_imag
     result = json.loads((o / "img" / "eval.json").read_text())
     assert np.isfinite(result["metrics"]["fd_rae"]) and result["metrics"]["fd_rae"] > 0
     # Tied to what it scored: the decode folder's content id and its listing.
-    from stages.evaluate import ImageSet
+    from stages.eval.evaluate import ImageSet
 
     assert result["images"]["content_id"] == read_manifest(o / "img")["content_id"]
     assert result["images"]["listing_sha256"] == ImageSet(o / "img").listing_sha256()

@@ -3,39 +3,12 @@ import pytest
 import torch
 
 from stages import flow
-from stages.checkpoint import save_weights
 from stages.errors import RaeError
-from stages.manifest import new_manifest, read_manifest, write_manifest
-from stages.models.dit import DiTDH
-from stages.runs import diffusion_config, load_diffusion_run, write_config
-from stages.sample import SampleConfig, run
-from stages.store import LatentStore
-
-LATENT = (8, 4, 4)
-ENCODER = dict(name="dinov2-demo", weights_sha256="a" * 64, latent_shape=list(LATENT), pretrained=False)
-TINY = dict(in_channels=8, input_size=4, patch_size=1, width=16, depth=1, num_heads=2, head_width=16,
-            head_depth=1, head_num_heads=2, num_classes=3)
-
-
-def make_diffusion_run(path, seed=0, encoder=ENCODER, **overrides):
-    """A complete diffusion run (``stages.runs``' format): a tiny DiT^DH with non-trivial random weights
-    (adaLN-zero alone would give v = 0), config.json, statistics and manifest."""
-    torch.manual_seed(seed)
-    kwargs = {**TINY, **overrides}
-    model = DiTDH(**kwargs)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    path.mkdir(parents=True)
-    save_weights(path / "model_ema.safetensors", model.state_dict())
-    save_weights(path / "model.safetensors", model.state_dict())
-    stats = {"mean": torch.randn(LATENT), "var": torch.rand(LATENT) + 0.5}
-    save_weights(path / "latent_stats.safetensors", stats)
-    write_config(path, diffusion_config("DiTDH", kwargs, "tiny", LATENT, [], shift=2.0, encoder=encoder, image_size=16))
-    write_manifest(path, new_manifest("diffusion-run", {}, encoder=encoder, latent_shape=list(LATENT),
-                                      num_classes=kwargs["num_classes"], content_id=f"run-{seed}", step=1,
-                                      class_names=["a", "b", "c"][: kwargs["num_classes"]], complete=True))
-    return path
+from stages.artifacts.manifest import read_manifest
+from stages.artifacts.runs import load_diffusion_run
+from stages.sample import run
+from stages.artifacts.store import LatentStore
+from tests.helpers import ENCODER, LATENT, make_diffusion_run, sample_config, store_latents
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +17,9 @@ def runs(tmp_path_factory):
     return make_diffusion_run(root / "xl", seed=0), make_diffusion_run(root / "s", seed=1)
 
 
-def _cfg(model, out, **kw):
-    base = dict(num=10, steps=4, block_size=8, shard_size=4, batch_size=8, device="cpu", dtype="float32")
-    base.update(kw)
-    return SampleConfig(model=str(model), out=str(out), **base)
-
-
-def _latents(path):
-    s = LatentStore(path)
-    return np.asarray(s.latents[:])
-
-
 def test_store_layout_raw_space_and_manifest(runs, tmp_path):
     out = tmp_path / "s.zarr"
-    run(_cfg(runs[0], out, seed=7, batch_size=1))  # batches of one, as the direct computation below
+    run(sample_config(runs[0], out, seed=7, batch_size=1))  # batches of one, as the direct computation below
     m = read_manifest(out, kind="sample-store")
     s = LatentStore(out)
     assert s.latents.shape == (10, *LATENT) and s.complete
@@ -71,13 +33,13 @@ def test_store_layout_raw_space_and_manifest(runs, tmp_path):
     with torch.no_grad():
         x = flow.sample(lambda x, t: r.model(x, t, y), noise, 4, 2.0, "euler")
     expected = x * torch.sqrt(r.var + 1e-5) + r.mean
-    np.testing.assert_array_equal(_latents(out)[:1], expected.numpy())
+    np.testing.assert_array_equal(store_latents(out)[:1], expected.numpy())
 
 
 def test_same_samples_at_any_batch_size(runs, tmp_path):
-    run(_cfg(runs[0], tmp_path / "a.zarr", batch_size=8))
-    run(_cfg(runs[0], tmp_path / "b.zarr", batch_size=3))
-    a, b = _latents(tmp_path / "a.zarr"), _latents(tmp_path / "b.zarr")
+    run(sample_config(runs[0], tmp_path / "a.zarr", batch_size=8))
+    run(sample_config(runs[0], tmp_path / "b.zarr", batch_size=3))
+    a, b = store_latents(tmp_path / "a.zarr"), store_latents(tmp_path / "b.zarr")
     # The noise is bit-identical; only the float32 matmuls may round differently at another batch size
     # (another blocking of the same dot products). Error model: each dot product has K <= 64 terms,
     # so one model evaluation moves by at most ~K u |v| (u = 2^-24: 4e-6 |v|, |v| = O(1) here); 4 Euler
@@ -91,26 +53,26 @@ def test_same_samples_at_any_batch_size(runs, tmp_path):
 
 def test_per_class_gives_exactly_k_per_class(runs, tmp_path):
     out = tmp_path / "p.zarr"
-    run(_cfg(runs[0], out, num=None, per_class=3, steps=1))
+    run(sample_config(runs[0], out, num=None, per_class=3, steps=1))
     labels = np.asarray(LatentStore(out).labels[:])
     assert np.bincount(labels, minlength=3).tolist() == [3, 3, 3]
-    run(_cfg(runs[0], tmp_path / "q.zarr", num=None, per_class=2, classes=[2, 0], steps=1))
+    run(sample_config(runs[0], tmp_path / "q.zarr", num=None, per_class=2, classes=[2, 0], steps=1))
     assert sorted(np.asarray(LatentStore(tmp_path / "q.zarr").labels[:]).tolist()) == [0, 0, 2, 2]
 
 
 def test_random_labels_are_seeded(runs, tmp_path):
     from stages.sample import sample_labels
 
-    a = sample_labels(_cfg(runs[0], tmp_path / "x", num=50, seed=3), 3)
-    assert (a == sample_labels(_cfg(runs[0], tmp_path / "x", num=50, seed=3), 3)).all()
+    a = sample_labels(sample_config(runs[0], tmp_path / "x", num=50, seed=3), 3)
+    assert (a == sample_labels(sample_config(runs[0], tmp_path / "x", num=50, seed=3), 3)).all()
     assert set(a.tolist()) == {0, 1, 2}
     with pytest.raises(RaeError):
-        run(_cfg(runs[0], tmp_path / "y.zarr", num=4, per_class=2))
+        run(sample_config(runs[0], tmp_path / "y.zarr", num=4, per_class=2))
 
 
 def test_resume_after_interruption_gives_the_same_store(runs, tmp_path, monkeypatch):
     full = tmp_path / "full.zarr"
-    run(_cfg(runs[0], full, num=20))
+    run(sample_config(runs[0], full, num=20))
     out = tmp_path / "cut.zarr"
     original = LatentStore.write_block
     calls = []
@@ -123,32 +85,33 @@ def test_resume_after_interruption_gives_the_same_store(runs, tmp_path, monkeypa
 
     monkeypatch.setattr(LatentStore, "write_block", dying)
     with pytest.raises(KeyboardInterrupt):
-        run(_cfg(runs[0], out, num=20))
+        run(sample_config(runs[0], out, num=20))
     assert not read_manifest(out, require_complete=False)["complete"]
     monkeypatch.setattr(LatentStore, "write_block", lambda self, b, *a, **k: (calls.append(b), original(self, b, *a, **k)))
-    run(_cfg(runs[0], out, num=20))
+    run(sample_config(runs[0], out, num=20))
     assert calls == [0, 1, 2]  # block 0 was not redone
     # The same batches as the uninterrupted run: the same kernels, so the same bits.
-    np.testing.assert_array_equal(_latents(out), _latents(full))
+    np.testing.assert_array_equal(store_latents(out), store_latents(full))
     assert read_manifest(out, kind="sample-store")["complete"]
 
 
 def test_cfg_scale_one_equals_no_guidance(runs, tmp_path):
-    run(_cfg(runs[0], tmp_path / "none.zarr"))
-    run(_cfg(runs[0], tmp_path / "cfg1.zarr", guidance="cfg", cfg_scale=1.0))
-    run(_cfg(runs[0], tmp_path / "cfg3.zarr", guidance="cfg", cfg_scale=3.0))
-    none = _latents(tmp_path / "none.zarr")
-    np.testing.assert_array_equal(_latents(tmp_path / "cfg1.zarr"), none)
-    assert np.abs(_latents(tmp_path / "cfg3.zarr") - none).max() > 1e-3
+    run(sample_config(runs[0], tmp_path / "none.zarr"))
+    run(sample_config(runs[0], tmp_path / "cfg1.zarr", guidance="cfg", cfg_scale=1.0))
+    run(sample_config(runs[0], tmp_path / "cfg3.zarr", guidance="cfg", cfg_scale=3.0))
+    none = store_latents(tmp_path / "none.zarr")
+    np.testing.assert_array_equal(store_latents(tmp_path / "cfg1.zarr"), none)
+    assert np.abs(store_latents(tmp_path / "cfg3.zarr") - none).max() > 1e-3
 
 
 def test_autoguidance_by_the_model_itself_equals_no_guidance(runs, tmp_path):
-    run(_cfg(runs[0], tmp_path / "none.zarr"))
-    run(_cfg(runs[0], tmp_path / "self.zarr", guidance="autoguidance", guide_model=str(runs[0]), ag_scale=1.42))
-    run(_cfg(runs[0], tmp_path / "ag.zarr", guidance="autoguidance", guide_model=str(runs[1]), ag_scale=1.42))
-    none = _latents(tmp_path / "none.zarr")
-    np.testing.assert_array_equal(_latents(tmp_path / "self.zarr"), none)
-    assert np.abs(_latents(tmp_path / "ag.zarr") - none).max() > 1e-3
+    run(sample_config(runs[0], tmp_path / "none.zarr"))
+    run(sample_config(runs[0], tmp_path / "self.zarr", guidance="autoguidance", guide_model=str(runs[0]),
+                      ag_scale=1.42))
+    run(sample_config(runs[0], tmp_path / "ag.zarr", guidance="autoguidance", guide_model=str(runs[1]), ag_scale=1.42))
+    none = store_latents(tmp_path / "none.zarr")
+    np.testing.assert_array_equal(store_latents(tmp_path / "self.zarr"), none)
+    assert np.abs(store_latents(tmp_path / "ag.zarr") - none).max() > 1e-3
     m = read_manifest(tmp_path / "ag.zarr")
     assert m["inputs"]["guide"]["content_id"] == "run-1" and m["sampling"]["scale"] == 1.42
 
@@ -156,13 +119,13 @@ def test_autoguidance_by_the_model_itself_equals_no_guidance(runs, tmp_path):
 def test_guide_from_another_latent_space_is_refused(runs, tmp_path):
     other = make_diffusion_run(tmp_path / "other", encoder={**ENCODER, "weights_sha256": "b" * 64})
     with pytest.raises(RaeError, match="another encoder"):
-        run(_cfg(runs[0], tmp_path / "x.zarr", guidance="autoguidance", guide_model=str(other)))
+        run(sample_config(runs[0], tmp_path / "x.zarr", guidance="autoguidance", guide_model=str(other)))
 
 
 def test_changed_settings_refuse_to_reuse_the_store(runs, tmp_path):
     out = tmp_path / "s.zarr"
-    run(_cfg(runs[0], out, num=4))
+    run(sample_config(runs[0], out, num=4))
     with pytest.raises(RaeError, match=r"made differently \(--steps 4 there, 5 here\)"):
-        run(_cfg(runs[0], out, num=4, steps=5))
-    run(_cfg(runs[0], out, num=4, steps=5, overwrite=True))
+        run(sample_config(runs[0], out, num=4, steps=5))
+    run(sample_config(runs[0], out, num=4, steps=5, overwrite=True))
     assert read_manifest(out)["config"]["steps"] == 5

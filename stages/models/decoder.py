@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention, Mlp
 
-from ..encoders import IMAGENET_MEAN, IMAGENET_STD
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 from .pos_embed import sincos_pos_embed_2d
 
 

@@ -11,15 +11,13 @@ everything up to the DINO input normalisation works on [-1, 1] images, including
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ..encoders import IMAGENET_MEAN, IMAGENET_STD
-from ..weights import create_timm_model
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 DINO_TIMM_NAME = "vit_small_patch8_224.dino"
 
@@ -133,21 +131,18 @@ class DinoDiscriminator(nn.Module):
     final LayerNorm). Inputs are resized (bilinear) to 224 and ImageNet-normalised as in the
     reference. ``augment=True`` applies ``diffaug`` first (the reference augments every D input).
 
-    Backbone weights: ``weights`` (a local file), else the timm registry / Hugging Face cache;
-    ``pretrained=False`` gives a random backbone (tests). The backbone stays frozen and in eval mode;
+    ``backbone``: a timm DINO ViT with its weights already loaded (``stages.models.weights.
+    load_discriminator`` builds one from a file or the caches). It stays frozen and in eval mode;
     gradients still flow through it to the images, as the decoder's GAN loss needs. Optimise
     ``heads.parameters()``. As in the reference, call ``.eval()`` for the decoder's step (no
     spectral-norm power iteration) and ``.train()`` for the discriminator's own update.
     """
 
-    def __init__(self, weights: str | os.PathLike | None = None, pretrained: bool = True,
-                 kernel_size: int = 9, key_depths: tuple[int, ...] = (2, 5, 8, 11),
-                 spectral: bool = True, norm_eps: float = 1e-6, aug_prob: float = 1.0,
-                 cutout: float = 0.0, timm_name: str = DINO_TIMM_NAME, flag: str = "--disc-weights"):
+    def __init__(self, backbone: nn.Module, backbone_sha256: str | None = None, kernel_size: int = 9,
+                 key_depths: tuple[int, ...] = (2, 5, 8, 11), spectral: bool = True, norm_eps: float = 1e-6,
+                 aug_prob: float = 1.0, cutout: float = 0.0):
         super().__init__()
-        # tanh-approximated GELU: the reference runs DINO's blocks with it.
-        backbone, self.backbone_sha256 = create_timm_model(
-            timm_name, weights=weights, pretrained=pretrained, flag=flag, num_classes=0, act_layer="gelu_tanh")
+        self.backbone_sha256 = backbone_sha256
         self.backbone = backbone.eval().requires_grad_(False)
         depth = len(backbone.blocks)
         self.key_depths = tuple(d for d in key_depths if d < depth)

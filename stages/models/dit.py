@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stages.errors import RaeError
+from ..errors import RaeError
 
 from .pos_embed import sincos_pos_embed_2d
 

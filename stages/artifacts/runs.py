@@ -1,0 +1,197 @@
+"""The two run formats, written and read here only: a decoder run and a diffusion run.
+
+A decoder run (``rae train-decoder``, ``rae import decoder``) holds the decoder's weights
+(``decoder_ema.safetensors``, ``decoder.safetensors``) and ``config.json``: the ``ViTDecoder``
+keyword arguments and the encoder identity, what ``rae decode`` rebuilds and checks its input with.
+
+A diffusion run (``rae train-diffusion``, ``rae import diffusion``) holds the model's weights
+(``model_ema.safetensors``, ``model.safetensors``), ``latent_stats.safetensors`` (the store's exact
+mean / var [C, h, w]: the model works on (z - mean) / sqrt(var + eps), and sampling must undo that
+same normalisation) and ``config.json``: the model class and keyword arguments, the latent shape,
+the classes with the null label, the flow settings with the training shift, and the encoder.
+
+Both carry a ``manifest.json`` (``stages.artifacts.manifest``) that says ``"complete": true`` last.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import flow
+from ..errors import ArtifactError
+from ..models.decoder import DECODER_SIZES, ViTDecoder
+from ..models.dit import DiT, DiTDH
+from .atomic import atomic_write_json
+from .checkpoint import load_weights
+from .manifest import read_manifest, verify_files
+
+CONFIG = "config.json"
+STATS = "latent_stats.safetensors"
+DECODER_EMA, DECODER_RAW = "decoder_ema.safetensors", "decoder.safetensors"
+DIFFUSION_EMA, DIFFUSION_RAW = "model_ema.safetensors", "model.safetensors"
+NORM_EPS = 1e-5
+# What a finished run's manifest records (``manifest.file_records``) and every load checks.
+DECODER_FILES = (DECODER_EMA, DECODER_RAW, CONFIG, STATS)
+DIFFUSION_FILES = (DIFFUSION_EMA, DIFFUSION_RAW, CONFIG, STATS)
+MODEL_CLASSES = {"DiT": DiT, "DiTDH": DiTDH}
+
+
+def write_config(run_dir: str | os.PathLike, config: dict) -> None:
+    atomic_write_json(Path(run_dir) / CONFIG, config)
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / CONFIG
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from None
+
+
+#################################################################################
+#                                 Decoder runs                                  #
+#################################################################################
+
+def decoder_config(arch: dict, size_name: str | None, encoder: dict, latent_shape, **extra) -> dict:
+    """config.json of a decoder run: ``arch`` (``ViTDecoder`` keyword arguments), the named size it
+    is (or None), the encoder whose raw latents it decodes, and ``extra`` fields of the maker."""
+    return {"architecture": "ViTDecoder", "model": size_name, "decoder": arch,
+            "image_size": arch["grid"] * arch["patch_size"], "weights": DECODER_EMA, "encoder": encoder,
+            "latent_shape": latent_shape, "latent_space": "raw encoder space (as stored; not normalised)", **extra}
+
+
+def _decoder_kwargs(config: dict) -> dict:
+    """ViTDecoder constructor kwargs from a decoder run's config.json: the exact kwargs (under
+    "decoder", "architecture" or "model", directly or as "kwargs"), or a named size plus the rest."""
+    for key in ("decoder", "architecture", "model"):
+        spec = config.get(key)
+        if not isinstance(spec, dict):
+            continue
+        if isinstance(spec.get("kwargs"), dict):
+            return dict(spec["kwargs"])
+        if "in_dim" in spec and "size" not in spec:
+            return dict(spec)
+        if spec.get("size") in DECODER_SIZES:
+            return {**DECODER_SIZES[spec["size"]], **{k: v for k, v in spec.items() if k != "size"}}
+    raise ArtifactError("the decoder run's config.json has no decoder architecture (ViTDecoder keyword arguments)")
+
+
+def load_decoder_run(run_dir: str | os.PathLike, device="cpu", ema: bool = True) -> tuple[nn.Module, dict]:
+    """A complete decoder run -> (ViTDecoder in eval mode on ``device``, info).
+
+    info: {"encoder": identity dict, "latent_shape": [C, h, w], "image_size": int, "config": config.json,
+    "manifest": manifest.json}.
+    """
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir, kind="decoder-run", what="decoder run")
+    verify_files(run_dir, manifest)
+    config = read_config(run_dir)
+    decoder = ViTDecoder(**_decoder_kwargs(config))
+    weights = run_dir / (DECODER_EMA if ema else DECODER_RAW)
+    if not weights.is_file():
+        raise ArtifactError(f"{run_dir} has no {weights.name}")
+    try:
+        decoder.load_state_dict(load_weights(weights))
+    except RuntimeError as e:
+        raise ArtifactError(f"{weights} does not fit its config.json: {str(e).splitlines()[0]}") from None
+    encoder = manifest.get("encoder") or config.get("encoder") or {}
+    latent_shape = manifest.get("latent_shape") or config.get("latent_shape") or [decoder.in_dim, decoder.grid, decoder.grid]
+    info = {"encoder": encoder, "latent_shape": list(latent_shape), "image_size": decoder.image_size,
+            "config": config, "manifest": manifest}
+    return decoder.to(device).eval(), info
+
+
+#################################################################################
+#                                Diffusion runs                                 #
+#################################################################################
+
+def normalize(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """Raw encoder latents -> the diffusion model's space: (z - mean) / sqrt(var + eps)."""
+    return (z - mean) / torch.sqrt(var + eps)
+
+
+def denormalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    return x * torch.sqrt(var + eps) + mean
+
+
+def training_shift(latent_shape, shift: float | None = None, base: int = 4096) -> float:
+    """The time shift a run trains with: ``shift`` when given, else the paper's a = sqrt(C*h*w / base)."""
+    return shift if shift is not None else flow.default_shift(latent_shape, base)
+
+
+def diffusion_config(model_class: str, model_kwargs: dict, preset: str | None, latent_shape, class_names: list,
+                     shift: float, encoder: dict | None, time_dist: str = "logit_normal", t_mean: float = 0.0,
+                     t_std: float = 1.0, image_size: int | None = None, **extra) -> dict:
+    """config.json of a diffusion run: how to rebuild its model, its classes (label ``num_classes``
+    is the null class), its flow settings and its encoder; ``extra`` fields of the maker last."""
+    num_classes = model_kwargs["num_classes"]
+    return {"model": {"preset": preset, "class": model_class, "kwargs": model_kwargs},
+            "latent_shape": list(latent_shape), "num_classes": num_classes, "null_label": num_classes,
+            "class_names": class_names,
+            "flow": {"path": "linear", "prediction": "velocity", "shift": shift, "time_dist": time_dist,
+                     "t_mean": t_mean, "t_std": t_std, "t_max": flow.REFERENCE_T_MAX},
+            "encoder": encoder, **({"image_size": image_size} if image_size is not None else {}),
+            "statistics": STATS, "eps": NORM_EPS, **extra}
+
+
+@dataclass
+class DiffusionRun:
+    """A complete diffusion run, loaded: its model (eval mode, frozen), config.json, manifest and the
+    statistics [C, h, w] its latents were normalised with."""
+    path: Path
+    model: nn.Module
+    config: dict
+    manifest: dict
+    mean: torch.Tensor
+    var: torch.Tensor
+
+    @property
+    def latent_shape(self) -> list[int]:
+        return list(self.config["latent_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["num_classes"])
+
+    @property
+    def null_label(self) -> int:
+        return int(self.config["null_label"])
+
+    @property
+    def shift(self) -> float:
+        """The shift the model was trained with (sampling's default)."""
+        return float(self.config["flow"]["shift"])
+
+    @property
+    def encoder(self) -> dict:
+        return self.config.get("encoder") or self.manifest.get("encoder") or {}
+
+    def to_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> raw encoder space (``denormalize`` with the run's statistics)."""
+        return denormalize(x, self.mean.to(x.device), self.var.to(x.device), self.config["eps"])
+
+
+def load_diffusion_run(run_dir: str | os.PathLike, ema: bool = True,
+                       device: str | torch.device = "cpu") -> DiffusionRun:
+    """A complete diffusion run; ``ema``: the EMA weights (what the paper samples with) or the raw model's."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir, kind="diffusion-run", what="diffusion run")
+    verify_files(run_dir, manifest)
+    config = read_config(run_dir)
+    spec = config["model"]
+    if spec["class"] not in MODEL_CLASSES:
+        raise ArtifactError(f"{run_dir}: unknown model class {spec['class']!r}")
+    model = MODEL_CLASSES[spec["class"]](**spec["kwargs"])
+    weights = run_dir / (DIFFUSION_EMA if ema else DIFFUSION_RAW)
+    missing, unexpected = model.load_state_dict(load_weights(weights), strict=False)
+    if missing or unexpected:
+        raise ArtifactError(f"{weights} does not fit {spec['class']}({spec['kwargs']}): "
+                            f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
+    stats = load_weights(run_dir / config["statistics"])
+    return DiffusionRun(run_dir, model.to(device).eval().requires_grad_(False), config, manifest,
+                        stats["mean"].float(), stats["var"].float())
