@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_ours(args, device: torch.device, compile_: bool, precision: str):
     from stages.dist import Dist
-    from stages.train.losses import LPIPS, GanSchedule
+    from stages.models.lpips import LPIPS
+    from stages.train.losses import GanSchedule
     from stages.models.weights import load_discriminator
     from stages.train.decoder import DecoderTraining, Schedule
     from stages.train.config import TrainDecoderConfig

@@ -185,7 +185,7 @@ def check_discriminator(ref_root: Path, batch: int) -> float:
 def check_lpips(batch: int) -> float:
     import lpips
 
-    from stages.train.losses import LPIPS
+    from stages.models.lpips import LPIPS
 
     torch.manual_seed(0)
     ref = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()

@@ -16,6 +16,7 @@ COMMANDS = {  # name: (module of rae_cli, function)
     "train-diffusion": ("train_diffusion_cmd", "report_train_diffusion"),
     "sample": ("sample_cmd", "report_sample"),
     "decode": ("decode_cmd", "report_decode"),
+    "crop": ("crop_cmd", "report_crop"),
     "eval": ("eval_cmd", "report_eval"),
     "import": ("import_cmd", "report_import"),
     "info": ("info_cmd", "info"),

@@ -16,6 +16,7 @@ _SHOWN = {
     "precision": ("Precision", "{:.4f}"), "recall": ("Recall", "{:.4f}"),
     "kid": ("KID", "{:.6f}"), "kid_std": ("  KID std over subsets", "{:.6f}"),
     "fd_dinov2": ("FD_DINOv2", "{:.3f}"), "psnr": ("PSNR (dB)", "{:.3f}"), "ssim": ("SSIM", "{:.4f}"),
+    "lpips": ("LPIPS (VGG)", "{:.4f}"),
 }
 
 

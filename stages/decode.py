@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import io
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,8 @@ import numpy as np
 import torch
 
 from . import dist
-from .artifacts.atomic import atomic_replace, atomic_write_bytes, jsonable, remove_temporaries
+from .artifacts.atomic import jsonable, remove_temporaries
+from .artifacts.image_folder import GRID, NPZ, png_name, read_png, write_grid, write_npz, write_png
 from .artifacts.manifest import (claim_output, describe_difference, digest_json, input_ref, new_manifest,
                                  read_manifest, resume_if_same, write_manifest)
 from .artifacts.outputs import stage
@@ -38,8 +37,6 @@ from .models.encoders import UNKNOWN_DIGEST
 from .options import AT_LEAST_1, NON_NEGATIVE, check_options, option, precision_option
 from .progress import console, progress
 
-NPZ = "samples.npz"
-GRID = "grid.png"
 
 
 @dataclass
@@ -92,63 +89,6 @@ def check_compatible(store_encoder: dict, store_shape, decoder_info: dict, decod
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]: clamp, x255, truncate (as the reference and ADM)."""
     return images.float().clamp(0, 1).mul(255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
-
-
-def png_name(index: int) -> str:
-    return f"{index:06d}.png"
-
-
-def _write_png(path: Path, image: np.ndarray) -> None:
-    from PIL import Image
-
-    buffer = io.BytesIO()  # encoded in memory: a write error is then our own OSError, not PIL's state
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-    atomic_write_bytes(path, buffer.getbuffer())
-
-
-def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def write_npz(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray | None) -> None:
-    """ADM ``.npz`` streamed from the PNGs (never all images in memory): arr_0 uint8 [N, H, W, 3]."""
-    first = _read_png(folder / png_name(int(indices[0])))
-    with atomic_replace(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                      "shape": (len(indices), *first.shape)}
-            np.lib.format.write_array_header_1_0(f, header)
-            with cf.ThreadPoolExecutor(max_workers=8) as pool:
-                for image in pool.map(lambda i: _read_png(folder / png_name(int(i))), indices):
-                    if image.shape != first.shape:
-                        raise ArtifactError(f"{folder}: images of different sizes ({image.shape} vs {first.shape})")
-                    f.write(np.ascontiguousarray(image).tobytes())
-        if labels is not None:
-            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, labels.astype(np.int64))
-
-
-def write_grid(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray | None,
-               max_rows: int = 16, per_row: int = 8) -> None:
-    """Preview: one row per class (the first ``max_rows`` classes present) for labelled stores."""
-    from PIL import Image
-
-    if labels is not None and (labels >= 0).all():
-        rows = [indices[labels == c][:per_row] for c in np.unique(labels)[:max_rows]]
-    else:
-        shown = indices[: max_rows * per_row]
-        rows = [shown[r: r + per_row] for r in range(0, len(shown), per_row)]
-    first = _read_png(folder / png_name(int(rows[0][0])))
-    h, w = first.shape[:2]
-    canvas = np.full((len(rows) * h, per_row * w, 3), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, i in enumerate(row):
-            canvas[r * h: (r + 1) * h, c * w: (c + 1) * w] = _read_png(folder / png_name(int(i)))
-    with atomic_replace(path) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
 
 
 #################################################################################
@@ -210,7 +150,7 @@ def run(cfg: DecodeConfig) -> dict:
                 with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                     images = decoder(z)
                 pixels = to_uint8(images)
-                list(writer.map(lambda k: _write_png(out / png_name(int(idx[k])), pixels[k]), range(len(idx))))
+                list(writer.map(lambda k: write_png(out / png_name(int(idx[k])), pixels[k]), range(len(idx))))
                 advance(len(idx))
     finally:
         writer.shutdown(wait=True, cancel_futures=True)
@@ -234,7 +174,7 @@ def _finalize(cfg: DecodeConfig, out: Path, indices: np.ndarray, all_labels: np.
     write_npz(out / NPZ, out, indices, labels)
     write_grid(out / GRID, out, indices, labels, cfg.grid_classes, cfg.grid_per_row)
     remove_temporaries(out)
-    first = _read_png(out / png_name(int(indices[0])))
+    first = read_png(out / png_name(int(indices[0])))
     manifest = read_manifest(out, require_complete=False)
     manifest.update(num_images=len(indices), image_shape=list(first.shape), labelled=labels is not None,
                     files=[png_name(int(indices[0])), png_name(int(indices[-1]))],

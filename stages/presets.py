@@ -38,11 +38,12 @@ PRESETS: dict[str, dict[str, dict]] = {
         # CPU cost (~0.1 s per image), so the demo trains mostly on L1 and keeps the recipe's order at the
         # end: LPIPS and D updates from step 250, the GAN term from step 275 (300 steps of 16).
         # Random-weight LPIPS and discriminator (timm's small test ViT as its backbone): offline, CPU-sized.
+        # The cached latents (--augment none): the encoder in the loop would double the demo's CPU time.
         "train_decoder": dict(model="vit-b", width=96, depth=3, heads=4, mlp_dim=384, steps=300, batch_size=16,
                               warmup_steps=10, lr=1e-3, final_lr=1e-4, disc_lr=1e-3, disc_final_lr=1e-4, ema_decay=0.95,
                               lpips_start_step=250, disc_start_step=250, gan_start_step=275, random_loss_nets=True,
                               disc_backbone="test_vit", log_every=5, preview_every=150, checkpoint_every=150,
-                              num_workers=2),
+                              num_workers=2, augment="none"),
         # A tiny DiT^DH (1.4M parameters): trunk width 96 and head width 128, both >= the demo's token
         # dimension 96 (the paper's width rule); 1000 steps of 64 take ~2.5 min on one CPU thread. The
         # shift is set, not derived: sqrt(96*4*4 / 4096) = 0.61 would move training towards low noise,

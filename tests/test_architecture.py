@@ -15,7 +15,7 @@ FLOORS = [
     ("artifacts", "stages.artifacts"),
     ("train", "stages.train"),
     ("eval", "stages.eval"),
-    ("verbs", {"stages.encode", "stages.sample", "stages.decode", "stages.importer"}),
+    ("verbs", {"stages.encode", "stages.sample", "stages.decode", "stages.importer", "stages.crop"}),
     ("demo", "stages.demo"),
 ]
 # Wings on one floor that must not import each other.

@@ -96,7 +96,7 @@ def test_resume_keeps_existing_pngs_and_gives_the_same_npz(setup, tmp_path, monk
     out = tmp_path / "cut"
     import stages.decode as decode_mod
 
-    original, written = decode_mod._write_png, []
+    original, written = decode_mod.write_png, []
 
     def dying(path, image):
         if len(written) == 5:
@@ -104,7 +104,7 @@ def test_resume_keeps_existing_pngs_and_gives_the_same_npz(setup, tmp_path, monk
         written.append(path.name)
         original(path, image)
 
-    monkeypatch.setattr(decode_mod, "_write_png", dying)
+    monkeypatch.setattr(decode_mod, "write_png", dying)
     with pytest.raises(KeyboardInterrupt):
         run(_cfg(store, decoder, out))
     assert not read_manifest(out, require_complete=False)["complete"] and not (out / "samples.npz").exists()
@@ -118,7 +118,7 @@ def test_resume_keeps_existing_pngs_and_gives_the_same_npz(setup, tmp_path, monk
     # What kills mid-write leave: temporary files of a PNG and of the .npz; the finished run removes them.
     (out / ".000007.png.tmp4242").write_bytes(b"half a png")
     (out / ".samples.npz.tmp4242").write_bytes(b"half an npz")
-    monkeypatch.setattr(decode_mod, "_write_png", original)
+    monkeypatch.setattr(decode_mod, "write_png", original)
     run(_cfg(store, decoder, out))
     assert not list(out.glob(".*tmp*")) and not (out / "eval.json").exists()
     assert all((out / name).stat().st_mtime_ns == t for name, t in before.items())  # not redone

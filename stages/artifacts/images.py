@@ -360,6 +360,40 @@ def load_crop(path: str | os.PathLike, image_size: int, min_size: int = 16) -> n
     return center_crop_arr(load_rgb(path, min_size=min_size), image_size)
 
 
+# ---- The authors' decoder-training crop (``train_stage1.py``'s ``stage1_transform``) --------------
+def first_resize(image_size: int) -> int:
+    """The short side the reference resizes to before its random crop: 384 for 256, 1.5x otherwise."""
+    return 384 if image_size == 256 else int(image_size * 1.5)
+
+
+def resize_short_side(img: Image.Image, short: int) -> Image.Image:
+    """torchvision's ``Resize(short, BICUBIC)`` on a PIL image: the short side to ``short``, the long
+    side to ``int(short * long / short_side)`` (truncated, as torchvision computes it), Pillow bicubic."""
+    w, h = img.size
+    if w <= h:
+        size = (short, int(short * h / w))
+    else:
+        size = (int(short * w / h), short)
+    return img if size == img.size else img.resize(size, resample=Image.BICUBIC)
+
+
+def crop_offsets(height: int, width: int, image_size: int, seed: int, epoch: int, index: int) -> tuple[int, int]:
+    """(top, left) of a random ``image_size`` crop of a ``height`` x ``width`` image, drawn from a
+    generator of its own seeded by (seed, epoch, index): the same crop whatever the batch, the number
+    of processes or a resume. (The reference's RandomCrop draws from the global torch generator.)"""
+    rng = np.random.default_rng([seed, epoch, index, 0x5EED])
+    return int(rng.integers(0, height - image_size + 1)), int(rng.integers(0, width - image_size + 1))
+
+
+def reference_crop(img: Image.Image, image_size: int, seed: int, epoch: int, index: int) -> np.ndarray:
+    """The reference's decoder-training view of an image: the short side resized to
+    ``first_resize(image_size)`` with bicubic, then a random ``image_size`` crop (no flip). Returns
+    uint8 [image_size, image_size, 3]."""
+    img = resize_short_side(img, first_resize(image_size))
+    top, left = crop_offsets(img.size[1], img.size[0], image_size, seed, epoch, index)
+    return np.asarray(img.crop((left, top, left + image_size, top + image_size))).copy()
+
+
 # ---- The ADM crop's bicubic step, exactly, as batched matrix products (on the GPU) --------------
 # Pillow resizes 8-bit images with fixed-point coefficients (22 fractional bits) in two passes,
 # horizontal then vertical (or, from Pillow 13, vertical first for images that shrink much more in

@@ -29,6 +29,7 @@ from ..artifacts.atomic import atomic_write_json, jsonable
 from ..artifacts.manifest import has_manifest
 from ..artifacts.outputs import stage
 from ..errors import ArtifactError, RaeError
+from ..models.lpips import LPIPS, VGG16_FILE
 from ..models.weights import MissingWeightsError
 from ..options import option
 from ..progress import console
@@ -39,7 +40,7 @@ from .nets import (DINOV2_DEFAULT, SPATIAL_CHANNELS, SPATIAL_DIM, SPATIAL_GRID, 
                    load_dinov2, load_inception, load_store_encoder)
 from .refs import Reference, RefStats, check_stats_identity, open_reference, save_ref_stats
 
-METRICS = ("fid", "sfid", "is", "pr", "kid", "fd_dinov2")  # all of them: the default
+METRICS = ("fid", "sfid", "is", "pr", "kid", "fd_dinov2", "lpips")  # all of them: the default (lpips: with --pairs)
 INCEPTION_METRICS = ("fid", "sfid", "is", "pr", "kid")
 
 
@@ -57,7 +58,7 @@ class EvalConfig:
     out: str | None = option(None, "Where to write eval.json (default: inside a `rae decode` folder; NAME.eval.json "
                              "beside an .npz in a rae artifact folder, else in the current folder).", path=True)
     metrics: tuple[str, ...] = option(METRICS, "Comma-separated: fid, sfid (ADM's spatial FID: Inception mixed_6/conv, "
-                                      "first 7 channels), is, pr (precision/recall), kid, fd_dinov2.")
+                                      "first 7 channels), is, pr (precision/recall), kid, fd_dinov2, lpips (with --pairs).")
     inception_weights: str | None = option(None, "torch-fidelity's Inception file (weights-inception-2015-12-05-"
                                            "6726825d.pth); default: the torch hub cache.", path=True)
     dinov2_weights: str | None = option(None, "DINOv2 weights file for FD_DINOv2; default: the timm / Hugging Face "
@@ -68,6 +69,10 @@ class EvalConfig:
     fd_encoder: str | None = option(None, "A latent store: compute the FD in its RAE encoder's space (mean-pooled "
                                     "latent tokens) instead of DINOv2-L; needs no downloaded weights when the store's "
                                     "encoder is local.", path=True)
+    lpips_vgg_weights: str | None = option(None, "--pairs' LPIPS: torchvision's VGG16 file (vgg16-397923af.pth); "
+                                           "default: the torch hub cache.", path=True)
+    lpips_lin_weights: str | None = option(None, "--pairs' LPIPS: the v0.1 linear layers (default: the copy in the "
+                                           "lpips package).", path=True)
     offline: bool = option(False, "Never download weights (use caches and files only).")
     # Protocol constants (ADM / torch-fidelity defaults).
     is_split_size: int = 5000
@@ -227,7 +232,7 @@ def _run(cfg: EvalConfig, d) -> dict:
         raise RaeError("nothing to evaluate: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
     # Passes. With --pairs the two aligned sets go through together (each image is read once).
-    pair_sums = PairSums(d.device) if cfg.pairs else None
+    pair_sums = PairSums(d.device, _pair_lpips(cfg, d, skipped) if "lpips" in wanted else None) if cfg.pairs else None
     if cfg.pairs:
         feature_pass([images, ref.images], [img_col, ref_col], d, cfg.batch_size, cfg.num_workers, "eval (pairs)",
                      pair_sums)
@@ -246,6 +251,23 @@ def _run(cfg: EvalConfig, d) -> dict:
                                          skipped, fdk, notes))
     result = dist.broadcast_object(result)
     return result
+
+
+def _pair_lpips(cfg: EvalConfig, d, skipped: dict[str, str]):
+    """--pairs' LPIPS (VGG, v0.1) on the device, or None with the reason in ``skipped`` when its VGG16
+    weights are not at hand (named files that are missing or wrong are an error)."""
+    try:
+        if cfg.offline and cfg.lpips_vgg_weights is None and not (Path(torch.hub.get_dir()) / "checkpoints" /
+                                                                  VGG16_FILE).is_file():
+            raise MissingWeightsError(f"LPIPS needs the VGG16 weights {VGG16_FILE} (--offline: not downloaded); put "
+                                      f"it in {Path(torch.hub.get_dir()) / 'checkpoints'} or pass --lpips-vgg-weights")
+        return _rank0_first(d, lambda: LPIPS(cfg.lpips_vgg_weights, cfg.lpips_lin_weights).to(d.device))
+    except MissingWeightsError as e:
+        if cfg.lpips_vgg_weights or cfg.lpips_lin_weights:
+            raise
+        skipped["lpips"] = str(e)
+        _warn(d, f"{e}; skipping LPIPS")
+        return None
 
 
 def _arr0_crc(path: Path) -> int:

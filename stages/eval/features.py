@@ -91,20 +91,28 @@ class Collector:
 
 
 class PairSums:
-    """PSNR and SSIM summed over matched pairs (float64), summed across ranks."""
+    """PSNR, SSIM and (with an ``lpips`` network) LPIPS summed over matched pairs (float64), summed
+    across ranks. LPIPS sees both images in [0, 1] at their size, as the lpips package's
+    ``LPIPS(net="vgg")`` does with ``normalize=True``."""
 
-    def __init__(self, device):
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # psnr, ssim, count
+    def __init__(self, device, lpips=None):
+        self.lpips = lpips
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # psnr, ssim, lpips, count
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         self.sums[0] += M.psnr(a, b, 255.0).sum()
         self.sums[1] += M.ssim(a, b, 255.0).sum()
-        self.sums[2] += a.shape[0]
+        if self.lpips is not None:
+            self.sums[2] += self.lpips(a.float() / 255.0, b.float() / 255.0).double().sum()
+        self.sums[3] += a.shape[0]
 
     def finish(self) -> dict:
         dist.all_reduce_sum(self.sums)
-        n = self.sums[2].item()
-        return {"psnr": self.sums[0].item() / n, "ssim": self.sums[1].item() / n}
+        n = self.sums[3].item()
+        out = {"psnr": self.sums[0].item() / n, "ssim": self.sums[1].item() / n}
+        if self.lpips is not None:
+            out["lpips"] = self.sums[2].item() / n
+        return out
 
 
 def feature_pass(sets: list[ImageSet], collectors: list[Collector], d, batch_size: int, num_workers: int,

@@ -33,7 +33,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import RaeError
-
 from .pos_embed import sincos_pos_embed_2d
 
 

@@ -27,6 +27,15 @@ class TrainDecoderConfig:
     heads: int | None = option(None, "Override the size's attention heads.", check=AT_LEAST_1, flag="--num-heads",
                                alias="--heads")
     mlp_dim: int | None = option(None, "Override the size's MLP hidden width.", check=AT_LEAST_1)
+    # Data: the authors' recipe encodes a fresh random crop of each image every step.
+    augment: str = option("reference", "reference (the authors' recipe: short side resized to 1.5x the size with "
+                          "bicubic, a random crop, encoded by the store's frozen encoder every step) | none (the "
+                          "store's cached center-crop latents: faster, not the paper's decoder).",
+                          choices=("reference", "none"))
+    encoder_weights: str | None = option(None, "--augment reference: the store's encoder weights file, when not "
+                                         "where `rae encode` found it (checked by sha256).", path=True)
+    init: str | None = option(None, "Start from the EMA weights of this decoder run (or `rae import decoder` "
+                              "release) instead of random ones; optimiser and schedule start afresh.", path=True)
     # Loss (reference recipe).
     noise_tau: float = option(0.8, "Noise augmentation: sigma ~ tau * U(0, 1).", check=NON_NEGATIVE)
     lpips_weight: float = option(1.0, "w_L, weight of LPIPS; 0 turns it off.", check=NON_NEGATIVE)
@@ -81,11 +90,14 @@ class TrainDecoderConfig:
     overwrite: bool = option(False, "Replace a run made with another configuration or input.")
 
     RUN_ONLY = ("latents", "out", "grad_accum", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count",
-                "log_every", "stop_after", "num_workers", "device", "compile", "overwrite")
+                "log_every", "stop_after", "num_workers", "device", "compile", "overwrite", "encoder_weights", "init")
 
     def identity(self) -> dict:
-        """The fields that define the trained decoder (compared on resume)."""
-        return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY}
+        """The fields that define the trained decoder (compared on resume). The --init source enters
+        by its content id (the stage adds it); ``augment`` "none" is left out, as runs made before the
+        option existed trained that way."""
+        return {k: v for k, v in jsonable(self).items()
+                if k not in self.RUN_ONLY and not (k == "augment" and v == "none")}
 
 
 def decoder_size(cfg: TrainDecoderConfig) -> dict:
@@ -148,13 +160,15 @@ class TrainDiffusionConfig:
                                check=NON_NEGATIVE)
     num_samples: int = option(8, "EMA samples each time.", check=NON_NEGATIVE)
     sample_steps: int = option(50, "Euler steps of those samples.", check=AT_LEAST_1)
+    init: str | None = option(None, "Start from the EMA weights of this diffusion run (or `rae import diffusion` "
+                              "release) instead of random ones; optimiser and schedule start afresh.", path=True)
     num_workers: int = option(-1, "Data loading processes per GPU (-1: the CPU cores per GPU, less one, at most 16).")
     device: str = option("auto", "auto | cuda | cpu.")
     overwrite: bool = option(False, "Replace a run made with another configuration.")
 
     RUN_ONLY = ("latents", "out", "epochs", "steps", "grad_accum", "grad_checkpointing", "compile",
                 "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
-                "sample_steps", "num_workers", "device", "overwrite")
+                "sample_steps", "num_workers", "device", "overwrite", "init")
 
     def identity(self) -> dict:
         """The fields that define what is learned (compared when a run is resumed)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts.images import BadImage, center_crop_arr, load_rgb
+from ..artifacts.images import BadImage, center_crop_arr, load_rgb, reference_crop
 from ..artifacts.images import check_sources
 from ..artifacts.manifest import read_manifest
 from ..artifacts.store import LatentStore
@@ -43,9 +43,14 @@ class BatchPlan:
     mirrors: np.ndarray | None = None  # per item of ``indices``: its mirrored entry
 
     @classmethod
-    def for_store(cls, store: LatentStore, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+    def for_store(cls, store: LatentStore, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                  flip: bool = True):
+        """``flip=False``: the images only, never their stored mirrors (the decoder's reference recipe
+        crops the images afresh and does not flip)."""
         valid = store.valid_indices()
         flipped = np.asarray(store.flipped[:])
+        if not flip:
+            return cls(valid[~flipped[valid]], global_batch, seed, rank, world)
         if not flipped[valid].any():
             return cls(valid, global_batch, seed, rank, world)
         source = np.asarray(store.source_index[:])
@@ -92,15 +97,22 @@ class _Steps(torch.utils.data.Dataset):
         return self.stop - self.start
 
     def __getitem__(self, i):
-        return self.read(self.plan.batch(self.start + i))
+        step = self.start + i
+        return self.read(self.plan.batch(step), epoch=step // self.plan.steps_per_epoch)
 
 
 class StoreReader:
-    """Reads batches of (latents, labels[, images]) from a store; picklable for worker processes."""
+    """Reads batches of (latents, labels[, images]) from a store; picklable for worker processes.
 
-    def __init__(self, store_path: str | os.PathLike, with_images: bool = False):
+    ``with_images``: each entry's source image, ADM-center-cropped as it was encoded (mirrored for a
+    mirror entry). ``crop_seed`` (with images): instead, the reference's random crop of the source
+    (``reference_crop``, drawn from (crop_seed, epoch, source index)), and no latents (an empty
+    tensor): the caller encodes the crops itself."""
+
+    def __init__(self, store_path: str | os.PathLike, with_images: bool = False, crop_seed: int | None = None):
         self.path = str(store_path)
-        self.with_images = with_images
+        self.with_images = with_images or crop_seed is not None
+        self.crop_seed = crop_seed
         self._store = None
         self._labels = None
 
@@ -109,7 +121,6 @@ class StoreReader:
             self._store = LatentStore(self.path)
             self._labels = np.asarray(self._store.labels[:])
             if self.with_images:
-
                 m = read_manifest(self.path, require_complete=False)
                 self._root = Path(m["inputs"]["images"]["path"])
                 self._files = (Path(self.path) / m["sources_file"]).read_text().splitlines()
@@ -120,27 +131,32 @@ class StoreReader:
                 self._size = int(self._store.attrs["image_size"])
         return self._store
 
-    def __call__(self, idx: np.ndarray):
+    def __call__(self, idx: np.ndarray, epoch: int = 0):
         store = self._open()
-        lat = torch.from_numpy(store.read(idx).astype(np.float32))
         labels = torch.from_numpy(self._labels[idx])
+        if self.crop_seed is not None:
+            lat = torch.empty(0)
+        else:
+            lat = torch.from_numpy(store.read(idx).astype(np.float32))
         if not self.with_images:
             return lat, labels
         imgs = []
         for i in idx:
-            crop = self._source_crop(int(self._src[i]))
+            crop = self._source_crop(int(self._src[i]), epoch)
             imgs.append(crop[:, ::-1].copy() if self._flip[i] else crop)  # the mirrored entry's image
         images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
         return lat, labels, images
 
-
-    def _source_crop(self, s: int) -> np.ndarray:
+    def _source_crop(self, s: int, epoch: int) -> np.ndarray:
         """Source image ``s``, checked against its size and time when encoded (a replaced image would
-        train on a mismatched pair), ADM-cropped."""
+        train on a mismatched pair), ADM-cropped, or the reference's random crop for ``epoch``."""
         path = self._root / self._files[s]
         expect = tuple(int(v) for v in self._stats[s]) if self._stats is not None else None
         try:
-            return center_crop_arr(load_rgb(path, expect=expect), self._size)
+            img = load_rgb(path, expect=expect)
+            if self.crop_seed is not None:
+                return reference_crop(img, self._size, self.crop_seed, epoch, s)
+            return center_crop_arr(img, self._size)
         except BadImage as e:  # it was readable when the store was made (only valid entries are read)
             raise ArtifactError(f"{path} can no longer be read ({e}); restore it, or re-encode the images with "
                                 "`rae encode ... --overwrite`") from None

@@ -30,10 +30,12 @@ from ..artifacts.checkpoint import resume_state, save_checkpoint, save_weights
 from ..artifacts.manifest import (RECORDS, claim_output, describe_difference, digest_json, file_records, input_ref,
                                   new_manifest, read_manifest, resume_if_same, write_manifest)
 from ..artifacts.outputs import stage
-from ..artifacts.runs import DECODER_EMA, DECODER_FILES, DECODER_RAW, STATS, decoder_config, write_config
+from ..artifacts.runs import (DECODER_EMA, DECODER_FILES, DECODER_RAW, STATS, decoder_config, load_decoder_run,
+                              write_config)
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
 from ..models.decoder import DECODER_SIZES, ViTDecoder
+from ..models.encoders import UNKNOWN_DIGEST, build_encoder
 from ..options import check_options
 from ..progress import console, progress
 from .config import TrainDecoderConfig, decoder_size, micro_batches
@@ -75,14 +77,54 @@ class _Reader(StoreReader):
     """Store batches with source images cropped at the decoder's output size. Usually the store's
     own size; an upsampling decoder (p_d = 2 p_e) learns 512 px images from the latents of 256 px ones."""
 
-    def __init__(self, path: str, image_size: int):
-        super().__init__(path, with_images=True)
+    def __init__(self, path: str, image_size: int, crop_seed: int | None = None):
+        super().__init__(path, with_images=True, crop_seed=crop_seed)
         self.image_size = image_size
 
     def _open(self):
         store = super()._open()
         self._size = self.image_size
         return store
+
+
+def frozen_encoder(cfg: TrainDecoderConfig, store_manifest: dict, latent_dtype, device: torch.device):
+    """--augment reference: the store's own encoder, rebuilt from what `rae encode` recorded (name,
+    image size, weights file or seeded random weights) and checked by the sha256 of its weights.
+    Returns ``encode(uint8 images on the device)``: float32 latents exactly as the store would hold
+    them (the encoder's output rounded to the store's dtype), so a center crop gives the stored latent."""
+    made = store_manifest.get("config") or {}
+    recorded = store_manifest["encoder"]
+    weights = cfg.encoder_weights or made.get("encoder_weights")
+    encoder, digest = build_encoder(made.get("encoder", recorded.get("name")), int(made.get("image_size", 256)),
+                                    weights=weights, pretrained=not made.get("random_init", False),
+                                    seed=int(made.get("seed", 0)))
+    want = recorded.get("weights_sha256")
+    if want not in (None, UNKNOWN_DIGEST) and digest != want:
+        raise ArtifactError(f"--augment reference encodes with {cfg.latents}'s encoder, but the weights found "
+                            f"({weights or 'the timm / Hugging Face cache'}, sha256 {digest[:12]}) are not the ones "
+                            f"it was made with ({want[:12]}); pass them with --encoder-weights")
+    encoder = encoder.to(device).eval().requires_grad_(False)
+    forward = torch.compile(encoder) if cfg.compile else encoder
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            return forward(images).to(latent_dtype).float()
+
+    return encode
+
+
+def load_init(cfg: TrainDecoderConfig, training: DecoderTraining) -> None:
+    """--init: the decoder and its EMA start from another decoder run's EMA weights, which must have
+    this decoder's architecture (one line naming the first tensor that does not fit)."""
+    source, _ = load_decoder_run(cfg.init)
+    state = source.state_dict()
+    try:
+        for model in (training.decoder, training.ema):
+            model.load_state_dict(state)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0])
+        raise ArtifactError(f"--init {cfg.init} does not fit this decoder ({first}); give a run of the same "
+                            "architecture (--model, --decoder-patch and the store's latent shape)") from None
 
 
 def _short(encoder: dict) -> str:
@@ -116,7 +158,10 @@ def _prepare_run(cfg: TrainDecoderConfig, wanted: dict, identity: str, store_man
     if state:
         return state
     out.mkdir(parents=True, exist_ok=True)
-    manifest = new_manifest("decoder-run", cfg, inputs={"latents": input_ref(cfg.latents, store_manifest)},
+    inputs = {"latents": input_ref(cfg.latents, store_manifest)}
+    if cfg.init:
+        inputs["init"] = input_ref(cfg.init, read_manifest(cfg.init, kind="decoder-run", what="--init decoder run"))
+    manifest = new_manifest("decoder-run", cfg, inputs=inputs,
                             identity=identity, **{k: v for k, v in wanted.items() if k not in ("config", "store")})
     write_manifest(out, manifest)
     return "new"
@@ -258,16 +303,22 @@ def run(cfg: TrainDecoderConfig) -> dict:
     store_manifest, store = open_complete_store(cfg.latents, kind=("latent-store",))
     dist.main_decides(lambda: check_source_images(store, store_manifest))  # before anything is written
     arch = decoder_architecture(cfg, store_manifest["encoder"], store.latent_shape)
-    plan = BatchPlan.for_store(store, cfg.batch_size, cfg.seed, d.rank, d.world)
+    image_size = arch["grid"] * arch["patch_size"]
+    if cfg.augment == "reference" and image_size != int(store.attrs["image_size"]):
+        raise RaeError(f"--augment reference encodes crops of the decoder's size ({image_size} px), but the store's "
+                       f"encoder takes {store.attrs['image_size']} px images; use --augment none for an upsampling "
+                       "decoder")
+    plan = BatchPlan.for_store(store, cfg.batch_size, cfg.seed, d.rank, d.world, flip=cfg.augment == "none")
     micro_batches(cfg.batch_size, d.world, cfg.grad_accum)
     schedule = Schedule.of(cfg, plan.steps_per_epoch)
-    image_size = arch["grid"] * arch["patch_size"]
     mean, var = store.statistics()
     wanted = {"config": cfg.identity(), "encoder": store_manifest["encoder"], "store": store_manifest.get("content_id"),
               "latent_shape": store_manifest["latent_shape"], "decoder": arch, "image_size": image_size,
               "latent_statistics": {"sha256": hashlib.sha256(mean.tobytes() + var.tobytes()).hexdigest(),
                                     "store_content_id": store_manifest.get("content_id")},
               "steps": schedule.total, "steps_per_epoch": schedule.steps_per_epoch}
+    if cfg.init:
+        wanted["init"] = read_manifest(cfg.init, kind="decoder-run", what="--init decoder run").get("content_id")
     identity = digest_json(wanted)
     state = dist.main_decides(lambda: _prepare_run(cfg, wanted, identity, store_manifest))
     if state == "done":
@@ -277,7 +328,11 @@ def run(cfg: TrainDecoderConfig) -> dict:
 
     lpips, disc, loss_nets = build_loss_networks(cfg)
     training = DecoderTraining(cfg, arch, schedule, d, lpips, disc, cfg.precision)
+    if cfg.init:  # a resume below replaces these with the checkpoint's
+        load_init(cfg, training)
     start, interval = _resume(training, out, identity, d)
+    encode = (frozen_encoder(cfg, store_manifest, torch.float16 if store.latents.dtype == np.float16 else torch.float32,
+                             d.device) if cfg.augment == "reference" else None)
     metrics = _Metrics(out if d.is_main else None, cfg.batch_size)
     metrics.restore(interval, d.is_main)
     previews = None
@@ -287,7 +342,7 @@ def run(cfg: TrainDecoderConfig) -> dict:
         _announce(cfg, d, arch, schedule, start, loss_nets)
 
     t0 = time.time()
-    step = _train(cfg, training, plan, schedule, start, metrics, previews, identity, d)
+    step = _train(cfg, training, plan, schedule, start, metrics, previews, identity, d, encode)
     elapsed = time.time() - t0
     if step < schedule.total:  # stopped early on purpose (--stop-after): resumable
         result = {"run": str(out), "step": step, "steps": schedule.total, "complete": False}
@@ -301,23 +356,24 @@ def run(cfg: TrainDecoderConfig) -> dict:
 
 
 def _train(cfg: TrainDecoderConfig, training: DecoderTraining, plan: BatchPlan, schedule: Schedule, start: int,
-           metrics: _Metrics, previews, identity: str, d: dist.Dist) -> int:
+           metrics: _Metrics, previews, identity: str, d: dist.Dist, encode=None) -> int:
     """Steps from ``start`` to the end or --stop-after: a record every --log-every steps, previews
     and the loss plot every --preview-every, checkpoints every --checkpoint-every. Returns the step
-    reached."""
+    reached. ``encode``: --augment reference's frozen encoder, run on each batch's fresh crops."""
     out = Path(cfg.out)
     stop = min(schedule.total, cfg.stop_after) if cfg.stop_after is not None else schedule.total
     every_epoch = max(schedule.steps_per_epoch, 1)
     ckpt_every, preview_every = cfg.checkpoint_every or every_epoch, cfg.preview_every or every_epoch
     per_rank = cfg.batch_size // d.world
     workers = cfg.num_workers if cfg.num_workers >= 0 else max(1, min(8, (os.cpu_count() or 2) // d.world - 1))
-    loader = batches(plan, _Reader(cfg.latents, training.decoder.image_size), start, stop, num_workers=workers,
-                     pin_memory=d.device.type == "cuda")
+    crop_seed = cfg.seed if encode is not None else None
+    loader = batches(plan, _Reader(cfg.latents, training.decoder.image_size, crop_seed), start, stop,
+                     num_workers=workers, pin_memory=d.device.type == "cuda")
     step = start
     with progress(stop * cfg.batch_size, "train-decoder", unit="img", completed=start * cfg.batch_size) as advance:
         for z, _, images in loader:
-            z = z.to(d.device, non_blocking=True)
             images = images.to(d.device, non_blocking=True)
+            z = encode(images) if encode is not None else z.to(d.device, non_blocking=True)
             metrics.add(training.step(step, z, images, first=d.rank * per_rank))
             step += 1
             info = {}

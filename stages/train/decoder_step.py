@@ -36,9 +36,10 @@ from .. import dist
 from ..errors import RaeError
 from ..models.decoder import ViTDecoder, add_noise
 from ..models.discriminator import DinoDiscriminator, round_to_8bit
+from ..models.lpips import LPIPS
 from ..models.weights import load_discriminator
 from .config import TrainDecoderConfig
-from .losses import LPIPS, GanSchedule, generator_loss, hinge_d_loss
+from .losses import GanSchedule, generator_loss, hinge_d_loss
 
 
 

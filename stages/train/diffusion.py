@@ -35,7 +35,7 @@ from ..artifacts.manifest import (RECORDS, claim_output, create_artifact_dir, de
                                   file_records, input_ref, new_manifest, read_manifest, write_manifest)
 from ..artifacts.outputs import stage
 from ..artifacts.runs import (CONFIG, DIFFUSION_EMA, DIFFUSION_FILES, DIFFUSION_RAW, STATS, denormalize,
-                              diffusion_config, normalize, training_shift, write_config)
+                              diffusion_config, load_diffusion_run, normalize, training_shift, write_config)
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
 from ..models.dit import DIT_SIZES, create_dit, width_rule_warning
@@ -152,6 +152,24 @@ def _open_latents(cfg: TrainDiffusionConfig, d: dist.Dist) -> _Latents:
     micro_batches(cfg.batch_size, d.world, cfg.grad_accum)
     return _Latents(manifest, plan, (C, h, w), class_names, num_classes,
                     torch.from_numpy(mean.copy()), torch.from_numpy(var.copy()))
+
+
+def load_init(cfg: TrainDiffusionConfig, trainer: DiffusionTraining, latents: _Latents) -> None:
+    """--init: the model and its EMA start from another run's EMA weights (a release imported with
+    `rae import diffusion`, or a run of rae's), which must be this model on these latents: one line
+    naming what does not fit."""
+    source = load_diffusion_run(cfg.init)
+    if source.latent_shape != list(latents.shape) or source.num_classes != latents.num_classes:
+        raise ArtifactError(f"--init {cfg.init} models latents {source.latent_shape} of {source.num_classes} classes, "
+                            f"the store has {list(latents.shape)} of {latents.num_classes}")
+    state = source.model.state_dict()
+    try:
+        for model in (trainer.model, trainer.ema):
+            model.load_state_dict(state)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0])
+        raise ArtifactError(f"--init {cfg.init} does not fit this model ({first}); give a run of the same "
+                            "architecture (--model and its overrides)") from None
 
 
 def _intact(out: Path) -> None:
@@ -274,8 +292,13 @@ def run(cfg: TrainDiffusionConfig) -> dict:
         console.print(f"[bold red]{warning}[/]", highlight=False)
     config = diffusion_config(type(model).__name__, dict(model.config), cfg.model, latents.shape, latents.class_names,
                               shift, latents.manifest.get("encoder"), cfg.time_dist, cfg.t_mean, cfg.t_std)
-    identity = digest_json({"config": cfg.identity(), "store": latents.manifest.get("content_id")})
-    manifest = new_manifest("diffusion-run", cfg, inputs={"latents": input_ref(cfg.latents, latents.manifest)},
+    inputs = {"latents": input_ref(cfg.latents, latents.manifest)}
+    wanted = {"config": cfg.identity(), "store": latents.manifest.get("content_id")}
+    if cfg.init:
+        inputs["init"] = input_ref(cfg.init, read_manifest(cfg.init, kind="diffusion-run", what="--init run"))
+        wanted["init"] = inputs["init"]["content_id"]
+    identity = digest_json(wanted)
+    manifest = new_manifest("diffusion-run", cfg, inputs=inputs,
                             identity=identity, encoder=latents.manifest.get("encoder"),
                             latent_shape=list(latents.shape), num_classes=latents.num_classes,
                             class_names=latents.class_names, step=0, total_steps=schedule.total,
@@ -289,6 +312,8 @@ def run(cfg: TrainDiffusionConfig) -> dict:
             console.print(f"{out} is already trained to step {result['step']}; nothing to do.", highlight=False)
         return result
     trainer = DiffusionTraining(model, cfg, d.device, shift, latents.num_classes, d.rank, d.world)
+    if cfg.init:  # a resume below replaces these with the checkpoint's
+        load_init(cfg, trainer, latents)
     start = _resume(trainer, out, identity, schedule.total, d) if state == "resume" else 0
     if d.is_main:
         _reopen(out, cfg, start, schedule.total)

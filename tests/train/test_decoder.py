@@ -28,10 +28,11 @@ from tests.helpers import run_rae
 
 TINY = dict(model="vit-b", width=32, depth=1, heads=2, mlp_dim=64, batch_size=4, warmup_steps=1, lr=1e-3,
             final_lr=1e-4, disc_lr=1e-3, disc_final_lr=1e-4, random_loss_nets=True, disc_backbone="test_vit",
-            log_every=1, num_workers=0, device="cpu")
+            log_every=1, num_workers=0, device="cpu", augment="none")
 CLI_TINY = ["--model", "vit-b", "--width", 32, "--depth", 1, "--heads", 2, "--mlp-dim", 64, "--warmup-steps", 1,
             "--lr", 1e-3, "--final-lr", 1e-4, "--disc-lr", 1e-3, "--disc-final-lr", 1e-4, "--random-loss-nets",
-            "--disc-backbone", "test_vit", "--log-every", 1, "--num-workers", 0, "--device", "cpu"]
+            "--disc-backbone", "test_vit", "--log-every", 1, "--num-workers", 0, "--device", "cpu",
+            "--augment", "none"]
 
 
 def _cfg(store, out, **kw):

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from stages.train.losses import (LPIPS, VGG16_FILE, VGG16_URL, GanSchedule, adaptive_gan_weight, generator_loss,
-                                 hinge_d_loss)
+from stages.models.lpips import LPIPS, VGG16_FILE, VGG16_URL
+from stages.train.losses import GanSchedule, adaptive_gan_weight, generator_loss, hinge_d_loss
 from stages.models.discriminator import diffaug, round_to_8bit
 from stages.models.weights import load_discriminator
 from stages.models.weights import MissingWeightsError

@@ -1,0 +1,74 @@
+"""A rae image folder (``rae decode``, ``rae crop``): entry i of its source as ``NNNNNN.png``
+(written atomically), the ADM evaluation ``.npz`` assembled from them (arr_0 uint8 [N, H, W, 3] in
+index order, arr_1 the labels when there are any) and a preview grid."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError
+from .atomic import atomic_replace, atomic_write_bytes
+
+NPZ = "samples.npz"
+GRID = "grid.png"
+
+
+def png_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    buffer = io.BytesIO()  # encoded in memory: a write error is then our own OSError, not PIL's state
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+def read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def write_npz(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray | None) -> None:
+    """ADM ``.npz`` streamed from the PNGs (never all images in memory): arr_0 uint8 [N, H, W, 3]."""
+    first = read_png(folder / png_name(int(indices[0])))
+    with atomic_replace(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (len(indices), *first.shape)}
+            np.lib.format.write_array_header_1_0(f, header)
+            with cf.ThreadPoolExecutor(max_workers=8) as pool:
+                for image in pool.map(lambda i: read_png(folder / png_name(int(i))), indices):
+                    if image.shape != first.shape:
+                        raise ArtifactError(f"{folder}: images of different sizes ({image.shape} vs {first.shape})")
+                    f.write(np.ascontiguousarray(image).tobytes())
+        if labels is not None:
+            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, labels.astype(np.int64))
+
+
+def write_grid(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray | None,
+               max_rows: int = 16, per_row: int = 8) -> None:
+    """Preview: one row per class (the first ``max_rows`` classes present) for labelled stores."""
+    from PIL import Image
+
+    if labels is not None and (labels >= 0).all():
+        rows = [indices[labels == c][:per_row] for c in np.unique(labels)[:max_rows]]
+    else:
+        shown = indices[: max_rows * per_row]
+        rows = [shown[r: r + per_row] for r in range(0, len(shown), per_row)]
+    first = read_png(folder / png_name(int(rows[0][0])))
+    h, w = first.shape[:2]
+    canvas = np.full((len(rows) * h, per_row * w, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, i in enumerate(row):
+            canvas[r * h: (r + 1) * h, c * w: (c + 1) * w] = read_png(folder / png_name(int(i)))
+    with atomic_replace(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
