@@ -4,8 +4,10 @@ Both steps do the paper's full recipe with every term active (L1 + LPIPS + adapt
 discriminator update), ViT-XL decoder with p_d = 16 on DINOv2-B's [768, 16, 16] latents, random
 weights everywhere (the same compute as pretrained ones):
 
-* ours: ``stages.train.decoder.DecoderTraining.step`` on latents and uint8 images already in GPU
-  memory (training reads both from the store; the encoder never runs);
+* ours: ``stages.train.decoder_step.DecoderTraining.step`` on latents and uint8 images already in GPU
+  memory (``--augment none``: training reads both from the store; the encoder never runs);
+* oursaug: the same step after the store's frozen encoder (DINOv2-B, bf16, compiled with the
+  step) encodes the batch's images, as ``--augment reference`` does every step;
 * reference: the operations of the loop body of the reference ``train_stage1.py``, built from the
   reference modules imported from ``--reference`` (its RAE with the Hugging Face DINOv2-B encoder
   run on every step, GeneralDecoder, DinoDisc, DiffAug, LPIPS) on images in GPU memory. Needs
@@ -16,6 +18,10 @@ and peak memory, as a table last, naming the card.
 
     python benchmarks/bench_train_decoder.py --reference /path/to/RAE [--batch 64] [--compile]
     python benchmarks/bench_train_decoder.py --smoke     # CPU, tiny sizes: checks that the harness runs
+
+``--loader-workers N`` also measures the image loading of both data paths on N processes over
+synthetic ImageNet-sized JPEGs: ``--augment reference``'s decode + short side to 384 + random crop,
+against the cached path's decode + ADM center crop.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import argparse
 import gc
 import importlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -36,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # ---------------------------------------------------------------------------------------------- ours
 
-def build_ours(args, device: torch.device, compile_: bool, precision: str):
+def build_ours(args, device: torch.device, compile_: bool, precision: str, augment: bool = False):
     from stages.dist import Dist
     from stages.models.lpips import LPIPS
     from stages.train.losses import GanSchedule
@@ -58,13 +65,62 @@ def build_ours(args, device: torch.device, compile_: bool, precision: str):
     images = torch.randint(0, 256, (args.batch, 3, 16 * args.grid, 16 * args.grid), dtype=torch.uint8,
                            device=device, generator=g)
     counter = {"step": 0}
+    encode = _frozen_encoder(args, device, compile_, precision) if augment else None
 
     def step():
-        training.step(counter["step"], z, images)
+        training.step(counter["step"], encode(images) if encode is not None else z, images)
         counter["step"] += 1
 
     n_params = sum(p.numel() for p in training.decoder.parameters())
     return step, n_params
+
+
+def _frozen_encoder(args, device: torch.device, compile_: bool, precision: str):
+    """``--augment reference``'s encoder on a batch: the store's encoder (random DINOv2-B weights:
+    the same compute), bf16 autocast, latents rounded to the store's float16, as the stage runs it."""
+    from stages.models.encoders import build_encoder
+
+    name, size = ("dinov2-demo", 16 * args.grid) if args.smoke else ("dinov2-b", 256)
+    encoder = build_encoder(name, size, pretrained=False)[0].to(device).eval().requires_grad_(False)
+    forward = torch.compile(encoder) if compile_ else encoder
+
+    def encode(images):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return forward(images).to(torch.float16).float()
+
+    return encode
+
+
+def _load_reference(path) -> int:
+    from stages.artifacts.images import load_rgb, reference_crop
+
+    return reference_crop(load_rgb(path), 256, seed=0, epoch=0, index=hash(str(path)) % 100000).nbytes
+
+
+def _load_cached(path) -> int:
+    from stages.artifacts.images import center_crop_arr, load_rgb
+
+    return center_crop_arr(load_rgb(path), 256).nbytes
+
+
+def bench_loader(workers: int, n: int, work: Path) -> list[tuple[str, float]]:
+    """img/s of each data path's per-image CPU work on ``workers`` processes (JPEGs ~500x375, as ImageNet)."""
+    import multiprocessing as mp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_encode import make_folder
+
+    make_folder(work / "jpegs", n)
+    files = sorted((work / "jpegs").rglob("*.JPEG"))[:n]
+    rows = []
+    with mp.get_context("fork").Pool(workers) as pool:
+        pool.map(_load_cached, files[: 4 * workers], chunksize=1)  # warm-up: imports, page cache
+        for name, fn in (("--augment reference: decode + resize 384 + random crop", _load_reference),
+                         ("--augment none: decode + ADM center crop (the target images)", _load_cached)):
+            t0 = time.perf_counter()
+            pool.map(fn, files, chunksize=16)
+            rows.append((name, len(files) / (time.perf_counter() - t0)))
+    return rows
 
 
 def _size(cfg):
@@ -253,10 +309,12 @@ def main() -> None:
     ap.add_argument("--modes", default="", help="comma list of ours-bf16, ours-fp32, ref-bf16, ref-fp32, and *-compile")
     ap.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny decoder and discriminator, 2 images: harness check")
+    ap.add_argument("--loader-workers", type=int, default=0, help="also measure the image loading on N processes")
+    ap.add_argument("--loader-images", type=int, default=4000)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
-        args.batch, args.steps, args.warmup, args.channels, args.grid = 2, 1, 1, 8, 4
+        args.batch, args.steps, args.warmup, args.channels, args.grid = 2, 1, 1, 96, 4
         torch.set_num_threads(1)
     else:
         args.channels, args.grid = 768, 16
@@ -270,12 +328,14 @@ def main() -> None:
         for mode in modes:
             who, precision, *rest = mode.split("-")
             compile_ = rest == ["compile"]
-            if who == "ours":
-                build = lambda: build_ours(args, device, compile_, precision)  # noqa: E731
+            if who in ("ours", "oursaug"):
+                build = lambda: build_ours(args, device, compile_, precision, who == "oursaug")  # noqa: E731
             else:
                 build = lambda: build_reference(args, device, compile_, precision, Path(tmp))  # noqa: E731
             torch._dynamo.reset()
             eager = next((r for r in rows if r["step"] == f"{who}-{precision}" and "img_s" in r), None)
+            if eager is None and compile_ and who == "oursaug":
+                eager = next((r for r in rows if r["step"] == f"ours-{precision}" and "img_s" in r), None)
             flops = eager["gflop_img"] * 1e9 * args.batch if eager else (None if not compile_ else float("nan"))
             rows.append(measure(mode, build, args, device, flops))
             gc.collect()
@@ -287,7 +347,7 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test: tiny sizes, not a benchmark)"
     base = next((r for r in rows if r["step"] == "ref-bf16" and "img_s" in r), None)
     print(f"\n## decoder training step, batch {args.batch} — {card}, torch {torch.__version__}")
-    what = "tiny decoder on [8, 4, 4] latents" if args.smoke else "ViT-XL decoder (p_d 16) on [768, 16, 16] latents"
+    what = "tiny decoder on [96, 4, 4] latents" if args.smoke else "ViT-XL decoder (p_d 16) on [768, 16, 16] latents"
     print(f"{what}; L1 + LPIPS + adaptive GAN + discriminator update, random weights; "
           "the reference re-runs its DINOv2-B encoder every step.")
     print("| step | img/s | TFLOP/s | GFLOP/img | peak GiB | vs reference bf16 |\n|---|---|---|---|---|---|")
@@ -297,6 +357,18 @@ def main() -> None:
             continue
         speedup = f"{r['img_s'] / base['img_s']:.2f}x" if base else "n/a"
         print(f"| {r['step']} | {r['img_s']:,.1f} | {r['tflops']:.0f} | {r['gflop_img']:,.0f} | {r['peak_gib']:.1f} | {speedup} |")
+    for aug in (r for r in rows if r["step"].startswith("oursaug") and "img_s" in r):
+        cached = next((r for r in rows if r["step"] == aug["step"].replace("oursaug", "ours") and "img_s" in r), None)
+        if cached:
+            print(f"{aug['step']}: {aug['img_s'] / cached['img_s']:.1%} of the cached-latent step's img/s")
+    if args.loader_workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            loads = bench_loader(args.loader_workers, args.loader_images, Path(tmp))
+        print(f"\n## image loading, {args.loader_workers} processes, {args.loader_images} JPEGs of ~500x375 — "
+              f"{os.cpu_count()} CPU cores")
+        print("| data path | img/s |\n|---|---|")
+        for name, rate in loads:
+            print(f"| {name} | {rate:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -95,12 +95,14 @@ def test_only_the_first_rank_reports(monkeypatch):
     assert result.exit_code == 0 and reported == []
 
 
-CONFIGS = {"encode": "EncodeConfig", "train_decoder": "TrainDecoderConfig", "train_diffusion": "TrainDiffusionConfig",
-           "sample": "SampleConfig", "decode": "DecodeConfig"}  # stage (module of stages/): its config
+CONFIGS = {"encode": ("stages.encode", "EncodeConfig"), "train_decoder": ("stages.train.config", "TrainDecoderConfig"),
+           "train_diffusion": ("stages.train.config", "TrainDiffusionConfig"), "sample": ("stages.sample", "SampleConfig"),
+           "decode": ("stages.decode", "DecodeConfig")}  # stage (its key in the presets): the module of its config
 
 
 def _config(stage: str):
-    return getattr(importlib.import_module(f"stages.{stage}"), CONFIGS[stage])
+    module, name = CONFIGS[stage]
+    return getattr(importlib.import_module(module), name)
 
 
 def test_every_preset_value_is_a_field_of_its_stage_and_differs_from_its_default():

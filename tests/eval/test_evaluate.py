@@ -258,8 +258,9 @@ def test_offline_eval_reports_psnr_ssim_and_fd_and_says_what_it_skipped(no_cache
     # = 2.2e-10, and float64 rounding (rank-3 covariances of 384-dim features, ||sigma|| = 4.3e-7) can
     # lower it by at most 2 * 381 sqrt(384 u64) ||sigma|| = 7e-11 (see test_metrics): FD > 0.
     assert 25 < m["psnr"] < 40 and 0 < m["ssim"] < 1 and m[f"fd_{DINO_SMALL}"] > 0
-    assert set(r["skipped"]) == {"fid", "sfid", "is", "pr", "kid"}
-    assert all(INCEPTION_FILE in why for why in r["skipped"].values())
+    assert set(r["skipped"]) == {"fid", "sfid", "is", "pr", "kid", "lpips"}  # LPIPS: --pairs' VGG16 is missing too
+    assert all(INCEPTION_FILE in why for k, why in r["skipped"].items() if k != "lpips")
+    assert "vgg16-397923af.pth" in r["skipped"]["lpips"]
     assert r["written"] == str(tmp_path / "recon.eval.json")  # in the current folder (the test's tmp_path)
 
 
