@@ -110,6 +110,18 @@ def load_decoder_run(run_dir: str | os.PathLike, device="cpu", ema: bool = True)
 #                                Diffusion runs                                 #
 #################################################################################
 
+def start_from(state: dict[str, torch.Tensor], models, source, what: str, hint: str) -> None:
+    """``--init``: copy a run's weights ``state`` into each of ``models`` (a trainer's model and its
+    EMA); one line naming the first tensor that does not fit ``what`` otherwise."""
+    try:
+        for model in models:
+            model.load_state_dict(state)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0])
+        raise ArtifactError(f"--init {source} does not fit this {what} ({first}); give a run of the same "
+                            f"architecture ({hint})") from None
+
+
 def normalize(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """Raw encoder latents -> the diffusion model's space: (z - mean) / sqrt(var + eps)."""
     return (z - mean) / torch.sqrt(var + eps)

@@ -31,7 +31,7 @@ from ..artifacts.manifest import (RECORDS, claim_output, describe_difference, di
                                   new_manifest, read_manifest, resume_if_same, write_manifest)
 from ..artifacts.outputs import stage
 from ..artifacts.runs import (DECODER_EMA, DECODER_FILES, DECODER_RAW, STATS, decoder_config, load_decoder_run,
-                              write_config)
+                              start_from, write_config)
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
 from ..models.decoder import DECODER_SIZES, ViTDecoder
@@ -117,14 +117,8 @@ def load_init(cfg: TrainDecoderConfig, training: DecoderTraining) -> None:
     """--init: the decoder and its EMA start from another decoder run's EMA weights, which must have
     this decoder's architecture (one line naming the first tensor that does not fit)."""
     source, _ = load_decoder_run(cfg.init)
-    state = source.state_dict()
-    try:
-        for model in (training.decoder, training.ema):
-            model.load_state_dict(state)
-    except RuntimeError as e:
-        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0])
-        raise ArtifactError(f"--init {cfg.init} does not fit this decoder ({first}); give a run of the same "
-                            "architecture (--model, --decoder-patch and the store's latent shape)") from None
+    start_from(source.state_dict(), (training.decoder, training.ema), cfg.init, "decoder",
+               "--model, --decoder-patch and the store's latent shape")
 
 
 def _short(encoder: dict) -> str:

@@ -35,7 +35,8 @@ from ..artifacts.manifest import (RECORDS, claim_output, create_artifact_dir, de
                                   file_records, input_ref, new_manifest, read_manifest, write_manifest)
 from ..artifacts.outputs import stage
 from ..artifacts.runs import (CONFIG, DIFFUSION_EMA, DIFFUSION_FILES, DIFFUSION_RAW, STATS, denormalize,
-                              diffusion_config, load_diffusion_run, normalize, training_shift, write_config)
+                              diffusion_config, load_diffusion_run, normalize, start_from, training_shift,
+                              write_config)
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
 from ..models.dit import DIT_SIZES, create_dit, width_rule_warning
@@ -162,14 +163,8 @@ def load_init(cfg: TrainDiffusionConfig, trainer: DiffusionTraining, latents: _L
     if source.latent_shape != list(latents.shape) or source.num_classes != latents.num_classes:
         raise ArtifactError(f"--init {cfg.init} models latents {source.latent_shape} of {source.num_classes} classes, "
                             f"the store has {list(latents.shape)} of {latents.num_classes}")
-    state = source.model.state_dict()
-    try:
-        for model in (trainer.model, trainer.ema):
-            model.load_state_dict(state)
-    except RuntimeError as e:
-        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0])
-        raise ArtifactError(f"--init {cfg.init} does not fit this model ({first}); give a run of the same "
-                            "architecture (--model and its overrides)") from None
+    start_from(source.model.state_dict(), (trainer.model, trainer.ema), cfg.init, "model",
+               "--model and its overrides")
 
 
 def _intact(out: Path) -> None:

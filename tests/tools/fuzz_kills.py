@@ -242,21 +242,19 @@ def main() -> int:
     overlaps = overlapping_outputs(root, images)
     races = concurrent_writers(root, images, args.races)
     changes = changed_inputs(root, images)
-    print("\n## Killed at every write, then run again (demo preset): must end as the uninterrupted run")
-    print("| stage | writes | kills | runs that did not end identical | time |\n|---|---|---|---|---|")
-    print("\n".join(kills))
-    print("\n## Every shard damaged: reading the store must be one line naming the file")
-    print("| damage | shards | reads that were silent or not one line |\n|---|---|---|")
-    print("\n".join(shards))
-    print("\n## Output at an input (same, symlink, inside, parent; with and without --overwrite): refused, input intact")
-    print("| stage | tries | not refused cleanly or input touched |\n|---|---|---|")
-    print("\n".join(overlaps))
-    print("\n## Two writers started together on one output")
-    print("| stage | rounds | writers refused | rounds with a problem |\n|---|---|---|---|")
-    print("\n".join(races))
-    print("\n## Inputs changed after they were made: refused in one line naming the file")
-    print("| change | refused |\n|---|---|")
-    print("\n".join(changes))
+    for title, columns, rows in (
+            ("Killed at every write, then run again (demo preset): must end as the uninterrupted run",
+             ("stage", "writes", "kills", "runs that did not end identical", "time"), kills),
+            ("Every shard damaged: reading the store must be one line naming the file",
+             ("damage", "shards", "reads that were silent or not one line"), shards),
+            ("Output at an input (same, symlink, inside, parent; with and without --overwrite): refused, input intact",
+             ("stage", "tries", "not refused cleanly or input touched"), overlaps),
+            ("Two writers started together on one output",
+             ("stage", "rounds", "writers refused", "rounds with a problem"), races),
+            ("Inputs changed after they were made: refused in one line naming the file", ("change", "refused"),
+             changes)):
+        print(f"\n## {title}\n| {' | '.join(columns)} |\n|{'---|' * len(columns)}")
+        print("\n".join(rows))
     failed = (sum(int(r.split("|")[4]) for r in kills) + sum(int(r.split("|")[3]) for r in shards)
               + sum(int(r.split("|")[3]) for r in overlaps) + sum(int(r.split("|")[4]) for r in races)
               + sum("NO" in r for r in changes))
