@@ -16,6 +16,11 @@ def report_train_diffusion(result: dict, cfg: TrainDiffusionConfig, preset: str 
     Defaults are the paper's DiT^DH-XL recipe. Run the same command again to resume after an
     interruption; under `torchrun --nproc_per_node N` the global batch stays --batch-size.
     """
+    if not result.get("complete", True):
+        speed = f", {result['images_per_second']:,.0f} img/s" if result.get("steps_run") else ""
+        console.print(f"stopped at step {result['step']}/{result['steps']}{speed}: run the same command again to go on",
+                      highlight=False)
+        return
     c, h, w = result["latent_shape"]
     loss = ""
     if result.get("final_loss") is not None:

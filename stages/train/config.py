@@ -162,13 +162,15 @@ class TrainDiffusionConfig:
     sample_steps: int = option(50, "Euler steps of those samples.", check=AT_LEAST_1)
     init: str | None = option(None, "Start from the EMA weights of this diffusion run (or `rae import diffusion` "
                               "release) instead of random ones; optimiser and schedule start afresh.", path=True)
+    stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
+                                    "e.g. for wall-time limits.", check=AT_LEAST_1)
     num_workers: int = option(-1, "Data loading processes per GPU (-1: the CPU cores per GPU, less one, at most 16).")
     device: str = option("auto", "auto | cuda | cpu.")
     overwrite: bool = option(False, "Replace a run made with another configuration.")
 
     RUN_ONLY = ("latents", "out", "epochs", "steps", "grad_accum", "grad_checkpointing", "compile",
                 "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
-                "sample_steps", "num_workers", "device", "overwrite", "init")
+                "sample_steps", "num_workers", "device", "overwrite", "init", "stop_after")
 
     def identity(self) -> dict:
         """The fields that define what is learned (compared when a run is resumed)."""

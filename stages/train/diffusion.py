@@ -315,32 +315,38 @@ def run(cfg: TrainDiffusionConfig) -> dict:
     dist.barrier()
 
     t0 = time.time()
-    records = _train(cfg, identity, trainer, latents, schedule, start, d)
+    stop = min(schedule.total, cfg.stop_after) if cfg.stop_after is not None else schedule.total
+    records = _train(cfg, identity, trainer, latents, schedule, start, stop, d)
     elapsed = time.time() - t0
+    steps_run = stop - start
+    speed = {"seconds": elapsed, "steps_run": steps_run,
+             "images_per_second": steps_run * cfg.batch_size / elapsed if elapsed > 0 and steps_run else 0.0}
+    if stop < schedule.total:  # stopped early on purpose (--stop-after): checkpointed, resumable
+        return {"run": str(out), "step": stop, "steps": schedule.total, "complete": False, **speed}
     if d.is_main:
         _finish(out, trainer, cfg, latents, schedule.total, records)
     dist.barrier()
-    steps_run = schedule.total - start
-    return {**summary(out), "seconds": elapsed, "steps_run": steps_run,
-            "images_per_second": steps_run * cfg.batch_size / elapsed if elapsed > 0 else 0.0, "warning": warning}
+    return {**summary(out), **speed, "complete": True, "warning": warning}
 
 
 def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining, latents: _Latents, schedule: Schedule,
-           start: int, d: dist.Dist) -> list[dict]:
-    """Steps [start, schedule.total): a record every --log-every steps, checkpoints (and the loss
-    plot) every --checkpoint-every, EMA samples every --sample-every. Returns the log's records."""
+           start: int, stop: int, d: dist.Dist) -> list[dict]:
+    """Steps [start, stop): a record every --log-every steps, checkpoints (and the loss plot) every
+    --checkpoint-every and at ``stop``, EMA samples every --sample-every. Returns the log's records.
+    Every draw is a function of the step, so stopping at ``stop`` and running again gives the weights of
+    an uninterrupted run (the log gains a record at ``stop``)."""
     out = Path(cfg.out)
     mean, var = latents.mean.to(d.device), latents.var.to(d.device)
-    loader = batches(latents.plan, StoreReader(cfg.latents), start, schedule.total,
+    loader = batches(latents.plan, StoreReader(cfg.latents), start, stop,
                      num_workers=_resolve_workers(cfg.num_workers), pin_memory=d.device.type == "cuda")
     log = _LossLog(out, start, schedule, cfg.batch_size, d.is_main)
     label = "train-diffusion" if d.world == 1 else f"train-diffusion ({d.world} processes)"
     with progress(schedule.total, label, unit="step", completed=start) as advance:
-        for step, (lat, labels) in zip(range(start, schedule.total), _device_batches(loader, d.device)):
+        for step, (lat, labels) in zip(range(start, stop), _device_batches(loader, d.device)):
             lr = learning_rate(step, cfg.lr, cfg.final_lr, schedule.warmup, schedule.decay_end, cfg.warmup_from_zero)
             log.add(step, *trainer.train_step(step, normalize(lat, mean, var), labels, lr))
             done = step + 1
-            is_ckpt = done % cfg.checkpoint_every == 0 or done == schedule.total
+            is_ckpt = done % cfg.checkpoint_every == 0 or done == stop
             is_sample = cfg.sample_every > 0 and done % cfg.sample_every == 0 and done != schedule.total
             if not (done % cfg.log_every == 0 or is_ckpt or is_sample):
                 advance(1)

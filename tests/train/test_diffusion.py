@@ -300,3 +300,18 @@ def test_bad_settings_are_one_line_errors(store, tmp_path):
         run(_cfg(store, tmp_path / "a", grad_accum=3))
     with pytest.raises(RaeError, match="unknown --model"):
         run(_cfg(store, tmp_path / "b", model="dit-q"))
+
+
+def test_stop_after_checkpoints_and_the_same_command_ends_as_an_uninterrupted_run(store, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run(_cfg(store, full, steps=6, decay_end_step=6, checkpoint_every=4, log_every=2))
+    args = _cli_args(_cfg(store, cut, steps=6, decay_end_step=6, checkpoint_every=4, log_every=2))
+    first = run_rae(*args, "--stop-after", 3)
+    assert "stopped at step 3/6" in first.stderr and "run the same command again" in first.stderr
+    assert load_state(checkpoints(cut)[0])["step"] == 3 and not read_manifest(cut, require_complete=False)["complete"]
+    run_rae(*args, "--stop-after", 3)  # a second stop at the same step: nothing to train, still resumable
+    run_rae(*args)
+    for name in ("model_ema.safetensors", "model.safetensors"):
+        a, b = _weights(full, name), _weights(cut, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert read_manifest(cut)["complete"] and read_manifest(cut)["step"] == 6
