@@ -41,6 +41,13 @@ def info(path: Path = typer.Argument(..., help="An artifact directory."),
         table.add_row("files", f"{len(manifest[RECORDS])}, as written" if not changed else
                       "[red]changed since written: " + "; ".join(f"{n} ({why})" for n, why in changed)
                       + " — the content id no longer describes them[/]")
+    if manifest["kind"] in ("decoder-run", "diffusion-run"):
+        from stages.artifacts.runs import saved_steps  # (imports torch: only for runs)
+
+        kept = saved_steps(path)
+        for what, steps in kept.items():
+            if steps:
+                table.add_row(what, f"steps {', '.join(map(str, steps))} (`--step N` of sample / decode)")
     if manifest.get("skipped_files"):
         table.add_row("skipped files", str(len(manifest["skipped_files"])))
     for name, ref in manifest.get("inputs", {}).items():

@@ -46,6 +46,8 @@ class DecodeConfig:
     decoder: str = option(help="Decoder run directory (rae train-decoder).", short="-d", path=True)
     out: str = option(help="Output image folder.", short="-o", path=True)
     ema: bool = option(True, "EMA decoder weights (decoder_ema.safetensors) or raw weights (decoder.safetensors).")
+    step: int | None = option(None, "Use the weights of this training step (a snapshot or a kept checkpoint) "
+                              "instead of the finished run's.", check=(lambda v: v >= 0, "a step, 0 or more"))
     precision: str = precision_option()
     grid_classes: int = option(16, "Preview rows (labelled stores).", check=NON_NEGATIVE, cli=False)
     grid_per_row: int = option(8, "Preview images per row.", check=AT_LEAST_1, cli=False)
@@ -95,9 +97,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 #                                    Stage                                      #
 #################################################################################
 
-def _prepare_folder(cfg: DecodeConfig, store_manifest: dict, decoder_manifest: dict) -> str:
+def _prepare_folder(cfg: DecodeConfig, store_manifest: dict, decoder_info: dict) -> str:
     out = Path(cfg.out)
-    inputs = {"latents": input_ref(cfg.store, store_manifest), "decoder": input_ref(cfg.decoder, decoder_manifest)}
+    inputs = {"latents": input_ref(cfg.store, store_manifest),
+              "decoder": {**input_ref(cfg.decoder, decoder_info["manifest"]), "content_id": decoder_info["content_id"]}}
     wanted = digest_json({"config": cfg.identity(), "inputs": [v["content_id"] for v in inputs.values()]})
     state = claim_output(out, cfg.overwrite, resume_if_same("image-folder", wanted),
                          different=lambda old: describe_difference(
@@ -120,11 +123,11 @@ def run(cfg: DecodeConfig) -> dict:
     d = dist.init(cfg.device)
     cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device))  # as the manifest says
     store_manifest, store = open_complete_store(cfg.store)
-    decoder, info = load_decoder_run(cfg.decoder, device=d.device, ema=cfg.ema)
+    decoder, info = load_decoder_run(cfg.decoder, device=d.device, ema=cfg.ema, step=cfg.step)
     store_encoder = store.attrs.get("encoder") or store_manifest.get("encoder") or {}
     check_compatible(store_encoder, store.latent_shape, info, cfg.decoder)
 
-    state = dist.main_decides(lambda: _prepare_folder(cfg, store_manifest, info["manifest"]))
+    state = dist.main_decides(lambda: _prepare_folder(cfg, store_manifest, info))
     out = Path(cfg.out)
     if state == "done":
         if d.is_main:

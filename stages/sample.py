@@ -55,6 +55,8 @@ class SampleConfig:
     guidance_interval: tuple[float, float] = option((0.0, 1.0), "Guide only for t in [T_MIN, T_MAX] (model time, "
                                                     "t = 1 is noise).")
     ema: bool = option(True, "EMA weights or raw weights.")
+    step: int | None = option(None, "Use the weights of this training step (a snapshot or a kept checkpoint) "
+                              "instead of the finished run's.", check=(lambda v: v >= 0, "a step, 0 or more"))
     precision: str = precision_option(fp8=True)
     dtype: str = option("float16", "Stored latent dtype: float16 or float32.", choices=("float16", "float32"))
     codec: str = option("blosc-zstd", "Compressor: blosc-zstd | blosc-lz4 | none.", choices=CODECS, cli=False)
@@ -125,7 +127,7 @@ def _sampling_settings(cfg: SampleConfig, shift: float) -> dict:
 def _prepare_store(cfg: SampleConfig, run: DiffusionRun, guide: DiffusionRun | None, settings: dict) -> str:
     """Rank 0: create, reuse or refuse the output store. Returns "done", "resume" or "new"."""
     out = Path(cfg.out)
-    inputs = {"model": input_ref(run.path, run.manifest)}
+    inputs = {"model": {**input_ref(run.path, run.manifest), "content_id": run.content_id}}
     if guide is not None:
         inputs["guide"] = input_ref(guide.path, guide.manifest)
     wanted = digest_json({"config": cfg.identity(), "inputs": [v["content_id"] for v in inputs.values()]})
@@ -184,7 +186,7 @@ def run(cfg: SampleConfig) -> dict:
                               guidance_interval=tuple(float(t) for t in cfg.guidance_interval))
     if cfg.precision == "fp8" and (why := fp8.float8_supported(d.device)):
         raise RaeError(why)
-    model_run = load_diffusion_run(cfg.model, ema=cfg.ema, device=d.device)
+    model_run = load_diffusion_run(cfg.model, ema=cfg.ema, device=d.device, step=cfg.step)
     guide_run = load_diffusion_run(cfg.guide_model, ema=cfg.ema, device=d.device) if cfg.guidance == "autoguidance" else None
     if guide_run is not None:
         _check_guide(model_run, guide_run)

@@ -124,6 +124,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Any, keep: int
     return path
 
 
+def step_of(path: Path) -> int:
+    return int(_STEP.search(path.name).group(1))
+
+
 def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The checkpoint files of ``run_dir``, newest (highest step) first."""
     folder = Path(run_dir) / "checkpoints"

@@ -27,7 +27,8 @@ from ..errors import ArtifactError
 from ..models.decoder import DECODER_SIZES, ViTDecoder
 from ..models.dit import DiT, DiTDH
 from .atomic import atomic_write_json
-from .checkpoint import load_weights
+from ..digests import sha256_file
+from .checkpoint import checkpoints, load_state, load_weights, save_weights, step_of
 from .manifest import read_manifest, verify_files
 
 CONFIG = "config.json"
@@ -39,6 +40,41 @@ NORM_EPS = 1e-5
 DECODER_FILES = (DECODER_EMA, DECODER_RAW, CONFIG, STATS)
 DIFFUSION_FILES = (DIFFUSION_EMA, DIFFUSION_RAW, CONFIG, STATS)
 MODEL_CLASSES = {"DiT": DiT, "DiTDH": DiTDH}
+
+
+SNAPSHOTS = "snapshots"  # EMA weights kept for good at --snapshot-every steps (never rotated away)
+
+
+def snapshot_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / SNAPSHOTS / f"ema_{step:08d}.safetensors"
+
+
+def save_snapshot(run_dir: str | os.PathLike, step: int, ema_state: dict[str, torch.Tensor]) -> None:
+    path = snapshot_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(path, ema_state, metadata={"step": step})
+
+
+def saved_steps(run_dir: str | os.PathLike) -> dict[str, list[int]]:
+    """The steps whose weights a run keeps: {"snapshots": [...], "checkpoints": [...]}, ascending."""
+    snaps = sorted(int(p.stem.split("_")[1]) for p in (Path(run_dir) / SNAPSHOTS).glob("ema_*.safetensors")
+                   if p.stem.split("_")[1].isdigit())
+    return {"snapshots": snaps, "checkpoints": sorted(step_of(p) for p in checkpoints(run_dir))}
+
+
+def weights_at_step(run_dir: str | os.PathLike, step: int, ema: bool, pick) -> tuple[dict, Path]:
+    """A run's weights as they were at ``step``: its snapshot (EMA weights), else its kept checkpoint
+    (``pick(state, ema)`` takes the weights out of a training state). One line naming the steps there
+    are when there are none of ``step``."""
+    snap = snapshot_path(run_dir, step)
+    if ema and snap.is_file():
+        return load_weights(snap), snap
+    ckpt = Path(run_dir) / "checkpoints" / f"step_{step:08d}.safetensors"
+    if ckpt.is_file():
+        return pick(load_state(ckpt), ema), ckpt
+    have = saved_steps(run_dir)
+    raise ArtifactError(f"{run_dir} keeps no weights of step {step}: snapshots at steps {have['snapshots'] or 'none'}, "
+                        f"checkpoints at {have['checkpoints'] or 'none'} (train with --snapshot-every to keep more)")
 
 
 def write_config(run_dir: str | os.PathLike, config: dict) -> None:
@@ -81,28 +117,36 @@ def _decoder_kwargs(config: dict) -> dict:
     raise ArtifactError("the decoder run's config.json has no decoder architecture (ViTDecoder keyword arguments)")
 
 
-def load_decoder_run(run_dir: str | os.PathLike, device="cpu", ema: bool = True) -> tuple[nn.Module, dict]:
-    """A complete decoder run -> (ViTDecoder in eval mode on ``device``, info).
+def load_decoder_run(run_dir: str | os.PathLike, device="cpu", ema: bool = True,
+                     step: int | None = None) -> tuple[nn.Module, dict]:
+    """A complete decoder run -> (ViTDecoder in eval mode on ``device``, info); with ``step``, the
+    weights of that step (a snapshot or a kept checkpoint), from a finished run or one still training.
 
     info: {"encoder": identity dict, "latent_shape": [C, h, w], "image_size": int, "config": config.json,
-    "manifest": manifest.json}.
+    "manifest": manifest.json, "content_id": what identifies the weights used}.
     """
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir, kind="decoder-run", what="decoder run")
+    manifest = read_manifest(run_dir, kind="decoder-run", what="decoder run", require_complete=step is None)
     verify_files(run_dir, manifest)
     config = read_config(run_dir)
     decoder = ViTDecoder(**_decoder_kwargs(config))
-    weights = run_dir / (DECODER_EMA if ema else DECODER_RAW)
-    if not weights.is_file():
-        raise ArtifactError(f"{run_dir} has no {weights.name}")
+    content_id = manifest.get("content_id")
+    if step is not None:
+        state, weights = weights_at_step(run_dir, step, ema, lambda s, e: s["training"]["ema" if e else "decoder"])
+        content_id = sha256_file(weights)
+    else:
+        weights = run_dir / (DECODER_EMA if ema else DECODER_RAW)
+        if not weights.is_file():
+            raise ArtifactError(f"{run_dir} has no {weights.name}")
+        state = load_weights(weights)
     try:
-        decoder.load_state_dict(load_weights(weights))
+        decoder.load_state_dict(state)
     except RuntimeError as e:
         raise ArtifactError(f"{weights} does not fit its config.json: {str(e).splitlines()[0]}") from None
     encoder = manifest.get("encoder") or config.get("encoder") or {}
     latent_shape = manifest.get("latent_shape") or config.get("latent_shape") or [decoder.in_dim, decoder.grid, decoder.grid]
     info = {"encoder": encoder, "latent_shape": list(latent_shape), "image_size": decoder.image_size,
-            "config": config, "manifest": manifest}
+            "config": config, "manifest": manifest, "content_id": content_id}
     return decoder.to(device).eval(), info
 
 
@@ -161,7 +205,7 @@ class DiffusionRun:
     manifest: dict
     mean: torch.Tensor
     var: torch.Tensor
-
+    content_id: str | None = None  # what identifies the weights used: the run's, or those of --step
     @property
     def latent_shape(self) -> list[int]:
         return list(self.config["latent_shape"])
@@ -188,22 +232,30 @@ class DiffusionRun:
         return denormalize(x, self.mean.to(x.device), self.var.to(x.device), self.config["eps"])
 
 
-def load_diffusion_run(run_dir: str | os.PathLike, ema: bool = True,
-                       device: str | torch.device = "cpu") -> DiffusionRun:
-    """A complete diffusion run; ``ema``: the EMA weights (what the paper samples with) or the raw model's."""
+def load_diffusion_run(run_dir: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu",
+                       step: int | None = None) -> DiffusionRun:
+    """A complete diffusion run; ``ema``: the EMA weights (what the paper samples with) or the raw model's;
+    ``step``: the weights of that step (a snapshot or a kept checkpoint), of a finished run or one
+    still training."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir, kind="diffusion-run", what="diffusion run")
+    manifest = read_manifest(run_dir, kind="diffusion-run", what="diffusion run", require_complete=step is None)
     verify_files(run_dir, manifest)
     config = read_config(run_dir)
     spec = config["model"]
     if spec["class"] not in MODEL_CLASSES:
         raise ArtifactError(f"{run_dir}: unknown model class {spec['class']!r}")
     model = MODEL_CLASSES[spec["class"]](**spec["kwargs"])
-    weights = run_dir / (DIFFUSION_EMA if ema else DIFFUSION_RAW)
-    missing, unexpected = model.load_state_dict(load_weights(weights), strict=False)
+    content_id = manifest.get("content_id")
+    if step is not None:
+        state, weights = weights_at_step(run_dir, step, ema, lambda s, e: s["ema" if e else "model"])
+        content_id = sha256_file(weights)
+    else:
+        weights = run_dir / (DIFFUSION_EMA if ema else DIFFUSION_RAW)
+        state = load_weights(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(f"{weights} does not fit {spec['class']}({spec['kwargs']}): "
                             f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
     stats = load_weights(run_dir / config["statistics"])
     return DiffusionRun(run_dir, model.to(device).eval().requires_grad_(False), config, manifest,
-                        stats["mean"].float(), stats["var"].float())
+                        stats["mean"].float(), stats["var"].float(), content_id)

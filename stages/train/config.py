@@ -82,6 +82,8 @@ class TrainDecoderConfig:
                                        check=AT_LEAST_1)
     preview_count: int = option(8, "Fixed store entries shown in the grids.", check=NON_NEGATIVE)
     log_every: int = option(10, "Steps per metrics.jsonl record.", check=AT_LEAST_1)
+    snapshot_every: int | None = option(None, "Keep the EMA weights of every N-th step for good in RUN/snapshots (never "
+                                        "rotated away; `--step N` of sample and decode reads them).", check=AT_LEAST_1)
     stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
                                     "e.g. for wall-time limits.", check=AT_LEAST_1)
     num_workers: int = option(-1, "Data loading processes per rank (-1: the CPU cores / ranks, less one, at most 8).")
@@ -90,7 +92,8 @@ class TrainDecoderConfig:
     overwrite: bool = option(False, "Replace a run made with another configuration or input.")
 
     RUN_ONLY = ("latents", "out", "grad_accum", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count",
-                "log_every", "stop_after", "num_workers", "device", "compile", "overwrite", "encoder_weights", "init")
+                "log_every", "stop_after", "num_workers", "device", "compile", "overwrite", "encoder_weights", "init",
+                "snapshot_every")
 
     def identity(self) -> dict:
         """The fields that define the trained decoder (compared on resume). The --init source enters
@@ -162,6 +165,8 @@ class TrainDiffusionConfig:
     sample_steps: int = option(50, "Euler steps of those samples.", check=AT_LEAST_1)
     init: str | None = option(None, "Start from the EMA weights of this diffusion run (or `rae import diffusion` "
                               "release) instead of random ones; optimiser and schedule start afresh.", path=True)
+    snapshot_every: int | None = option(None, "Keep the EMA weights of every N-th step for good in RUN/snapshots (never "
+                                        "rotated away; `--step N` of sample and decode reads them).", check=AT_LEAST_1)
     stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
                                     "e.g. for wall-time limits.", check=AT_LEAST_1)
     num_workers: int = option(-1, "Data loading processes per GPU (-1: the CPU cores per GPU, less one, at most 16).")
@@ -170,7 +175,7 @@ class TrainDiffusionConfig:
 
     RUN_ONLY = ("latents", "out", "epochs", "steps", "grad_accum", "grad_checkpointing", "compile",
                 "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
-                "sample_steps", "num_workers", "device", "overwrite", "init", "stop_after")
+                "sample_steps", "num_workers", "device", "overwrite", "init", "stop_after", "snapshot_every")
 
     def identity(self) -> dict:
         """The fields that define what is learned (compared when a run is resumed)."""

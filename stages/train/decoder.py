@@ -31,7 +31,7 @@ from ..artifacts.manifest import (RECORDS, claim_output, describe_difference, di
                                   new_manifest, read_manifest, resume_if_same, write_manifest)
 from ..artifacts.outputs import stage
 from ..artifacts.runs import (DECODER_EMA, DECODER_FILES, DECODER_RAW, STATS, decoder_config, load_decoder_run,
-                              start_from, write_config)
+                              save_snapshot, start_from, write_config)
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
 from ..models.decoder import DECODER_SIZES, ViTDecoder
@@ -375,6 +375,8 @@ def _train(cfg: TrainDecoderConfig, training: DecoderTraining, plan: BatchPlan, 
                 record = metrics.flush(step, d.world)
                 info = {k: record[k] for k in ("l1", "lpips", "gan", "d_loss") if k in record}
             advance(cfg.batch_size, **info)
+            if cfg.snapshot_every and step % cfg.snapshot_every == 0 and d.is_main:
+                save_snapshot(out, step, training.ema.state_dict())
             if d.is_main and (step % preview_every == 0 or step == schedule.total):
                 _preview(training, previews, out / "previews" / f"step_{step:08d}.png")
                 _plot(out, metrics.records)

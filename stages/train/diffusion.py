@@ -35,8 +35,8 @@ from ..artifacts.manifest import (RECORDS, claim_output, create_artifact_dir, de
                                   file_records, input_ref, new_manifest, read_manifest, write_manifest)
 from ..artifacts.outputs import stage
 from ..artifacts.runs import (CONFIG, DIFFUSION_EMA, DIFFUSION_FILES, DIFFUSION_RAW, STATS, denormalize,
-                              diffusion_config, load_diffusion_run, normalize, start_from, training_shift,
-                              write_config)
+                              diffusion_config, load_diffusion_run, normalize, save_snapshot, start_from,
+                              training_shift, write_config)
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
 from ..models.dit import DIT_SIZES, create_dit, width_rule_warning
@@ -359,6 +359,8 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
             advance(1, loss=rec["loss"], lr=lr)
             if is_ckpt:
                 _checkpoint(out, done, identity, trainer, cfg, log)
+            if cfg.snapshot_every and done % cfg.snapshot_every == 0 and d.is_main:
+                save_snapshot(out, done, trainer.ema.state_dict())
             if is_sample and d.is_main and cfg.num_samples > 0:
                 _save_samples(out, done, trainer, cfg, latents)
     return log.records

@@ -1,0 +1,68 @@
+"""Snapshots and --step (issue "watch a run"): both trainers keep the EMA weights of every
+--snapshot-every step for good; `rae sample --step N` and `rae decode --step N` use them (or a kept
+checkpoint), of a finished run or one still training; `rae info` lists them."""
+import numpy as np
+import pytest
+import torch
+
+from stages.artifacts.checkpoint import load_weights
+from stages.artifacts.manifest import read_manifest
+from stages.artifacts.runs import load_decoder_run, load_diffusion_run, saved_steps, snapshot_path
+from stages.artifacts.store import LatentStore
+from stages.errors import ArtifactError
+from tests.helpers import DECODER_ARGS, DIFFUSION_ARGS, ENCODE_ARGS, SAMPLE_ARGS, run_rae
+
+
+@pytest.fixture(scope="module")
+def runs(demo_images, tmp_path_factory):
+    root = tmp_path_factory.mktemp("snap")
+    run_rae("encode", demo_images, "--out", root / "lat.zarr", *ENCODE_ARGS)
+    run_rae("train-diffusion", "--latents", root / "lat.zarr", "--out", root / "dit", *DIFFUSION_ARGS,
+            "--snapshot-every", 2, "--checkpoint-every", 3)
+    run_rae("train-decoder", "--latents", root / "lat.zarr", "--out", root / "dec", *DECODER_ARGS, "--snapshot-every", 2)
+    return root
+
+
+def test_snapshots_are_the_ema_weights_of_their_steps_and_never_rotated(runs):
+    dit = runs / "dit"
+    assert saved_steps(dit) == {"snapshots": [2, 4, 6], "checkpoints": [3, 6]}
+    final = load_weights(dit / "model_ema.safetensors")
+    last = load_weights(snapshot_path(dit, 6))
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    early = load_weights(snapshot_path(dit, 2))
+    assert not all(torch.equal(final[k], early[k]) for k in final)
+    assert saved_steps(runs / "dec")["snapshots"] == [2, 4, 6]
+    # A step from a checkpoint (3): its EMA weights; a step kept nowhere: one line naming what there is.
+    at3 = load_diffusion_run(dit, step=3)
+    assert at3.content_id != read_manifest(dit)["content_id"]
+    with pytest.raises(ArtifactError, match=r"no weights of step 5: snapshots at steps \[2, 4, 6\]"):
+        load_diffusion_run(dit, step=5)
+    decoder, info = load_decoder_run(runs / "dec", step=4)
+    assert info["content_id"] != read_manifest(runs / "dec")["content_id"]
+
+
+def test_sample_and_decode_at_a_step(runs, tmp_path):
+    run_rae("sample", "--model", runs / "dit", "--out", tmp_path / "s6.zarr", *SAMPLE_ARGS, "--step", 6)
+    run_rae("sample", "--model", runs / "dit", "--out", tmp_path / "final.zarr", *SAMPLE_ARGS)
+    run_rae("sample", "--model", runs / "dit", "--out", tmp_path / "s2.zarr", *SAMPLE_ARGS, "--step", 2)
+    lat = {k: np.asarray(LatentStore(tmp_path / f"{k}.zarr").latents[:]) for k in ("s6", "final", "s2")}
+    assert np.array_equal(lat["s6"], lat["final"]) and not np.array_equal(lat["s2"], lat["final"])
+    m = read_manifest(tmp_path / "s2.zarr")
+    assert m["config"]["step"] == 2 and m["inputs"]["model"]["content_id"] != read_manifest(runs / "dit")["content_id"]
+    run_rae("decode", tmp_path / "s2.zarr", "--decoder", runs / "dec", "--out", tmp_path / "img", "--step", 2,
+            "--batch-size", 8)
+    assert read_manifest(tmp_path / "img")["complete"]
+    info = run_rae("info", runs / "dit").stdout
+    assert "snapshots" in info and "2, 4, 6" in info
+
+
+def test_a_run_still_training_samples_at_a_kept_step(runs, tmp_path):
+    out = tmp_path / "dit"
+    run_rae("train-diffusion", "--latents", runs / "lat.zarr", "--out", out, *DIFFUSION_ARGS, "--snapshot-every", 2,
+            "--stop-after", 4)
+    proc = run_rae("sample", "--model", out, "--out", tmp_path / "no.zarr", *SAMPLE_ARGS, check=False)
+    assert proc.returncode == 1 and "unfinished" in proc.stderr
+    run_rae("sample", "--model", out, "--out", tmp_path / "s4.zarr", *SAMPLE_ARGS, "--step", 4)
+    a = np.asarray(LatentStore(tmp_path / "s4.zarr").latents[:])
+    run_rae("sample", "--model", runs / "dit", "--out", tmp_path / "ref4.zarr", *SAMPLE_ARGS, "--step", 4)
+    assert np.array_equal(a, np.asarray(LatentStore(tmp_path / "ref4.zarr").latents[:]))  # the same training so far
