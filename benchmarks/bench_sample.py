@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stages import flow  # noqa: E402
-from stages.decode import to_uint8  # noqa: E402
+from stages.models.decoder import to_uint8  # noqa: E402
 from stages.models.decoder import ViTDecoder, create_decoder  # noqa: E402
 
 # Reference DiTwDDTHead constructor sizes (trunk, head).

@@ -141,7 +141,7 @@ def part_sample(args, device, card):
     import bench_sample as bs
 
     from stages import flow
-    from stages.decode import to_uint8
+    from stages.models.decoder import to_uint8
     from stages.models import fp8
     from stages.models.decoder import ViTDecoder, create_decoder
 

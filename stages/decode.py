@@ -26,14 +26,16 @@ import torch
 
 from . import dist
 from .artifacts.atomic import jsonable, remove_temporaries
-from .artifacts.image_folder import GRID, NPZ, png_name, read_png, write_grid, write_npz, write_png
+from .artifacts.checkpoint import load_weights
+from .artifacts.image_folder import (GRID, GRID_ROW, NPZ, decode_grid, png_name, read_png, save_grid, write_grid,
+                                     write_npz, write_png)
 from .artifacts.manifest import (claim_output, describe_difference, digest_json, input_ref, new_manifest,
                                  read_manifest, resume_if_same, write_manifest)
 from .artifacts.outputs import stage
-from .artifacts.runs import load_decoder_run
+from .artifacts.runs import check_compatible, load_decoder_run
 from .artifacts.store import open_complete_store
 from .errors import ArtifactError, RaeError
-from .models.encoders import UNKNOWN_DIGEST
+from .models.decoder import to_uint8
 from .options import AT_LEAST_1, NON_NEGATIVE, check_options, option, precision_option
 from .progress import console, progress
 
@@ -41,8 +43,9 @@ from .progress import console, progress
 
 @dataclass
 class DecodeConfig:
-    store: str = option(help="A complete latent store (rae encode) or sample store (rae sample).", path=True,
-                        argument=True)
+    store: str = option(help="A complete latent store (rae encode) or sample store (rae sample); or the EMA samples "
+                        "a diffusion run saved while training (RUN/samples/step_N.safetensors), decoded into one "
+                        "grid, --out FILE.png.", path=True, argument=True)
     decoder: str = option(help="Decoder run directory (rae train-decoder).", short="-d", path=True)
     out: str = option(help="Output image folder.", short="-o", path=True)
     ema: bool = option(True, "EMA decoder weights (decoder_ema.safetensors) or raw weights (decoder.safetensors).")
@@ -68,30 +71,9 @@ class DecodeConfig:
 #                              The decoder's input                              #
 #################################################################################
 
-def check_compatible(store_encoder: dict, store_shape, decoder_info: dict, decoder_path) -> None:
-    """Refuse a decoder trained for another encoder (name, weights sha256, latent shape)."""
-    dec = decoder_info["encoder"]
-    for key, what in (("name", "encoder"), ("weights_sha256", "encoder weights")):
-        if key == "weights_sha256" and UNKNOWN_DIGEST in (store_encoder.get(key), dec.get(key)):
-            # an imported run whose encoder file was not at hand (`rae import` without --encoder-weights)
-            console.print(f"note: the encoder weights of {decoder_path} or of the store are not identified "
-                          f"(sha256 unknown); assuming they are the same {dec.get('name')} weights")
-            continue
-        if store_encoder.get(key) != dec.get(key):
-            a, b = str(store_encoder.get(key)), str(dec.get(key))
-            raise RaeError(f"decoder {decoder_path} was trained for another {what} ({b[:16]}) than the store's ({a[:16]})")
-    if list(store_shape) != list(decoder_info["latent_shape"]):
-        raise RaeError(f"decoder {decoder_path} expects latents {decoder_info['latent_shape']}, the store has {list(store_shape)}")
-
-
 #################################################################################
 #                                   Images                                      #
 #################################################################################
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]: clamp, x255, truncate (as the reference and ADM)."""
-    return images.float().clamp(0, 1).mul(255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
-
 
 #################################################################################
 #                                    Stage                                      #
@@ -122,6 +104,8 @@ def run(cfg: DecodeConfig) -> dict:
     check_options(cfg)
     d = dist.init(cfg.device)
     cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device))  # as the manifest says
+    if Path(cfg.store).suffix == ".safetensors":
+        return decode_training_samples(cfg, d)
     store_manifest, store = open_complete_store(cfg.store)
     decoder, info = load_decoder_run(cfg.decoder, device=d.device, ema=cfg.ema, step=cfg.step)
     store_encoder = store.attrs.get("encoder") or store_manifest.get("encoder") or {}
@@ -166,6 +150,28 @@ def run(cfg: DecodeConfig) -> dict:
     result["seconds"] = elapsed
     result["images_per_second"] = len(mine) / elapsed if elapsed > 0 else 0.0
     return result
+
+
+def decode_training_samples(cfg: DecodeConfig, d) -> dict:
+    """A run's periodic EMA samples (``RUN/samples/step_N.safetensors``, raw latents) -> one PNG grid, as
+    ``train-diffusion --decoder`` would have drawn it."""
+    if Path(cfg.out).suffix != ".png":
+        raise RaeError(f"decoding {Path(cfg.store).name}, a file of training samples, writes one grid: --out must end "
+                       f"in .png (got {cfg.out})")
+    samples = load_weights(cfg.store)
+    if "latents" not in samples:
+        raise ArtifactError(f"{cfg.store} holds no latents: not a file of a diffusion run's samples")
+    decoder, info = load_decoder_run(cfg.decoder, device=d.device, ema=cfg.ema, step=cfg.step)
+    run_dir = Path(cfg.store).resolve().parent.parent
+    run_manifest = read_manifest(run_dir, require_complete=False) if (run_dir / "manifest.json").is_file() else {}
+    encoder = run_manifest.get("encoder") or {}
+    check_compatible(encoder or info["encoder"], samples["latents"].shape[1:], info, cfg.decoder)
+    if d.is_main:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            save_grid(Path(cfg.out), decode_grid(decoder, samples["latents"]), GRID_ROW)
+    return {"folder": str(cfg.out), "images": len(samples["latents"]), "image_shape": [info["image_size"]] * 2 + [3],
+            "npz": "-", "grid": str(cfg.out)}
 
 
 def _finalize(cfg: DecodeConfig, out: Path, indices: np.ndarray, all_labels: np.ndarray) -> None:

@@ -241,3 +241,27 @@ def smooth_images(n, size, seed, brightness=0):
     x = torch.nn.functional.interpolate(torch.from_numpy(low).permute(0, 3, 1, 2), size=(size, size),
                                         mode="bicubic", align_corners=False)
     return (x.permute(0, 2, 3, 1).numpy() + brightness).clip(0, 255).astype(np.uint8)
+
+
+DECODER = dict(in_dim=8, grid=4, patch_size=4, width=16, depth=1, heads=2, mlp_dim=32)
+
+
+def make_decoder_run(path, encoder=ENCODER, seed=0):
+    """A complete decoder run (``stages.artifacts.runs``' format): a tiny ViTDecoder (latents [8, 4, 4]
+    -> 16x16 images) with seeded random weights."""
+    import json
+
+    from stages.artifacts.checkpoint import save_weights
+    from stages.artifacts.manifest import new_manifest, write_manifest
+    from stages.models.decoder import ViTDecoder
+
+    torch.manual_seed(seed)
+    decoder = ViTDecoder(**DECODER)
+    path.mkdir(parents=True)
+    save_weights(path / "decoder_ema.safetensors", decoder.state_dict())
+    config = {"decoder": {"size": "tiny", "kwargs": DECODER}, "encoder": encoder, "latent_shape": list(LATENT),
+              "image_size": 16}
+    (path / "config.json").write_text(json.dumps(config))
+    write_manifest(path, new_manifest("decoder-run", {}, encoder=encoder, latent_shape=list(LATENT),
+                                      content_id=f"dec-{seed}", complete=True))
+    return path

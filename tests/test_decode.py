@@ -1,4 +1,3 @@
-import json
 import os
 
 import numpy as np
@@ -8,32 +7,16 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from stages.artifacts.checkpoint import save_weights
-from stages.decode import DecodeConfig, run, to_uint8
+from stages.decode import DecodeConfig, run
+from stages.models.decoder import to_uint8
 from stages.errors import RaeError
-from stages.artifacts.manifest import new_manifest, read_manifest, write_manifest
-from stages.models.decoder import ViTDecoder
+from stages.artifacts.manifest import read_manifest
 from stages.artifacts.runs import load_decoder_run
 from stages.sample import SampleConfig
 from stages.sample import run as sample_run
 from stages.artifacts.store import LatentStore
-from tests.helpers import ENCODER, LATENT, make_diffusion_run
+from tests.helpers import ENCODER, make_decoder_run, make_diffusion_run
 
-DECODER = dict(in_dim=8, grid=4, patch_size=4, width=16, depth=1, heads=2, mlp_dim=32)
-
-
-def make_decoder_run(path, encoder=ENCODER, seed=0):
-    """A complete decoder run: tiny ViTDecoder (latents [8, 4, 4] -> 16x16 images)."""
-    torch.manual_seed(seed)
-    decoder = ViTDecoder(**DECODER)
-    path.mkdir(parents=True)
-    save_weights(path / "decoder_ema.safetensors", decoder.state_dict())
-    config = {"decoder": {"size": "tiny", "kwargs": DECODER}, "encoder": encoder, "latent_shape": list(LATENT),
-              "image_size": 16}
-    (path / "config.json").write_text(json.dumps(config))
-    write_manifest(path, new_manifest("decoder-run", {}, encoder=encoder, latent_shape=list(LATENT),
-                                      content_id=f"dec-{seed}", complete=True))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError
+from ..models.decoder import to_uint8
 from .atomic import atomic_replace, atomic_write_bytes
 
 NPZ = "samples.npz"
 GRID = "grid.png"
+GRID_ROW = 8  # images per row of a preview grid
 
 
 def png_name(index: int) -> str:
@@ -57,18 +59,33 @@ def write_npz(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray 
 def write_grid(path: Path, folder: Path, indices: np.ndarray, labels: np.ndarray | None,
                max_rows: int = 16, per_row: int = 8) -> None:
     """Preview: one row per class (the first ``max_rows`` classes present) for labelled stores."""
-    from PIL import Image
-
     if labels is not None and (labels >= 0).all():
         rows = [indices[labels == c][:per_row] for c in np.unique(labels)[:max_rows]]
     else:
         shown = indices[: max_rows * per_row]
         rows = [shown[r: r + per_row] for r in range(0, len(shown), per_row)]
-    first = read_png(folder / png_name(int(rows[0][0])))
-    h, w = first.shape[:2]
+    save_grid(path, [[read_png(folder / png_name(int(i))) for i in row] for row in rows], per_row)
+
+
+def decode_grid(decoder, z) -> list[list[np.ndarray]]:
+    """Raw-space latents -> the decoder's uint8 images in rows of GRID_ROW (a training run's previews:
+    the same seeds and classes at every step)."""
+    import torch
+
+    device = next(decoder.parameters()).device
+    with torch.no_grad():
+        images = to_uint8(decoder(z.to(device).float()))
+    return [list(images[r: r + GRID_ROW]) for r in range(0, len(images), GRID_ROW)]
+
+
+def save_grid(path: Path, rows: list[list[np.ndarray]], per_row: int) -> None:
+    """uint8 [H, W, 3] images in rows of at most ``per_row``, on white, as one PNG (written atomically)."""
+    from PIL import Image
+
+    h, w = rows[0][0].shape[:2]
     canvas = np.full((len(rows) * h, per_row * w, 3), 255, dtype=np.uint8)
     for r, row in enumerate(rows):
-        for c, i in enumerate(row):
-            canvas[r * h: (r + 1) * h, c * w: (c + 1) * w] = read_png(folder / png_name(int(i)))
+        for c, image in enumerate(row):
+            canvas[r * h: (r + 1) * h, c * w: (c + 1) * w] = image
     with atomic_replace(path) as tmp:
         Image.fromarray(canvas).save(tmp, format="PNG")

@@ -23,11 +23,13 @@ import torch
 import torch.nn as nn
 
 from .. import flow
+from ..digests import sha256_file
 from ..errors import ArtifactError
 from ..models.decoder import DECODER_SIZES, ViTDecoder
 from ..models.dit import DiT, DiTDH
+from ..models.encoders import UNKNOWN_DIGEST
+from ..progress import console
 from .atomic import atomic_write_json
-from ..digests import sha256_file
 from .checkpoint import checkpoints, load_state, load_weights, save_weights, step_of
 from .manifest import read_manifest, verify_files
 
@@ -148,6 +150,22 @@ def load_decoder_run(run_dir: str | os.PathLike, device="cpu", ema: bool = True,
     info = {"encoder": encoder, "latent_shape": list(latent_shape), "image_size": decoder.image_size,
             "config": config, "manifest": manifest, "content_id": content_id}
     return decoder.to(device).eval(), info
+
+
+def check_compatible(store_encoder: dict, store_shape, decoder_info: dict, decoder_path) -> None:
+    """Refuse a decoder trained for another encoder (name, weights sha256, latent shape)."""
+    dec = decoder_info["encoder"]
+    for key, what in (("name", "encoder"), ("weights_sha256", "encoder weights")):
+        if key == "weights_sha256" and UNKNOWN_DIGEST in (store_encoder.get(key), dec.get(key)):
+            # an imported run whose encoder file was not at hand (`rae import` without --encoder-weights)
+            console.print(f"note: the encoder weights of {decoder_path} or of the store are not identified "
+                          f"(sha256 unknown); assuming they are the same {dec.get('name')} weights")
+            continue
+        if store_encoder.get(key) != dec.get(key):
+            a, b = str(store_encoder.get(key)), str(dec.get(key))
+            raise ArtifactError(f"decoder {decoder_path} was trained for another {what} ({b[:16]}) than the store's ({a[:16]})")
+    if list(store_shape) != list(decoder_info["latent_shape"]):
+        raise ArtifactError(f"decoder {decoder_path} expects latents {decoder_info['latent_shape']}, the store has {list(store_shape)}")
 
 
 #################################################################################

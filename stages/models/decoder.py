@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import Attention, Mlp
@@ -197,3 +198,8 @@ def to_reference_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             raise ValueError(f"not a ViTDecoder state dict: unexpected key {key!r}")
         out[new] = value
     return out
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]: clamp, x255, truncate (as the reference and ADM)."""
+    return images.float().clamp(0, 1).mul(255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()

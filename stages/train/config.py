@@ -167,6 +167,8 @@ class TrainDiffusionConfig:
                               "release) instead of random ones; optimiser and schedule start afresh.", path=True)
     snapshot_every: int | None = option(None, "Keep the EMA weights of every N-th step for good in RUN/snapshots (never "
                                         "rotated away; `--step N` of sample and decode reads them).", check=AT_LEAST_1)
+    decoder: str | None = option(None, "A decoder run for the store's encoder: the periodic EMA samples are also "
+                                 "decoded, as image grids RUN/samples/step_N.png.", path=True)
     stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
                                     "e.g. for wall-time limits.", check=AT_LEAST_1)
     num_workers: int = option(-1, "Data loading processes per GPU (-1: the CPU cores per GPU, less one, at most 16).")
@@ -175,7 +177,8 @@ class TrainDiffusionConfig:
 
     RUN_ONLY = ("latents", "out", "epochs", "steps", "grad_accum", "grad_checkpointing", "compile",
                 "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
-                "sample_steps", "num_workers", "device", "overwrite", "init", "stop_after", "snapshot_every")
+                "sample_steps", "num_workers", "device", "overwrite", "init", "stop_after", "snapshot_every",
+                "decoder")
 
     def identity(self) -> dict:
         """The fields that define what is learned (compared when a run is resumed)."""

@@ -31,12 +31,13 @@ import torch.nn as nn
 from .. import dist, flow
 from ..artifacts.atomic import jsonable, remove_temporaries
 from ..artifacts.checkpoint import resume_state, save_checkpoint, save_weights
+from ..artifacts.image_folder import GRID_ROW, decode_grid, save_grid
 from ..artifacts.manifest import (RECORDS, claim_output, create_artifact_dir, describe_difference, digest_json,
                                   file_records, input_ref, new_manifest, read_manifest, write_manifest)
 from ..artifacts.outputs import stage
-from ..artifacts.runs import (CONFIG, DIFFUSION_EMA, DIFFUSION_FILES, DIFFUSION_RAW, STATS, denormalize,
-                              diffusion_config, load_diffusion_run, normalize, save_snapshot, start_from,
-                              training_shift, write_config)
+from ..artifacts.runs import (CONFIG, DIFFUSION_EMA, DIFFUSION_FILES, DIFFUSION_RAW, STATS, check_compatible,
+                              denormalize, diffusion_config, load_decoder_run, load_diffusion_run, normalize,
+                              save_snapshot, start_from, training_shift, write_config)
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
 from ..models.dit import DIT_SIZES, create_dit, width_rule_warning
@@ -136,6 +137,7 @@ class _Latents:
     num_classes: int
     mean: torch.Tensor
     var: torch.Tensor
+    decoder: nn.Module | None = None  # --decoder: the periodic samples are decoded into grids
 
 
 def _open_latents(cfg: TrainDiffusionConfig, d: dist.Dist) -> _Latents:
@@ -249,6 +251,18 @@ def _save_samples(out: Path, step: int, trainer: DiffusionTraining, cfg: TrainDi
     save_weights(out / "samples" / f"step_{step:08d}.safetensors", s,
                  metadata={"step": step, "solver": "euler", "steps": cfg.sample_steps, "shift": trainer.shift,
                            "space": "raw encoder latents"})
+    if latents.decoder is not None:
+        save_grid(out / "samples" / f"step_{step:08d}.png", decode_grid(latents.decoder, s["latents"]), GRID_ROW)
+
+
+
+def _preview_decoder(cfg: TrainDiffusionConfig, latents: _Latents, device: torch.device) -> nn.Module | None:
+    """--decoder on rank 0: the decoder run, checked against the store's encoder and latent shape."""
+    if not cfg.decoder:
+        return None
+    decoder, info = load_decoder_run(cfg.decoder, device=device)
+    check_compatible(latents.manifest.get("encoder") or {}, latents.shape, info, cfg.decoder)
+    return decoder
 
 
 def _plot(out: Path, records: list[dict]) -> None:
@@ -307,6 +321,8 @@ def run(cfg: TrainDiffusionConfig) -> dict:
             console.print(f"{out} is already trained to step {result['step']}; nothing to do.", highlight=False)
         return result
     trainer = DiffusionTraining(model, cfg, d.device, shift, latents.num_classes, d.rank, d.world)
+    if cfg.decoder:  # rank 0 decodes the previews; a decoder that does not fit stops every rank
+        dist.main_decides(lambda: setattr(latents, "decoder", _preview_decoder(cfg, latents, d.device)))
     if cfg.init:  # a resume below replaces these with the checkpoint's
         load_init(cfg, trainer, latents)
     start = _resume(trainer, out, identity, schedule.total, d) if state == "resume" else 0

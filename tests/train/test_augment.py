@@ -2,9 +2,6 @@
 torchvision's Resize + crop, drawn per (seed, epoch, image) so that a resume and any number of
 processes see the same crops; the store's frozen encoder runs in the loop and, given the crop the
 store encoded, gives exactly the stored latent; `--init` for both trainers."""
-import json
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from stages.artifacts.images import crop_offsets, first_resize, reference_crop, resize_short_side
-from stages.artifacts.manifest import read_manifest, write_manifest
+from stages.artifacts.manifest import read_manifest
 from stages.artifacts.store import LatentStore
 from stages.dist import Dist
 from stages.errors import ArtifactError

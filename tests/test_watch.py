@@ -1,6 +1,7 @@
-"""Snapshots and --step (issue "watch a run"): both trainers keep the EMA weights of every
---snapshot-every step for good; `rae sample --step N` and `rae decode --step N` use them (or a kept
-checkpoint), of a finished run or one still training; `rae info` lists them."""
+"""Watching a run: decoded previews of the periodic EMA samples (`train-diffusion --decoder`, or `rae
+decode` of the saved latents later); snapshots (both trainers keep the EMA weights of every
+--snapshot-every step for good; `rae sample --step N` and `rae decode --step N` use them, or a kept
+checkpoint, of a finished run or one still training; `rae info` lists them)."""
 import numpy as np
 import pytest
 import torch
@@ -17,9 +18,9 @@ from tests.helpers import DECODER_ARGS, DIFFUSION_ARGS, ENCODE_ARGS, SAMPLE_ARGS
 def runs(demo_images, tmp_path_factory):
     root = tmp_path_factory.mktemp("snap")
     run_rae("encode", demo_images, "--out", root / "lat.zarr", *ENCODE_ARGS)
-    run_rae("train-diffusion", "--latents", root / "lat.zarr", "--out", root / "dit", *DIFFUSION_ARGS,
-            "--snapshot-every", 2, "--checkpoint-every", 3)
     run_rae("train-decoder", "--latents", root / "lat.zarr", "--out", root / "dec", *DECODER_ARGS, "--snapshot-every", 2)
+    run_rae("train-diffusion", "--latents", root / "lat.zarr", "--out", root / "dit", *DIFFUSION_ARGS,
+            "--snapshot-every", 2, "--checkpoint-every", 3, "--sample-every", 3, "--decoder", root / "dec")
     return root
 
 
@@ -66,3 +67,28 @@ def test_a_run_still_training_samples_at_a_kept_step(runs, tmp_path):
     a = np.asarray(LatentStore(tmp_path / "s4.zarr").latents[:])
     run_rae("sample", "--model", runs / "dit", "--out", tmp_path / "ref4.zarr", *SAMPLE_ARGS, "--step", 4)
     assert np.array_equal(a, np.asarray(LatentStore(tmp_path / "ref4.zarr").latents[:]))  # the same training so far
+
+
+def test_previews_are_decoded_grids_of_the_saved_samples(runs, tmp_path):
+    from PIL import Image
+
+    samples = runs / "dit" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step_00000003.png", "step_00000003.safetensors",
+                                                          "step_00000006.png", "step_00000006.safetensors"]
+    grid = np.asarray(Image.open(samples / "step_00000006.png"))
+    assert grid.shape == (64, 8 * 64, 3) and grid[:, :64].std() > 0  # 2 samples in a row of 8
+    # The same grid from the saved latents, later, with rae decode.
+    run_rae("decode", samples / "step_00000006.safetensors", "--decoder", runs / "dec", "--out", tmp_path / "g.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), grid)
+    proc = run_rae("decode", samples / "step_00000006.safetensors", "--decoder", runs / "dec", "--out",
+                   tmp_path / "g", check=False)
+    assert proc.returncode == 1 and "must end in .png" in proc.stderr
+
+
+def test_a_preview_decoder_for_other_latents_is_refused(runs, tmp_path):
+    from tests.helpers import make_decoder_run
+
+    other = make_decoder_run(tmp_path / "dec")  # for [8, 4, 4] latents of another encoder
+    proc = run_rae("train-diffusion", "--latents", runs / "lat.zarr", "--out", tmp_path / "dit", *DIFFUSION_ARGS,
+                   "--decoder", other, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and str(other) in proc.stderr
