@@ -11,6 +11,7 @@ import math
 import os
 from pathlib import Path
 
+from ..artifacts.atomic import atomic_replace
 from ..errors import ArtifactError
 
 METRICS = "metrics.jsonl"
@@ -53,51 +54,55 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> list[dict]:
 
 def plot_metrics(records: list[dict], path: str | os.PathLike, titles: dict[str, str],
                  panel: tuple[int, int] = (360, 180), cols: int = 2, smooth: bool = False) -> None:
-    """A PNG (PIL only) of the logged values against step: one panel per key of ``titles`` that the
-    records hold, each with its own y range; with ``smooth`` and at least 100 records, the values in
-    light and their centred mean over 1% of the records on each side in dark (no lag: a trailing mean
-    of a falling loss would sit above it). Nothing is drawn before there is a record."""
-    from PIL import Image, ImageDraw
+    """A PNG (matplotlib) of the logged values against step: one panel per key of ``titles`` that the
+    records hold, each with its own y axis, logarithmic where the positive values span more than a
+    decade and a half; with ``smooth`` and at least 100 records, the values in light and their centred
+    mean over 1% of the records on each side in dark (no lag: a trailing mean of a falling loss would
+    sit above it). ``panel``: each panel's size in pixels. Nothing is drawn before there is a record."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [k for k in titles if any(k in r for r in records)]
     if not keys:
         return
     (pw, ph), cols = panel, min(cols, len(keys))
-    img = Image.new("RGB", (cols * pw, math.ceil(len(keys) / cols) * ph), "white")
-    draw = ImageDraw.Draw(img)
-    steps = [r["step"] for r in records]
-    s0, s1 = min(steps), max(max(steps), min(steps) + 1)
-    for n, key in enumerate(keys):
-        ox, oy = (n % cols) * pw, (n // cols) * ph
-        left, top, right, bottom = ox + 70, oy + 30, ox + pw - 20, oy + ph - 45
-        draw.text((left, oy + 8), titles[key], fill="black")
-        pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
-        lo, hi = (min(v for _, v in pts), max(v for _, v in pts)) if pts else (0.0, 1.0)
-        pad = (hi - lo) * 0.05 or abs(lo) * 0.05 or 0.05
-        lo, hi = lo - pad, hi + pad
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * pw / 100, rows * ph / 100), dpi=100, squeeze=False)
+    try:
+        for ax in axes.flat[len(keys):]:
+            ax.set_visible(False)
+        for ax, key in zip(axes.flat, keys):
+            pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+            ax.set_title(titles[key], fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+            ax.grid(True, color="0.9")
+            if not pts:
+                continue
+            steps, values = [s for s, _ in pts], [v for _, v in pts]
+            if wants_log_axis(values):
+                ax.set_yscale("log")
+            if smooth and len(pts) >= 100:
+                ax.plot(steps, values, color=(0.59, 0.71, 0.9), linewidth=0.8)
+                mean = centred_mean(pts, len(pts) // 100)
+                ax.plot([s for s, _ in mean], [v for _, v in mean], color=(0.08, 0.24, 0.63), linewidth=1.6)
+            else:
+                ax.plot(steps, values, color=(0.08, 0.24, 0.63), linewidth=1.6, marker="o" if len(pts) == 1 else None)
+        fig.tight_layout(pad=0.6)
+        with atomic_replace(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
-        def to_px(s, v):
-            return left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top)
 
-        for k in range(5):  # grid and tick labels
-            _, py = to_px(s0, lo + (hi - lo) * k / 4)
-            draw.line([left, py, right, py], fill=(225, 225, 225))
-            draw.text((ox + 5, py - 6), f"{lo + (hi - lo) * k / 4:.3g}", fill="black")
-        for step in sorted({round(s0 + (s1 - s0) * k / 4) for k in range(5)}):
-            px, _ = to_px(step, lo)
-            width = draw.textlength(str(step))  # centred under its tick, kept inside the panel
-            draw.text((min(px - width / 2, ox + pw - 2 - width), bottom + 6), str(step), fill="black")
-        draw.text(((left + right) // 2 - 15, bottom + 25), "step", fill="black")
-        draw.rectangle([left, top, right, bottom], outline="black")
-        if not pts:
-            continue
-        lines = [(pts, (20, 60, 160), 2)]
-        if smooth and len(pts) >= 100:
-            lines = [(pts, (150, 180, 230), 1), (centred_mean(pts, len(pts) // 100), (20, 60, 160), 2)]
-        for line, colour, width in lines:
-            xy = [to_px(s, v) for s, v in line]
-            draw.line(xy if len(xy) > 1 else xy * 2, fill=colour, width=width)
-    img.save(path)
+def wants_log_axis(values: list[float]) -> bool:
+    """A logarithmic y axis where positive values span more than a decade and a half (a loss falling
+    from 5 to 0.01 is a line on it, a corner on a linear one)."""
+    return min(values) > 0 and max(values) / min(values) > 30
 
 
 def centred_mean(pts: list[tuple[int, float]], half: int) -> list[tuple[int, float]]:

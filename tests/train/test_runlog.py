@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from stages.errors import ArtifactError
-from stages.train.runlog import append_metrics, plot_metrics, read_metrics, truncate_metrics
+from stages.train.runlog import append_metrics, plot_metrics, read_metrics, truncate_metrics, wants_log_axis
 
 
 def test_metrics_log_with_a_torn_last_line_reads_and_a_corrupt_middle_is_one_line(tmp_path):
@@ -45,3 +45,9 @@ def test_the_smoothed_line_is_a_centred_mean_without_lag():
     assert centred_mean(pts, 2)[0] == (0, (10 + 9 + 8) / 3)  # the window shrinks at the ends
     noisy = [(s, (-1.0) ** s) for s in range(200)]
     assert all(abs(v) <= 1 / 5 for _, v in centred_mean(noisy, 2)[2:-2])  # alternating noise averages out
+
+
+def test_a_loss_spanning_decades_gets_a_log_axis():
+    assert wants_log_axis([5.0, 1.0, 0.1, 0.01])
+    assert not wants_log_axis([2.3, 1.1, 0.5])  # within a decade and a half: linear reads better
+    assert not wants_log_axis([0.0, 1.0]) and not wants_log_axis([-1.0, 100.0])  # zero or negative: linear
