@@ -92,3 +92,28 @@ def test_a_preview_decoder_for_other_latents_is_refused(runs, tmp_path):
     proc = run_rae("train-diffusion", "--latents", runs / "lat.zarr", "--out", tmp_path / "dit", *DIFFUSION_ARGS,
                    "--decoder", other, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and str(other) in proc.stderr
+
+
+def test_tensorboard_events_carry_the_log_and_the_grids(runs):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run, image_tag, scalar in ((runs / "dit", "samples", "loss"), (runs / "dec", "reconstructions", "l1")):
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+        events.Reload()
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        logged = [(e.step, e.value) for e in events.Scalars(scalar)]
+        assert logged == [(r["step"], pytest.approx(r[scalar])) for r in records]
+        assert "data_wait" in events.Tags()["scalars"] and all(0 <= r["data_wait"] <= 1 for r in records)
+        assert image_tag in events.Tags()["images"]
+
+
+def test_wandb_without_the_package_is_one_line(runs, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    proc = run_rae("train-diffusion", "--latents", runs / "lat.zarr", "--out", tmp_path / "dit", *DIFFUSION_ARGS,
+                   "--wandb", "myproject", check=False)
+    assert proc.returncode == 1 and "pip install wandb" in proc.stderr and not (tmp_path / "dit").exists()

@@ -78,8 +78,9 @@ def decode_grid(decoder, z) -> list[list[np.ndarray]]:
     return [list(images[r: r + GRID_ROW]) for r in range(0, len(images), GRID_ROW)]
 
 
-def save_grid(path: Path, rows: list[list[np.ndarray]], per_row: int) -> None:
-    """uint8 [H, W, 3] images in rows of at most ``per_row``, on white, as one PNG (written atomically)."""
+def save_grid(path: Path, rows: list[list[np.ndarray]], per_row: int) -> np.ndarray:
+    """uint8 [H, W, 3] images in rows of at most ``per_row``, on white, as one PNG (written atomically);
+    returns the grid."""
     from PIL import Image
 
     h, w = rows[0][0].shape[:2]
@@ -89,3 +90,4 @@ def save_grid(path: Path, rows: list[list[np.ndarray]], per_row: int) -> None:
             canvas[r * h: (r + 1) * h, c * w: (c + 1) * w] = image
     with atomic_replace(path) as tmp:
         Image.fromarray(canvas).save(tmp, format="PNG")
+    return canvas

@@ -84,6 +84,8 @@ class TrainDecoderConfig:
     log_every: int = option(10, "Steps per metrics.jsonl record.", check=AT_LEAST_1)
     snapshot_every: int | None = option(None, "Keep the EMA weights of every N-th step for good in RUN/snapshots (never "
                                         "rotated away; `--step N` of sample and decode reads them).", check=AT_LEAST_1)
+    tensorboard: bool = option(True, "TensorBoard event files in RUN/tensorboard (`tensorboard --logdir RUN`).")
+    wandb: str | None = option(None, "Also log to this Weights & Biases project (needs the wandb package).")
     stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
                                     "e.g. for wall-time limits.", check=AT_LEAST_1)
     num_workers: int = option(-1, "Data loading processes per rank (-1: the CPU cores / ranks, less one, at most 8).")
@@ -93,7 +95,7 @@ class TrainDecoderConfig:
 
     RUN_ONLY = ("latents", "out", "grad_accum", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count",
                 "log_every", "stop_after", "num_workers", "device", "compile", "overwrite", "encoder_weights", "init",
-                "snapshot_every")
+                "snapshot_every", "tensorboard", "wandb")
 
     def identity(self) -> dict:
         """The fields that define the trained decoder (compared on resume). The --init source enters
@@ -169,6 +171,8 @@ class TrainDiffusionConfig:
                                         "rotated away; `--step N` of sample and decode reads them).", check=AT_LEAST_1)
     decoder: str | None = option(None, "A decoder run for the store's encoder: the periodic EMA samples are also "
                                  "decoded, as image grids RUN/samples/step_N.png.", path=True)
+    tensorboard: bool = option(True, "TensorBoard event files in RUN/tensorboard (`tensorboard --logdir RUN`).")
+    wandb: str | None = option(None, "Also log to this Weights & Biases project (needs the wandb package).")
     stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
                                     "e.g. for wall-time limits.", check=AT_LEAST_1)
     num_workers: int = option(-1, "Data loading processes per GPU (-1: the CPU cores per GPU, less one, at most 16).")
@@ -178,7 +182,7 @@ class TrainDiffusionConfig:
     RUN_ONLY = ("latents", "out", "epochs", "steps", "grad_accum", "grad_checkpointing", "compile",
                 "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
                 "sample_steps", "num_workers", "device", "overwrite", "init", "stop_after", "snapshot_every",
-                "decoder")
+                "decoder", "tensorboard", "wandb")
 
     def identity(self) -> dict:
         """The fields that define what is learned (compared when a run is resumed)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .. import dist
 from ..artifacts.atomic import remove_temporaries
@@ -42,10 +43,12 @@ from .config import TrainDecoderConfig, decoder_size, micro_batches
 from .data import BatchPlan, StoreReader, batches, check_source_images
 from .decoder_step import DecoderTraining, Schedule, build_loss_networks
 from .runlog import append_metrics, plot_metrics, truncate_metrics
+from .tracking import DataWait, closing, machine_record, open_tracker, require_wandb
 
 
 def _validate(cfg: TrainDecoderConfig) -> None:
     check_options(cfg)
+    require_wandb(cfg.wandb)
     if cfg.model not in DECODER_SIZES:
         raise RaeError(f"unknown decoder --model '{cfg.model}'; choose one of: {', '.join(DECODER_SIZES)}")
     if cfg.random_loss_nets and (cfg.disc_weights or cfg.lpips_vgg_weights or cfg.lpips_lin_weights):
@@ -237,13 +240,13 @@ class _Metrics:
             self.sums = {k: v if is_main else 0.0 for k, v in state["sums"].items()}
             self.counts, self.steps = {k: int(v) for k, v in state["counts"].items()}, int(state["steps"])
 
-    def flush(self, step: int, world: int) -> dict | None:
+    def flush(self, step: int, world: int, machine: dict | None = None) -> dict | None:
         if not self.steps:
             return None
         sums = self._summed_over_ranks()
         elapsed = max(time.time() - self.t0, 1e-9)
         record = {"step": step, **{k: v / world / self.counts[k] for k, v in sums.items()},
-                  "img_per_s": self.steps * self.global_batch / elapsed}
+                  "img_per_s": self.steps * self.global_batch / elapsed, **(machine or {})}
         self.sums, self.counts, self.steps, self.t0 = {}, {}, 0, time.time()
         if self.out is not None:
             append_metrics(self.out, record)
@@ -364,21 +367,28 @@ def _train(cfg: TrainDecoderConfig, training: DecoderTraining, plan: BatchPlan, 
     loader = batches(plan, _Reader(cfg.latents, training.decoder.image_size, crop_seed), start, stop,
                      num_workers=workers, pin_memory=d.device.type == "cuda")
     step = start
-    with progress(stop * cfg.batch_size, "train-decoder", unit="img", completed=start * cfg.batch_size) as advance:
-        for z, _, images in loader:
+    tracker = open_tracker(cfg, out, start) if d.is_main else None
+    waits = DataWait(loader)
+    with progress(stop * cfg.batch_size, "train-decoder", unit="img", completed=start * cfg.batch_size) as advance, \
+            closing(tracker):
+        for z, _, images in waits:
             images = images.to(d.device, non_blocking=True)
             z = encode(images) if encode is not None else z.to(d.device, non_blocking=True)
             metrics.add(training.step(step, z, images, first=d.rank * per_rank))
             step += 1
             info = {}
             if step % cfg.log_every == 0 or step == schedule.total:  # (--stop-after keeps the interval open)
-                record = metrics.flush(step, d.world)
+                record = metrics.flush(step, d.world, machine_record(waits, d.device))
                 info = {k: record[k] for k in ("l1", "lpips", "gan", "d_loss") if k in record}
+                if tracker is not None:
+                    tracker.scalars(record)
             advance(cfg.batch_size, **info)
             if cfg.snapshot_every and step % cfg.snapshot_every == 0 and d.is_main:
                 save_snapshot(out, step, training.ema.state_dict())
             if d.is_main and (step % preview_every == 0 or step == schedule.total):
-                _preview(training, previews, out / "previews" / f"step_{step:08d}.png")
+                grid = _preview(training, previews, out / "previews" / f"step_{step:08d}.png")
+                if tracker is not None:
+                    tracker.image("reconstructions", step, grid)
                 _plot(out, metrics.records)
             if step % ckpt_every == 0 or step == stop:
                 partial = metrics.partial_state()
@@ -409,9 +419,10 @@ def _param_shapes(arch: dict):
         return [tuple(p.shape) for p in ViTDecoder(**arch).parameters()]
 
 
-def _preview(training: DecoderTraining, previews, path: Path) -> None:
+def _preview(training: DecoderTraining, previews, path: Path) -> np.ndarray:
     z, images = previews
     save_recon_grid(path, images, training.reconstruct(z).cpu())
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def _finalize(training: DecoderTraining, previews, out: Path, records: list[dict]) -> None:

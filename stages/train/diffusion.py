@@ -47,10 +47,12 @@ from .config import TrainDiffusionConfig, micro_batches
 from .data import BatchPlan, StoreReader, batches
 from .diffusion_step import DiffusionTraining, Schedule, learning_rate
 from .runlog import append_metrics, plot_metrics, read_metrics, truncate_metrics
+from .tracking import DataWait, Tracker, closing, machine_record, open_tracker, require_wandb
 
 
 def _validate(cfg: TrainDiffusionConfig) -> None:
     check_options(cfg)
+    require_wandb(cfg.wandb)
     if cfg.model not in DIT_SIZES:
         raise RaeError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DIT_SIZES)}")
     if cfg.model.startswith("dit-") and any(getattr(cfg, k) is not None for k in ("head_width", "head_depth", "head_num_heads")):
@@ -98,7 +100,7 @@ class _LossLog:
     def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.pending.append((step, loss, grad_norm))
 
-    def record(self, step_done: int, lr: float) -> dict:
+    def record(self, step_done: int, lr: float, machine: dict | None = None) -> dict:
         steps = [s for s, _, _ in self.pending]
         vals = torch.stack([torch.stack([loss, g]) for _, loss, g in self.pending]).float()  # [k, 2]
         bad = (~vals.isfinite()).any(dim=1).float()
@@ -115,7 +117,7 @@ class _LossLog:
         now, world = time.time(), dist.world_size()
         rec = {"step": step_done, "epoch": round(step_done / self.schedule.steps_per_epoch, 4),
                "loss": float(vals[:, 0].mean()) / world, "grad_norm": float(vals[:, 1].mean()) / world, "lr": lr,
-               "img_per_s": (step_done - self.step) * self.global_batch / max(now - self.t, 1e-9)}
+               "img_per_s": (step_done - self.step) * self.global_batch / max(now - self.t, 1e-9), **(machine or {})}
         self.t, self.step = now, step_done
         if self.is_main:
             self.records.append(rec)
@@ -245,14 +247,17 @@ def ema_samples(ema: nn.Module, n: int, latent_shape, num_classes: int, shift: f
     return {"latents": denormalize(x.float().cpu(), mean, var), "labels": labels, "seeds": seeds}
 
 
-def _save_samples(out: Path, step: int, trainer: DiffusionTraining, cfg: TrainDiffusionConfig, latents: _Latents) -> None:
+def _save_samples(out: Path, step: int, trainer: DiffusionTraining, cfg: TrainDiffusionConfig, latents: _Latents,
+                  tracker: Tracker | None = None) -> None:
     s = ema_samples(trainer.ema, cfg.num_samples, latents.shape, latents.num_classes, trainer.shift,
                     cfg.sample_steps, latents.mean, latents.var, trainer.autocast)
     save_weights(out / "samples" / f"step_{step:08d}.safetensors", s,
                  metadata={"step": step, "solver": "euler", "steps": cfg.sample_steps, "shift": trainer.shift,
                            "space": "raw encoder latents"})
     if latents.decoder is not None:
-        save_grid(out / "samples" / f"step_{step:08d}.png", decode_grid(latents.decoder, s["latents"]), GRID_ROW)
+        grid = save_grid(out / "samples" / f"step_{step:08d}.png", decode_grid(latents.decoder, s["latents"]), GRID_ROW)
+        if tracker is not None:
+            tracker.image("samples", step, grid)
 
 
 
@@ -356,9 +361,11 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
     loader = batches(latents.plan, StoreReader(cfg.latents), start, stop,
                      num_workers=_resolve_workers(cfg.num_workers), pin_memory=d.device.type == "cuda")
     log = _LossLog(out, start, schedule, cfg.batch_size, d.is_main)
+    tracker = open_tracker(cfg, out, start) if d.is_main else None
+    waits = DataWait(_device_batches(loader, d.device))
     label = "train-diffusion" if d.world == 1 else f"train-diffusion ({d.world} processes)"
-    with progress(schedule.total, label, unit="step", completed=start) as advance:
-        for step, (lat, labels) in zip(range(start, stop), _device_batches(loader, d.device)):
+    with progress(schedule.total, label, unit="step", completed=start) as advance, closing(tracker):
+        for step, (lat, labels) in zip(range(start, stop), waits):
             lr = learning_rate(step, cfg.lr, cfg.final_lr, schedule.warmup, schedule.decay_end, cfg.warmup_from_zero)
             log.add(step, *trainer.train_step(step, normalize(lat, mean, var), labels, lr))
             done = step + 1
@@ -368,7 +375,9 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
                 advance(1)
                 continue
             # Checkpoints and samples come after a record: it stops the run on a non-finite loss first.
-            rec = log.record(done, lr)
+            rec = log.record(done, lr, machine_record(waits, d.device))
+            if tracker is not None:
+                tracker.scalars(rec)
             if d.is_main and not console.is_terminal:
                 console.print(f"step {done}/{schedule.total} loss {rec['loss']:.4f} grad_norm {rec['grad_norm']:.3f} "
                               f"lr {lr:.3g} {rec['img_per_s']:.0f} img/s", highlight=False)
@@ -378,7 +387,7 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
             if cfg.snapshot_every and done % cfg.snapshot_every == 0 and d.is_main:
                 save_snapshot(out, done, trainer.ema.state_dict())
             if is_sample and d.is_main and cfg.num_samples > 0:
-                _save_samples(out, done, trainer, cfg, latents)
+                _save_samples(out, done, trainer, cfg, latents, tracker)
     return log.records
 
 
