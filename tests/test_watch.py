@@ -117,3 +117,31 @@ def test_wandb_without_the_package_is_one_line(runs, tmp_path):
     proc = run_rae("train-diffusion", "--latents", runs / "lat.zarr", "--out", tmp_path / "dit", *DIFFUSION_ARGS,
                    "--wandb", "myproject", check=False)
     assert proc.returncode == 1 and "pip install wandb" in proc.stderr and not (tmp_path / "dit").exists()
+
+
+def test_periodic_evaluation_is_recorded_and_does_not_change_training(runs, tmp_path):
+    import json
+
+    common = [*DIFFUSION_ARGS, "--decoder", runs / "dec", "--sample-every", 0, "--checkpoint-every", 3]
+    plain, scored = tmp_path / "plain", tmp_path / "scored"
+    run_rae("train-diffusion", "--latents", runs / "lat.zarr", "--out", plain, *common)
+    # FD in the RAE encoder's own space (no downloaded weights), against the training images.
+    images = read_manifest(runs / "lat.zarr")["inputs"]["images"]["path"]
+    evaluated = ["--eval-every", 3, "--eval-num", 12, "--eval-ref", images, "--eval-metrics", "fd_dinov2",
+                 "--fd-encoder", runs / "lat.zarr", "--eval-batch-size", 5, "--eval-steps", 2]
+    run_rae("train-diffusion", "--latents", runs / "lat.zarr", "--out", scored, *common, *evaluated)
+    for name in ("model_ema.safetensors", "model.safetensors"):
+        a, b = load_weights(plain / name), load_weights(scored / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    records = [json.loads(line) for line in (scored / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/fd_rae" in r]
+    assert [r["step"] for r in evals] == [3, 6] and all(r["eval/num"] == 12 and r["eval/fd_rae"] > 0 for r in evals)
+    # Reproducible: a second run records the same numbers.
+    again = tmp_path / "again"
+    run_rae("train-diffusion", "--latents", runs / "lat.zarr", "--out", again, *common, *evaluated)
+    again_evals = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()
+                   if "eval/fd_rae" in line]
+    assert [r["eval/fd_rae"] for r in again_evals] == [r["eval/fd_rae"] for r in evals]
+    proc = run_rae("train-diffusion", "--latents", runs / "lat.zarr", "--out", tmp_path / "x", *DIFFUSION_ARGS,
+                   "--eval-every", 3, "--eval-ref", images, check=False)
+    assert proc.returncode == 1 and "needs --decoder" in proc.stderr

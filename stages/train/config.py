@@ -171,6 +171,21 @@ class TrainDiffusionConfig:
                                         "rotated away; `--step N` of sample and decode reads them).", check=AT_LEAST_1)
     decoder: str | None = option(None, "A decoder run for the store's encoder: the periodic EMA samples are also "
                                  "decoded, as image grids RUN/samples/step_N.png.", path=True)
+    # Periodic evaluation: K EMA samples (seeds 0..K-1, classes in turn), decoded and scored in memory.
+    eval_every: int | None = option(None, "Every N steps, score --eval-num EMA samples against --eval-ref (needs "
+                                    "--decoder); records eval/fid, eval/fd_dinov2 in metrics.jsonl.", check=AT_LEAST_1)
+    eval_num: int = option(10000, "Samples per evaluation.", check=(lambda v: v >= 2, "at least 2"))
+    eval_ref: str | None = option(None, "The reference: an ADM reference batch .npz, statistics from `rae eval "
+                                  "--save-ref`, or images.", path=True)
+    eval_metrics: tuple[str, ...] = option(("fid", "fd_dinov2"), "Comma-separated: fid, fd_dinov2.")
+    eval_steps: int = option(50, "Euler steps of the evaluation samples (no guidance).", check=AT_LEAST_1)
+    eval_batch_size: int = option(128, "Samples per batch of an evaluation, per GPU.", check=AT_LEAST_1)
+    inception_weights: str | None = option(None, "FID's Inception file, as `rae eval`'s.", path=True)
+    dinov2_weights: str | None = option(None, "FD_DINOv2's DINOv2 weights file, as `rae eval`'s.", path=True)
+    fd_model: str = option("vit_large_patch14_dinov2.lvd142m", "timm DINOv2 model of the FD, as `rae eval`'s.")
+    fd_encoder: str | None = option(None, "A latent store: the FD in its RAE encoder's space, as `rae eval`'s.",
+                                    path=True)
+    offline: bool = option(False, "Never download the evaluation networks' weights.")
     tensorboard: bool = option(True, "TensorBoard event files in RUN/tensorboard (`tensorboard --logdir RUN`).")
     wandb: str | None = option(None, "Also log to this Weights & Biases project (needs the wandb package).")
     stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
@@ -182,7 +197,8 @@ class TrainDiffusionConfig:
     RUN_ONLY = ("latents", "out", "epochs", "steps", "grad_accum", "grad_checkpointing", "compile",
                 "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
                 "sample_steps", "num_workers", "device", "overwrite", "init", "stop_after", "snapshot_every",
-                "decoder", "tensorboard", "wandb")
+                "decoder", "tensorboard", "wandb", "eval_every", "eval_num", "eval_ref", "eval_metrics", "eval_steps",
+                "eval_batch_size", "inception_weights", "dinov2_weights", "fd_model", "fd_encoder", "offline")
 
     def identity(self) -> dict:
         """The fields that define what is learned (compared when a run is resumed)."""

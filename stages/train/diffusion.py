@@ -40,6 +40,7 @@ from ..artifacts.runs import (CONFIG, DIFFUSION_EMA, DIFFUSION_FILES, DIFFUSION_
                               save_snapshot, start_from, training_shift, write_config)
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
+from ..eval.live import LiveScorer
 from ..models.dit import DIT_SIZES, create_dit, width_rule_warning
 from ..options import check_options, flag
 from ..progress import console, progress
@@ -53,6 +54,8 @@ from .tracking import DataWait, Tracker, closing, machine_record, open_tracker, 
 def _validate(cfg: TrainDiffusionConfig) -> None:
     check_options(cfg)
     require_wandb(cfg.wandb)
+    if cfg.eval_every and not (cfg.decoder and cfg.eval_ref):
+        raise RaeError("--eval-every scores decoded samples: it needs --decoder DEC_RUN and --eval-ref REF")
     if cfg.model not in DIT_SIZES:
         raise RaeError(f"unknown --model {cfg.model!r}; choose one of {', '.join(DIT_SIZES)}")
     if cfg.model.startswith("dit-") and any(getattr(cfg, k) is not None for k in ("head_width", "head_depth", "head_num_heads")):
@@ -233,18 +236,38 @@ def _reopen(out: Path, cfg: TrainDiffusionConfig, start: int, total_steps: int) 
 
 
 @torch.no_grad()
-def ema_samples(ema: nn.Module, n: int, latent_shape, num_classes: int, shift: float, steps: int,
+def ema_samples(ema: nn.Module, n, latent_shape, num_classes: int, shift: float, steps: int,
                 mean: torch.Tensor, var: torch.Tensor, autocast: dict) -> dict:
-    """A few EMA samples in raw encoder space, always from the same noise (seeds 0..n-1) and
-    labels (0, 1, 2, ... cycling over the classes), so successive samples show progress."""
+    """EMA samples in raw encoder space, always from the same noise (seeds 0..n-1, or the seeds ``n``
+    when it is a tensor of them) and labels (the seed modulo the number of classes), so successive
+    samples show progress."""
     device = next(ema.parameters()).device
-    seeds = torch.arange(n, dtype=torch.int64)
+    seeds = n if isinstance(n, torch.Tensor) else torch.arange(n, dtype=torch.int64)
     noise = flow.seeded_noise(seeds.tolist(), tuple(latent_shape))
     labels = seeds % num_classes if num_classes > 0 else torch.zeros(n, dtype=torch.int64)
     velocity = flow.guided_velocity(ema, labels.to(device))
     with torch.autocast(**autocast):
         x = flow.sample(velocity, noise.to(device), steps=steps, shift=shift, solver="euler")
     return {"latents": denormalize(x.float().cpu(), mean, var), "labels": labels, "seeds": seeds}
+
+
+def evaluate_ema(scorer: LiveScorer, trainer: DiffusionTraining, cfg: TrainDiffusionConfig, latents: _Latents,
+                 d: dist.Dist) -> dict:
+    """--eval-every: --eval-num EMA samples (seeds 0..K-1, this rank's round-robin share), decoded and
+    scored in memory against --eval-ref; every rank calls it. Its own seeded noise: training's draws
+    are untouched, so the weights are the same with and without evaluation."""
+    mine = torch.as_tensor(dist.shard(list(range(cfg.eval_num)), d.rank, d.world), dtype=torch.int64)
+
+    def batches():
+        for s in range(0, len(mine), cfg.eval_batch_size):
+            idx = mine[s: s + cfg.eval_batch_size]
+            z = ema_samples(trainer.ema, idx, latents.shape, latents.num_classes, trainer.shift, cfg.eval_steps,
+                            latents.mean, latents.var, trainer.autocast)["latents"]
+            with torch.no_grad(), torch.autocast(**trainer.autocast):
+                images = latents.decoder(z.to(d.device))
+            yield images.float().clamp(0, 1).mul(255).to(torch.uint8), idx
+
+    return {**scorer.score(batches(), cfg.eval_num), "eval/num": cfg.eval_num}
 
 
 def _save_samples(out: Path, step: int, trainer: DiffusionTraining, cfg: TrainDiffusionConfig, latents: _Latents,
@@ -326,7 +349,12 @@ def run(cfg: TrainDiffusionConfig) -> dict:
             console.print(f"{out} is already trained to step {result['step']}; nothing to do.", highlight=False)
         return result
     trainer = DiffusionTraining(model, cfg, d.device, shift, latents.num_classes, d.rank, d.world)
-    if cfg.decoder:  # rank 0 decodes the previews; a decoder that does not fit stops every rank
+    scorer = None
+    if cfg.eval_every:  # every rank draws and scores its share of the evaluation samples
+        latents.decoder = _preview_decoder(cfg, latents, d.device)
+        scorer = LiveScorer(cfg.eval_ref, cfg.eval_metrics, d, cfg.inception_weights, cfg.dinov2_weights,
+                            cfg.fd_model, cfg.fd_encoder, cfg.offline, cfg.eval_batch_size)
+    elif cfg.decoder:  # rank 0 decodes the previews; a decoder that does not fit stops every rank
         dist.main_decides(lambda: setattr(latents, "decoder", _preview_decoder(cfg, latents, d.device)))
     if cfg.init:  # a resume below replaces these with the checkpoint's
         load_init(cfg, trainer, latents)
@@ -337,7 +365,7 @@ def run(cfg: TrainDiffusionConfig) -> dict:
 
     t0 = time.time()
     stop = min(schedule.total, cfg.stop_after) if cfg.stop_after is not None else schedule.total
-    records = _train(cfg, identity, trainer, latents, schedule, start, stop, d)
+    records = _train(cfg, identity, trainer, latents, schedule, start, stop, d, scorer)
     elapsed = time.time() - t0
     steps_run = stop - start
     speed = {"seconds": elapsed, "steps_run": steps_run,
@@ -351,7 +379,7 @@ def run(cfg: TrainDiffusionConfig) -> dict:
 
 
 def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining, latents: _Latents, schedule: Schedule,
-           start: int, stop: int, d: dist.Dist) -> list[dict]:
+           start: int, stop: int, d: dist.Dist, scorer: LiveScorer | None = None) -> list[dict]:
     """Steps [start, stop): a record every --log-every steps, checkpoints (and the loss plot) every
     --checkpoint-every and at ``stop``, EMA samples every --sample-every. Returns the log's records.
     Every draw is a function of the step, so stopping at ``stop`` and running again gives the weights of
@@ -371,7 +399,8 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
             done = step + 1
             is_ckpt = done % cfg.checkpoint_every == 0 or done == stop
             is_sample = cfg.sample_every > 0 and done % cfg.sample_every == 0 and done != schedule.total
-            if not (done % cfg.log_every == 0 or is_ckpt or is_sample):
+            is_eval = scorer is not None and (done % cfg.eval_every == 0 or done == schedule.total)
+            if not (done % cfg.log_every == 0 or is_ckpt or is_sample or is_eval):
                 advance(1)
                 continue
             # Checkpoints and samples come after a record: it stops the run on a non-finite loss first.
@@ -382,6 +411,15 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
                 console.print(f"step {done}/{schedule.total} loss {rec['loss']:.4f} grad_norm {rec['grad_norm']:.3f} "
                               f"lr {lr:.3g} {rec['img_per_s']:.0f} img/s", highlight=False)
             advance(1, loss=rec["loss"], lr=lr)
+            if is_eval:
+                scores = {"step": done, **evaluate_ema(scorer, trainer, cfg, latents, d)}
+                if d.is_main:
+                    append_metrics(out, scores)
+                    log.records.append(scores)
+                    console.print(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()
+                                                               if k.startswith("eval/")), highlight=False)
+                    if tracker is not None:
+                        tracker.scalars(scores)
             if is_ckpt:
                 _checkpoint(out, done, identity, trainer, cfg, log)
             if cfg.snapshot_every and done % cfg.snapshot_every == 0 and d.is_main:
@@ -422,7 +460,7 @@ def _finish(out: Path, trainer: DiffusionTraining, cfg: TrainDiffusionConfig, la
 def summary(out: str | os.PathLike) -> dict:
     out = Path(out)
     manifest = read_manifest(out, kind="diffusion-run", what="diffusion run")
-    records = read_metrics(out)
+    records = [r for r in read_metrics(out) if "loss" in r]  # (evaluation records hold scores)
     return {"run": str(out), "step": manifest["step"], "model": manifest["config"]["model"],
             "latent_shape": manifest["latent_shape"], "num_classes": manifest["num_classes"],
             "final_loss": records[-1]["loss"] if records else None,
