@@ -145,3 +145,22 @@ def test_periodic_evaluation_is_recorded_and_does_not_change_training(runs, tmp_
     proc = run_rae("train-diffusion", "--latents", runs / "lat.zarr", "--out", tmp_path / "x", *DIFFUSION_ARGS,
                    "--eval-every", 3, "--eval-ref", images, check=False)
     assert proc.returncode == 1 and "needs --decoder" in proc.stderr
+
+
+def test_decoder_evaluation_on_held_out_data_is_recorded_and_does_not_change_training(runs, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    plain, scored = tmp_path / "plain", tmp_path / "scored"
+    run_rae("train-decoder", "--latents", runs / "lat.zarr", "--out", plain, *DECODER_ARGS)
+    run_rae("train-decoder", "--latents", runs / "lat.zarr", "--out", scored, *DECODER_ARGS, "--eval-every", 3,
+            "--eval-data", runs / "lat.zarr", "--eval-num", 10, "--eval-metrics", "lpips")
+    a, b = load_file(plain / "decoder_ema.safetensors"), load_file(scored / "decoder_ema.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    evals = [json.loads(line) for line in (scored / "metrics.jsonl").read_text().splitlines() if "eval/psnr" in line]
+    assert [r["step"] for r in evals] == [3, 6] and all(r["eval/num"] == 10 for r in evals)
+    assert all(5 < r["eval/psnr"] < 60 and 0 < r["eval/ssim"] <= 1 and r["eval/lpips"] >= 0 for r in evals)
+    proc = run_rae("train-decoder", "--latents", runs / "lat.zarr", "--out", tmp_path / "x", *DECODER_ARGS,
+                   "--eval-every", 3, check=False)
+    assert proc.returncode == 1 and "--eval-data" in proc.stderr

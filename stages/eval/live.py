@@ -11,7 +11,7 @@ import torch
 
 from ..errors import RaeError
 from . import metrics as M
-from .features import Collector, feature_pass
+from .features import Collector, PairSums, feature_pass
 from .nets import DINOV2_DEFAULT, exact_float32, load_dinov2, load_inception, load_store_encoder
 from .refs import RefStats, open_reference
 
@@ -70,4 +70,45 @@ class LiveScorer:
             mu, sigma = col.dino_stats.mean_cov()
             out[f"eval/{self.fd_key}"] = float(M.frechet_distance(mu, sigma, self.ref.dinov2_mu,
                                                                    self.ref.dinov2_sigma))
+        return out
+
+
+RECON_METRICS = ("fid", "lpips")  # PSNR and SSIM always
+
+
+class ReconScorer:
+    """A decoder's reconstructions of held-out images against the originals, in memory: rFID (the
+    originals' Inception statistics computed on the first call and kept), PSNR, SSIM and LPIPS over
+    the pairs; every rank scores its share, sums over ranks."""
+
+    def __init__(self, metrics: tuple[str, ...], d, inception_weights: str | None = None, offline: bool = False,
+                 lpips=None):
+        unknown = [m for m in metrics if m not in RECON_METRICS]
+        if unknown:
+            raise RaeError(f"--eval-metrics must be some of {', '.join(RECON_METRICS)} (got {', '.join(metrics)})")
+        self.d = d
+        self.inception = load_inception(inception_weights, offline, d.device) if "fid" in metrics else None
+        self.lpips = lpips if "lpips" in metrics else None
+        self.ref: tuple | None = None
+
+    def score(self, batches, n: int) -> dict[str, float]:
+        """``batches``: this rank's (reconstructions, originals, indices), uint8 [B, 3, H, W] on the device."""
+        col = Collector(n, self.d.device, self.inception, None, fid_stats=True) if self.inception is not None else None
+        ref_col = (Collector(n, self.d.device, self.inception, None, fid_stats=True)
+                   if self.inception is not None and self.ref is None else None)
+        pairs = PairSums(self.d.device, self.lpips)
+        with exact_float32(), torch.no_grad():
+            for recon, original, idx in batches:
+                pairs.update(recon, original)
+                if col is not None:
+                    col.update(recon, idx)
+                if ref_col is not None:
+                    ref_col.update(original, idx)
+        out = {f"eval/{k}": v for k, v in pairs.finish().items()}
+        if col is not None:
+            col.finish()
+            if ref_col is not None:
+                self.ref = ref_col.finish().inc_stats.mean_cov()
+            mu, sigma = col.inc_stats.mean_cov()
+            out["eval/rfid"] = float(M.frechet_distance(mu, sigma, *self.ref))
         return out

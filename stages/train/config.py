@@ -86,6 +86,17 @@ class TrainDecoderConfig:
                                         "rotated away; `--step N` of sample and decode reads them).", check=AT_LEAST_1)
     tensorboard: bool = option(True, "TensorBoard event files in RUN/tensorboard (`tensorboard --logdir RUN`).")
     wandb: str | None = option(None, "Also log to this Weights & Biases project (needs the wandb package).")
+    # Periodic evaluation of the EMA decoder on held-out data.
+    eval_every: int | None = option(None, "Every N steps, reconstruct --eval-data with the EMA decoder: PSNR, SSIM and "
+                                    "--eval-metrics in metrics.jsonl (eval/*).", check=AT_LEAST_1)
+    eval_data: str | None = option(None, "A latent store of held-out images, made by `rae encode` with this store's "
+                                   "encoder (e.g. ImageNet val).", path=True)
+    eval_num: int = option(10000, "Images per evaluation (evenly spread over --eval-data).",
+                           check=(lambda v: v >= 2, "at least 2"))
+    eval_metrics: tuple[str, ...] = option(("fid", "lpips"), "Comma-separated, beside PSNR and SSIM: fid (rFID), "
+                                           "lpips (the run's LPIPS network).")
+    inception_weights: str | None = option(None, "rFID's Inception file, as `rae eval`'s.", path=True)
+    offline: bool = option(False, "Never download the evaluation networks' weights.")
     stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
                                     "e.g. for wall-time limits.", check=AT_LEAST_1)
     num_workers: int = option(-1, "Data loading processes per rank (-1: the CPU cores / ranks, less one, at most 8).")
@@ -95,7 +106,8 @@ class TrainDecoderConfig:
 
     RUN_ONLY = ("latents", "out", "grad_accum", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count",
                 "log_every", "stop_after", "num_workers", "device", "compile", "overwrite", "encoder_weights", "init",
-                "snapshot_every", "tensorboard", "wandb")
+                "snapshot_every", "tensorboard", "wandb", "eval_every", "eval_data", "eval_num", "eval_metrics",
+                "inception_weights", "offline")
 
     def identity(self) -> dict:
         """The fields that define the trained decoder (compared on resume). The --init source enters

@@ -31,10 +31,11 @@ from ..artifacts.checkpoint import resume_state, save_checkpoint, save_weights
 from ..artifacts.manifest import (RECORDS, claim_output, describe_difference, digest_json, file_records, input_ref,
                                   new_manifest, read_manifest, resume_if_same, write_manifest)
 from ..artifacts.outputs import stage
-from ..artifacts.runs import (DECODER_EMA, DECODER_FILES, DECODER_RAW, STATS, decoder_config, load_decoder_run,
+from ..artifacts.runs import (DECODER_EMA, check_compatible, DECODER_FILES, DECODER_RAW, STATS, decoder_config, load_decoder_run,
                               save_snapshot, start_from, write_config)
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
+from ..eval.live import ReconScorer
 from ..models.decoder import DECODER_SIZES, ViTDecoder
 from ..models.encoders import UNKNOWN_DIGEST, build_encoder
 from ..options import check_options
@@ -49,6 +50,8 @@ from .tracking import DataWait, closing, machine_record, open_tracker, require_w
 def _validate(cfg: TrainDecoderConfig) -> None:
     check_options(cfg)
     require_wandb(cfg.wandb)
+    if cfg.eval_every and not cfg.eval_data:
+        raise RaeError("--eval-every reconstructs held-out images: it needs --eval-data VAL_STORE")
     if cfg.model not in DECODER_SIZES:
         raise RaeError(f"unknown decoder --model '{cfg.model}'; choose one of: {', '.join(DECODER_SIZES)}")
     if cfg.random_loss_nets and (cfg.disc_weights or cfg.lpips_vgg_weights or cfg.lpips_lin_weights):
@@ -339,7 +342,8 @@ def run(cfg: TrainDecoderConfig) -> dict:
         _announce(cfg, d, arch, schedule, start, loss_nets)
 
     t0 = time.time()
-    step = _train(cfg, training, plan, schedule, start, metrics, previews, identity, d, encode)
+    evaluation = _Evaluation(cfg, store_manifest, training, d) if cfg.eval_every else None
+    step = _train(cfg, training, plan, schedule, start, metrics, previews, identity, d, encode, evaluation)
     elapsed = time.time() - t0
     if step < schedule.total:  # stopped early on purpose (--stop-after): resumable
         result = {"run": str(out), "step": step, "steps": schedule.total, "complete": False}
@@ -353,7 +357,7 @@ def run(cfg: TrainDecoderConfig) -> dict:
 
 
 def _train(cfg: TrainDecoderConfig, training: DecoderTraining, plan: BatchPlan, schedule: Schedule, start: int,
-           metrics: _Metrics, previews, identity: str, d: dist.Dist, encode=None) -> int:
+           metrics: _Metrics, previews, identity: str, d: dist.Dist, encode=None, evaluation=None) -> int:
     """Steps from ``start`` to the end or --stop-after: a record every --log-every steps, previews
     and the loss plot every --preview-every, checkpoints every --checkpoint-every. Returns the step
     reached. ``encode``: --augment reference's frozen encoder, run on each batch's fresh crops."""
@@ -385,6 +389,14 @@ def _train(cfg: TrainDecoderConfig, training: DecoderTraining, plan: BatchPlan, 
             advance(cfg.batch_size, **info)
             if cfg.snapshot_every and step % cfg.snapshot_every == 0 and d.is_main:
                 save_snapshot(out, step, training.ema.state_dict())
+            if evaluation is not None and (step % cfg.eval_every == 0 or step == schedule.total):
+                scores = {"step": step, **evaluation.run()}
+                if d.is_main:
+                    append_metrics(out, scores)
+                    console.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()
+                                                               if k.startswith("eval/")), highlight=False)
+                    if tracker is not None:
+                        tracker.scalars(scores)
             if d.is_main and (step % preview_every == 0 or step == schedule.total):
                 grid = _preview(training, previews, out / "previews" / f"step_{step:08d}.png")
                 if tracker is not None:
@@ -417,6 +429,34 @@ def _announce(cfg, d, arch, schedule: Schedule, start: int, loss_nets: dict) -> 
 def _param_shapes(arch: dict):
     with torch.device("meta"):
         return [tuple(p.shape) for p in ViTDecoder(**arch).parameters()]
+
+
+class _Evaluation:
+    """--eval-every: the EMA decoder's reconstructions of --eval-num held-out images (--eval-data, the
+    same encoder as the training store), scored in memory on every rank's share. Reads no training
+    state and draws nothing, so training is the same with and without it."""
+
+    def __init__(self, cfg: TrainDecoderConfig, store_manifest: dict, training: DecoderTraining, d: dist.Dist):
+        manifest, store = open_complete_store(cfg.eval_data, kind=("latent-store",))
+        check_compatible(store_manifest["encoder"], store_manifest["latent_shape"],
+                         {"encoder": manifest["encoder"], "latent_shape": manifest["latent_shape"]}, cfg.eval_data)
+        plain = store.valid_indices()[~np.asarray(store.flipped[:])[store.valid_indices()]]
+        pick = plain[np.unique(np.linspace(0, len(plain) - 1, min(cfg.eval_num, len(plain))).round().astype(int))]
+        self.n, self.mine = len(pick), dist.shard(np.arange(len(pick)), d.rank, d.world)
+        self.entries, self.reader = pick, _Reader(cfg.eval_data, training.decoder.image_size)
+        self.training, self.d, self.batch = training, d, max(1, cfg.batch_size // d.world)
+        self.scorer = ReconScorer(cfg.eval_metrics, d, cfg.inception_weights, cfg.offline, training.lpips)
+
+    def run(self) -> dict:
+        def batches():
+            for s in range(0, len(self.mine), self.batch):
+                idx = self.mine[s: s + self.batch]
+                z, _, originals = self.reader(self.entries[idx])
+                recon = self.training.reconstruct(z.to(self.d.device))
+                yield (recon.to(self.d.device).float().clamp(0, 1).mul(255).to(torch.uint8),
+                       originals.to(self.d.device), torch.as_tensor(idx))
+
+        return {**self.scorer.score(batches(), self.n), "eval/num": self.n}
 
 
 def _preview(training: DecoderTraining, previews, path: Path) -> np.ndarray:
