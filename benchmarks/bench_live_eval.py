@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="as train-diffusion --compile: the EMA and decoder compiled")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     d = Dist(0, 1, 0, device)
@@ -70,14 +71,18 @@ def main() -> None:
         scorer = LiveScorer(str(ref), ("fd_dinov2",), d, dinov2_weights=str(weights), fd_model=fd, offline=True)
         setup = time.perf_counter() - t0
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        compiled = (torch.compile(trainer.ema), torch.compile(decoder)) if args.compile else None
+        if compiled:  # one warm-up evaluation of a batch: the compilation is a one-time cost of the run
+            evaluate_ema(scorer, trainer, TrainDiffusionConfig(**{**cfg.__dict__, "eval_num": args.batch}), latents, d,
+                         compiled)
         t0 = time.perf_counter()
-        scores = evaluate_ema(scorer, trainer, cfg, latents, d)
+        scores = evaluate_ema(scorer, trainer, cfg, latents, d, compiled)
         sync()
         seconds = time.perf_counter() - t0
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test: tiny sizes, not a benchmark)"
     rate = args.num / seconds
     print(f"\n## train-diffusion --eval-every: one evaluation — {card}, torch {torch.__version__}")
-    print(f"{model} ({args.steps} Euler steps, no guidance, {cfg.precision}) + {dec} decoder + FD in {fd} space; "
+    print(f"{model} ({args.steps} Euler steps, no guidance, {cfg.precision}{', compiled' if args.compile else ''}) + {dec} decoder + FD in {fd} space; "
           f"{args.num} samples in batches of {args.batch}; FD {next(iter(scores.values())):.2f} (random weights)")
     print("| what | value |\n|---|---|")
     print(f"| networks and reference loaded | {setup:.1f} s |")

@@ -252,19 +252,21 @@ def ema_samples(ema: nn.Module, n, latent_shape, num_classes: int, shift: float,
 
 
 def evaluate_ema(scorer: LiveScorer, trainer: DiffusionTraining, cfg: TrainDiffusionConfig, latents: _Latents,
-                 d: dist.Dist) -> dict:
+                 d: dist.Dist, compiled: tuple | None = None) -> dict:
     """--eval-every: --eval-num EMA samples (seeds 0..K-1, this rank's round-robin share), decoded and
     scored in memory against --eval-ref; every rank calls it. Its own seeded noise: training's draws
-    are untouched, so the weights are the same with and without evaluation."""
+    are untouched, so the weights are the same with and without evaluation. ``compiled``: the EMA
+    model and the decoder compiled (--compile; the compiled EMA reads the current weights)."""
     mine = torch.as_tensor(dist.shard(list(range(cfg.eval_num)), d.rank, d.world), dtype=torch.int64)
+    ema, decoder = compiled or (trainer.ema, latents.decoder)
 
     def batches():
         for s in range(0, len(mine), cfg.eval_batch_size):
             idx = mine[s: s + cfg.eval_batch_size]
-            z = ema_samples(trainer.ema, idx, latents.shape, latents.num_classes, trainer.shift, cfg.eval_steps,
+            z = ema_samples(ema, idx, latents.shape, latents.num_classes, trainer.shift, cfg.eval_steps,
                             latents.mean, latents.var, trainer.autocast)["latents"]
             with torch.no_grad(), torch.autocast(**trainer.autocast):
-                images = latents.decoder(z.to(d.device))
+                images = decoder(z.to(d.device))
             yield images.float().clamp(0, 1).mul(255).to(torch.uint8), idx
 
     return {**scorer.score(batches(), cfg.eval_num), "eval/num": cfg.eval_num}
@@ -390,6 +392,7 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
                      num_workers=_resolve_workers(cfg.num_workers), pin_memory=d.device.type == "cuda")
     log = _LossLog(out, start, schedule, cfg.batch_size, d.is_main)
     tracker = open_tracker(cfg, out, start) if d.is_main else None
+    compiled = (torch.compile(trainer.ema), torch.compile(latents.decoder)) if scorer is not None and cfg.compile else None
     waits = DataWait(_device_batches(loader, d.device))
     label = "train-diffusion" if d.world == 1 else f"train-diffusion ({d.world} processes)"
     with progress(schedule.total, label, unit="step", completed=start) as advance, closing(tracker):
@@ -412,7 +415,7 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
                               f"lr {lr:.3g} {rec['img_per_s']:.0f} img/s", highlight=False)
             advance(1, loss=rec["loss"], lr=lr)
             if is_eval:
-                scores = {"step": done, **evaluate_ema(scorer, trainer, cfg, latents, d)}
+                scores = {"step": done, **evaluate_ema(scorer, trainer, cfg, latents, d, compiled)}
                 if d.is_main:
                     append_metrics(out, scores)
                     log.records.append(scores)
