@@ -12,6 +12,9 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# What a log record says about the machine and the clock, not about training: left out where two
+# runs' logs are compared.
+TIMING_KEYS = ("img_per_s", "data_wait", "peak_mem_gib")
 # One thread count for the whole run, in this process and in every `rae` subprocess, so that a result
 # computed here and one computed by a subprocess come from the same kernels.
 THREADS = os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -24,7 +24,7 @@ from stages.train.decoder_step import (DecoderTraining, Schedule, build_loss_net
 from stages.train.runlog import read_metrics
 from stages.train.config import TrainDecoderConfig
 from stages.train.decoder import _Reader, run
-from tests.helpers import run_rae
+from tests.helpers import TIMING_KEYS, run_rae
 
 TINY = dict(model="vit-b", width=32, depth=1, heads=2, mlp_dim=64, batch_size=4, warmup_steps=1, lr=1e-3,
             final_lr=1e-4, disc_lr=1e-3, disc_final_lr=1e-4, random_loss_nets=True, disc_backbone="test_vit",
@@ -73,7 +73,7 @@ def _weights(run_dir):
 
 
 def _losses(records):
-    return [{k: v for k, v in r.items() if k != "img_per_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
 # ---------------------------------------------------------------- the step's pieces
