@@ -164,3 +164,19 @@ def test_decoder_evaluation_on_held_out_data_is_recorded_and_does_not_change_tra
     proc = run_rae("train-decoder", "--latents", runs / "lat.zarr", "--out", tmp_path / "x", *DECODER_ARGS,
                    "--eval-every", 3, check=False)
     assert proc.returncode == 1 and "--eval-data" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", ["train-diffusion", "train-decoder"])
+def test_stop_after_hours_checkpoints_at_a_log_step_and_the_same_command_goes_on(runs, tmp_path, stage):
+    """A wall-time limit that is already over: the run stops at its first log step with a checkpoint
+    and the resume line; run again without it, it ends with the weights of an uninterrupted run."""
+    args = DIFFUSION_ARGS if stage == "train-diffusion" else DECODER_ARGS
+    ema = "model_ema.safetensors" if stage == "train-diffusion" else "decoder_ema.safetensors"
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_rae(stage, "--latents", runs / "lat.zarr", "--out", full, *args)
+    first = run_rae(stage, "--latents", runs / "lat.zarr", "--out", cut, *args, "--stop-after-hours", 1e-9)
+    assert "stopped at step 1/6" in first.stderr + first.stdout
+    assert not read_manifest(cut, require_complete=False)["complete"]
+    run_rae(stage, "--latents", runs / "lat.zarr", "--out", cut, *args)
+    a, b = load_weights(full / ema), load_weights(cut / ema)
+    assert all(torch.equal(a[k], b[k]) for k in a)

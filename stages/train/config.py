@@ -99,6 +99,9 @@ class TrainDecoderConfig:
     offline: bool = option(False, "Never download the evaluation networks' weights.")
     stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
                                     "e.g. for wall-time limits.", check=AT_LEAST_1)
+    stop_after_hours: float | None = option(None, "End this invocation at the first log step after H hours of "
+                                            "training (checkpointed; run again to go on): a scheduler's wall-time "
+                                            "limit.", check=(lambda v: v > 0, "positive"))
     num_workers: int = option(-1, "Data loading processes per rank (-1: the CPU cores / ranks, less one, at most 8).")
     device: str = option("auto", "auto | cuda | cpu.")
     compile: bool = option(False, "torch.compile the transformer blocks and LPIPS.")
@@ -107,7 +110,7 @@ class TrainDecoderConfig:
     RUN_ONLY = ("latents", "out", "grad_accum", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count",
                 "log_every", "stop_after", "num_workers", "device", "compile", "overwrite", "encoder_weights", "init",
                 "snapshot_every", "tensorboard", "wandb", "eval_every", "eval_data", "eval_num", "eval_metrics",
-                "inception_weights", "offline")
+                "inception_weights", "offline", "stop_after_hours")
 
     def identity(self) -> dict:
         """The fields that define the trained decoder (compared on resume). The --init source enters
@@ -202,6 +205,9 @@ class TrainDiffusionConfig:
     wandb: str | None = option(None, "Also log to this Weights & Biases project (needs the wandb package).")
     stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
                                     "e.g. for wall-time limits.", check=AT_LEAST_1)
+    stop_after_hours: float | None = option(None, "End this invocation at the first log step after H hours of "
+                                            "training (checkpointed; run again to go on): a scheduler's wall-time "
+                                            "limit.", check=(lambda v: v > 0, "positive"))
     num_workers: int = option(-1, "Data loading processes per GPU (-1: the CPU cores per GPU, less one, at most 16).")
     device: str = option("auto", "auto | cuda | cpu.")
     overwrite: bool = option(False, "Replace a run made with another configuration.")
@@ -210,7 +216,8 @@ class TrainDiffusionConfig:
                 "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
                 "sample_steps", "num_workers", "device", "overwrite", "init", "stop_after", "snapshot_every",
                 "decoder", "tensorboard", "wandb", "eval_every", "eval_num", "eval_ref", "eval_metrics", "eval_steps",
-                "eval_batch_size", "inception_weights", "dinov2_weights", "fd_model", "fd_encoder", "offline")
+                "eval_batch_size", "inception_weights", "dinov2_weights", "fd_model", "fd_encoder", "offline",
+                "stop_after_hours")
 
     def identity(self) -> dict:
         """The fields that define what is learned (compared when a run is resumed)."""

@@ -44,7 +44,7 @@ from .config import TrainDecoderConfig, decoder_size, micro_batches
 from .data import BatchPlan, StoreReader, batches, check_source_images
 from .decoder_step import DecoderTraining, Schedule, build_loss_networks
 from .runlog import append_metrics, plot_metrics, truncate_metrics
-from .tracking import DataWait, closing, machine_record, open_tracker, require_wandb
+from .tracking import DataWait, Deadline, closing, machine_record, open_tracker, require_wandb
 
 
 def _validate(cfg: TrainDecoderConfig) -> None:
@@ -373,6 +373,7 @@ def _train(cfg: TrainDecoderConfig, training: DecoderTraining, plan: BatchPlan, 
     step = start
     tracker = open_tracker(cfg, out, start) if d.is_main else None
     waits = DataWait(loader)
+    deadline, out_of_time = Deadline(cfg.stop_after_hours), False
     with progress(stop * cfg.batch_size, "train-decoder", unit="img", completed=start * cfg.batch_size) as advance, \
             closing(tracker):
         for z, _, images in waits:
@@ -386,6 +387,7 @@ def _train(cfg: TrainDecoderConfig, training: DecoderTraining, plan: BatchPlan, 
                 info = {k: record[k] for k in ("l1", "lpips", "gan", "d_loss") if k in record}
                 if tracker is not None:
                     tracker.scalars(record)
+                out_of_time = step < stop and deadline.due()
             advance(cfg.batch_size, **info)
             if cfg.snapshot_every and step % cfg.snapshot_every == 0 and d.is_main:
                 save_snapshot(out, step, training.ema.state_dict())
@@ -402,12 +404,14 @@ def _train(cfg: TrainDecoderConfig, training: DecoderTraining, plan: BatchPlan, 
                 if tracker is not None:
                     tracker.image("reconstructions", step, grid)
                 _plot(out, metrics.records)
-            if step % ckpt_every == 0 or step == stop:
+            if step % ckpt_every == 0 or step == stop or out_of_time:
                 partial = metrics.partial_state()
                 if d.is_main:
                     save_checkpoint(out, step, {"step": step, "identity": identity, "metrics": partial,
                                                 "training": training.state_dict()}, keep=cfg.keep_checkpoints)
                 dist.barrier()
+            if out_of_time:  # --stop-after-hours: checkpointed here; the same command goes on
+                break
     return step
 
 

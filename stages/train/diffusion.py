@@ -48,7 +48,7 @@ from .config import TrainDiffusionConfig, micro_batches
 from .data import BatchPlan, StoreReader, batches
 from .diffusion_step import DiffusionTraining, Schedule, learning_rate
 from .runlog import append_metrics, plot_metrics, read_metrics, truncate_metrics
-from .tracking import DataWait, Tracker, closing, machine_record, open_tracker, require_wandb
+from .tracking import DataWait, Deadline, Tracker, closing, machine_record, open_tracker, require_wandb
 
 
 def _validate(cfg: TrainDiffusionConfig) -> None:
@@ -367,12 +367,12 @@ def run(cfg: TrainDiffusionConfig) -> dict:
 
     t0 = time.time()
     stop = min(schedule.total, cfg.stop_after) if cfg.stop_after is not None else schedule.total
-    records = _train(cfg, identity, trainer, latents, schedule, start, stop, d, scorer)
+    records, stop = _train(cfg, identity, trainer, latents, schedule, start, stop, d, scorer)
     elapsed = time.time() - t0
     steps_run = stop - start
     speed = {"seconds": elapsed, "steps_run": steps_run,
              "images_per_second": steps_run * cfg.batch_size / elapsed if elapsed > 0 and steps_run else 0.0}
-    if stop < schedule.total:  # stopped early on purpose (--stop-after): checkpointed, resumable
+    if stop < schedule.total:  # stopped early on purpose (--stop-after[-hours]): checkpointed, resumable
         return {"run": str(out), "step": stop, "steps": schedule.total, "complete": False, **speed}
     if d.is_main:
         _finish(out, trainer, cfg, latents, schedule.total, records)
@@ -381,9 +381,10 @@ def run(cfg: TrainDiffusionConfig) -> dict:
 
 
 def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining, latents: _Latents, schedule: Schedule,
-           start: int, stop: int, d: dist.Dist, scorer: LiveScorer | None = None) -> list[dict]:
+           start: int, stop: int, d: dist.Dist, scorer: LiveScorer | None = None) -> tuple[list[dict], int]:
     """Steps [start, stop): a record every --log-every steps, checkpoints (and the loss plot) every
-    --checkpoint-every and at ``stop``, EMA samples every --sample-every. Returns the log's records.
+    --checkpoint-every and at ``stop`` (or at the log step where --stop-after-hours runs out), EMA samples
+    every --sample-every. Returns the log's records and the step reached.
     Every draw is a function of the step, so stopping at ``stop`` and running again gives the weights of
     an uninterrupted run (the log gains a record at ``stop``)."""
     out = Path(cfg.out)
@@ -394,6 +395,7 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
     tracker = open_tracker(cfg, out, start) if d.is_main else None
     compiled = (torch.compile(trainer.ema), torch.compile(latents.decoder)) if scorer is not None and cfg.compile else None
     waits = DataWait(_device_batches(loader, d.device))
+    deadline, reached = Deadline(cfg.stop_after_hours), stop
     label = "train-diffusion" if d.world == 1 else f"train-diffusion ({d.world} processes)"
     with progress(schedule.total, label, unit="step", completed=start) as advance, closing(tracker):
         for step, (lat, labels) in zip(range(start, stop), waits):
@@ -414,6 +416,8 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
                 console.print(f"step {done}/{schedule.total} loss {rec['loss']:.4f} grad_norm {rec['grad_norm']:.3f} "
                               f"lr {lr:.3g} {rec['img_per_s']:.0f} img/s", highlight=False)
             advance(1, loss=rec["loss"], lr=lr)
+            if done < stop and deadline.due():  # out of wall time: checkpoint here and end
+                is_ckpt, reached = True, done
             if is_eval:
                 scores = {"step": done, **evaluate_ema(scorer, trainer, cfg, latents, d, compiled)}
                 if d.is_main:
@@ -429,7 +433,9 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
                 save_snapshot(out, done, trainer.ema.state_dict())
             if is_sample and d.is_main and cfg.num_samples > 0:
                 _save_samples(out, done, trainer, cfg, latents, tracker)
-    return log.records
+            if reached == done:
+                break
+    return log.records, reached
 
 
 def _checkpoint(out: Path, step: int, identity: str, trainer: DiffusionTraining, cfg: TrainDiffusionConfig,

@@ -143,3 +143,16 @@ def machine_record(waits: DataWait, device: torch.device) -> dict:
     if peak is not None:
         record["peak_mem_gib"] = round(peak, 3)
     return record
+
+
+class Deadline:
+    """--stop-after-hours: whether the wall time is up, decided on rank 0 and shared with every rank
+    (call it at the same steps on every rank, e.g. at log steps), so all of them stop together."""
+
+    def __init__(self, hours: float | None):
+        self.end = time.time() + hours * 3600 if hours else None
+
+    def due(self) -> bool:
+        from .. import dist
+
+        return self.end is not None and bool(dist.broadcast_object(time.time() >= self.end))
