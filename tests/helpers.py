@@ -268,3 +268,13 @@ def make_decoder_run(path, encoder=ENCODER, seed=0):
     write_manifest(path, new_manifest("decoder-run", {}, encoder=encoder, latent_shape=list(LATENT),
                                       content_id=f"dec-{seed}", complete=True))
     return path
+
+
+def tree_snapshot(path: Path) -> dict:
+    """Every file under ``path`` (or ``path`` itself) with its size and modification time: what an
+    input must keep when a command is refused."""
+    path = Path(path)
+    if path.is_file():
+        return {"": (path.stat().st_size, path.stat().st_mtime_ns)}
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))
+            if p.is_file()}

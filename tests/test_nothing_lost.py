@@ -16,7 +16,7 @@ import pytest
 from stages.artifacts.manifest import read_manifest
 from stages.artifacts.outputs import claim_writer, lock_path, overlap, release_writers
 from tests.helpers import (DECODE_ARGS, DECODER_ARGS, DIFFUSION_ARGS, ENCODE_ARGS, REPO, SAMPLE_ARGS, THREADS,
-                           run_rae)
+                           run_rae, tree_snapshot)
 
 pytestmark = pytest.mark.chain
 
@@ -33,12 +33,6 @@ def chain(demo_images, tmp_path_factory):
     run_rae("sample", "--model", root / "dit", "--out", root / "s.zarr", *SAMPLE_ARGS)
     run_rae("decode", root / "s.zarr", "--decoder", root / "dec", "--out", root / "img", *DECODE_ARGS)
     return root
-
-
-def _snapshot(path):
-    """Every file under ``path`` with its bytes' size and modification time: what must not change."""
-    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def _refused(proc, *words):
@@ -78,11 +72,11 @@ def _overlapping_commands(c):
 
 def test_an_output_over_an_input_is_refused_and_the_input_survives(chain):
     for argv, survivor in _overlapping_commands(chain):
-        before = _snapshot(survivor)
+        before = tree_snapshot(survivor)
         for extra in ([], ["--overwrite"]):
             err = _refused(run_rae(*argv, *extra, check=False), "input")
             assert "--overwrite" not in err, err  # never the hint that would delete the input
-            assert _snapshot(survivor) == before, argv
+            assert tree_snapshot(survivor) == before, argv
     assert not list(chain.glob(".*.lock")) and not list((chain / "dit").glob(".*.lock"))
     # The inputs still work: the model samples again.
     run_rae("sample", "--model", chain / "dit", "--out", chain / "again.zarr", *SAMPLE_ARGS)

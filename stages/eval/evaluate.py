@@ -29,7 +29,7 @@ from ..artifacts.atomic import atomic_write_json, jsonable
 from ..artifacts.manifest import has_manifest
 from ..artifacts.outputs import stage
 from ..errors import ArtifactError, RaeError
-from ..models.lpips import LPIPS, VGG16_FILE
+from ..models.lpips import LPIPS
 from ..models.weights import MissingWeightsError
 from ..options import option
 from ..progress import console
@@ -257,11 +257,8 @@ def _pair_lpips(cfg: EvalConfig, d, skipped: dict[str, str]):
     """--pairs' LPIPS (VGG, v0.1) on the device, or None with the reason in ``skipped`` when its VGG16
     weights are not at hand (named files that are missing or wrong are an error)."""
     try:
-        if cfg.offline and cfg.lpips_vgg_weights is None and not (Path(torch.hub.get_dir()) / "checkpoints" /
-                                                                  VGG16_FILE).is_file():
-            raise MissingWeightsError(f"LPIPS needs the VGG16 weights {VGG16_FILE} (--offline: not downloaded); put "
-                                      f"it in {Path(torch.hub.get_dir()) / 'checkpoints'} or pass --lpips-vgg-weights")
-        return _rank0_first(d, lambda: LPIPS(cfg.lpips_vgg_weights, cfg.lpips_lin_weights).to(d.device))
+        return _rank0_first(d, lambda: LPIPS(cfg.lpips_vgg_weights, cfg.lpips_lin_weights,
+                                             offline=cfg.offline).to(d.device))
     except MissingWeightsError as e:
         if cfg.lpips_vgg_weights or cfg.lpips_lin_weights:
             raise

@@ -36,15 +36,17 @@ def _vgg16_features() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def load_vgg16_state_dict(weights: str | os.PathLike | None = None, flag: str = "--lpips-vgg-weights"
-                          ) -> dict[str, torch.Tensor]:
+def load_vgg16_state_dict(weights: str | os.PathLike | None = None, flag: str = "--lpips-vgg-weights",
+                          offline: bool = False) -> dict[str, torch.Tensor]:
     """torchvision's VGG16 ImageNet weights: ``weights`` if given, else the torch hub cache
-    ($TORCH_HOME/hub/checkpoints/vgg16-397923af.pth, downloaded there on first use)."""
+    ($TORCH_HOME/hub/checkpoints/vgg16-397923af.pth, downloaded there on first use unless ``offline``)."""
     if weights is not None:
         return load_state_dict_file(weights)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
     if not cached.is_file():
         try:
+            if offline:
+                raise ConnectionError("offline")
             if not reachable(VGG16_URL):
                 raise ConnectionError("cannot reach the download host")
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,7 @@ class LPIPS(nn.Module):
     """
 
     def __init__(self, vgg_weights: str | os.PathLike | None = None, lin_weights: str | os.PathLike | None = None,
-                 pretrained: bool = True, flag: str = "--lpips-vgg-weights"):
+                 pretrained: bool = True, flag: str = "--lpips-vgg-weights", offline: bool = False):
         super().__init__()
         self.vgg = _vgg16_features()[: _TAPS[-1]]
         self.lins = nn.ModuleList([nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in _CHANNELS])
@@ -85,7 +87,7 @@ class LPIPS(nn.Module):
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         if pretrained:
-            self._load(load_vgg16_state_dict(vgg_weights, flag), load_lpips_lin_state_dict(lin_weights))
+            self._load(load_vgg16_state_dict(vgg_weights, flag, offline), load_lpips_lin_state_dict(lin_weights))
         self.eval().requires_grad_(False)
 
     def _load(self, vgg: dict[str, torch.Tensor], lin: dict[str, torch.Tensor]) -> None:

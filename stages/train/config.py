@@ -13,6 +13,22 @@ from ..models.discriminator import DINO_TIMM_NAME
 from ..options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, option, precision_option
 
 
+# Options both trainers take, made afresh for each config (a dataclass field belongs to one class). None
+# of them changes what is learned: each is in both configs' RUN_ONLY.
+RUN_OPTIONS = {
+    "snapshot_every": lambda: option(None, "Keep the EMA weights of every N-th step for good in RUN/snapshots (never "
+                                     "rotated away; `--step N` of sample and decode reads them).", check=AT_LEAST_1),
+    "tensorboard": lambda: option(True, "TensorBoard event files in RUN/tensorboard (`tensorboard --logdir RUN`)."),
+    "wandb": lambda: option(None, "Also log to this Weights & Biases project (needs the wandb package)."),
+    "offline": lambda: option(False, "Never download the evaluation networks' weights."),
+    "stop_after": lambda: option(None, "End this invocation after N steps (checkpointed; run again to go on), e.g. "
+                                 "for wall-time limits.", check=AT_LEAST_1),
+    "stop_after_hours": lambda: option(None, "End this invocation at the first log step after H hours of training "
+                                       "(checkpointed; run again to go on): a scheduler's wall-time limit.",
+                                       check=(lambda v: v > 0, "positive")),
+}
+
+
 @dataclass
 class TrainDecoderConfig:
     latents: str = option(help="Latent store from `rae encode` (its source images are read too).", path=True)
@@ -82,10 +98,9 @@ class TrainDecoderConfig:
                                        check=AT_LEAST_1)
     preview_count: int = option(8, "Fixed store entries shown in the grids.", check=NON_NEGATIVE)
     log_every: int = option(10, "Steps per metrics.jsonl record.", check=AT_LEAST_1)
-    snapshot_every: int | None = option(None, "Keep the EMA weights of every N-th step for good in RUN/snapshots (never "
-                                        "rotated away; `--step N` of sample and decode reads them).", check=AT_LEAST_1)
-    tensorboard: bool = option(True, "TensorBoard event files in RUN/tensorboard (`tensorboard --logdir RUN`).")
-    wandb: str | None = option(None, "Also log to this Weights & Biases project (needs the wandb package).")
+    snapshot_every: int | None = RUN_OPTIONS["snapshot_every"]()
+    tensorboard: bool = RUN_OPTIONS["tensorboard"]()
+    wandb: str | None = RUN_OPTIONS["wandb"]()
     # Periodic evaluation of the EMA decoder on held-out data.
     eval_every: int | None = option(None, "Every N steps, reconstruct --eval-data with the EMA decoder: PSNR, SSIM and "
                                     "--eval-metrics in metrics.jsonl (eval/*).", check=AT_LEAST_1)
@@ -96,21 +111,17 @@ class TrainDecoderConfig:
     eval_metrics: tuple[str, ...] = option(("fid", "lpips"), "Comma-separated, beside PSNR and SSIM: fid (rFID), "
                                            "lpips (the run's LPIPS network).")
     inception_weights: str | None = option(None, "rFID's Inception file, as `rae eval`'s.", path=True)
-    offline: bool = option(False, "Never download the evaluation networks' weights.")
-    stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
-                                    "e.g. for wall-time limits.", check=AT_LEAST_1)
-    stop_after_hours: float | None = option(None, "End this invocation at the first log step after H hours of "
-                                            "training (checkpointed; run again to go on): a scheduler's wall-time "
-                                            "limit.", check=(lambda v: v > 0, "positive"))
+    offline: bool = RUN_OPTIONS["offline"]()
+    stop_after: int | None = RUN_OPTIONS["stop_after"]()
+    stop_after_hours: float | None = RUN_OPTIONS["stop_after_hours"]()
     num_workers: int = option(-1, "Data loading processes per rank (-1: the CPU cores / ranks, less one, at most 8).")
     device: str = option("auto", "auto | cuda | cpu.")
     compile: bool = option(False, "torch.compile the transformer blocks and LPIPS.")
     overwrite: bool = option(False, "Replace a run made with another configuration or input.")
 
     RUN_ONLY = ("latents", "out", "grad_accum", "checkpoint_every", "keep_checkpoints", "preview_every", "preview_count",
-                "log_every", "stop_after", "num_workers", "device", "compile", "overwrite", "encoder_weights", "init",
-                "snapshot_every", "tensorboard", "wandb", "eval_every", "eval_data", "eval_num", "eval_metrics",
-                "inception_weights", "offline", "stop_after_hours")
+                "log_every", "num_workers", "device", "compile", "overwrite", "encoder_weights", "init", "eval_every",
+                "eval_data", "eval_num", "eval_metrics", "inception_weights", *RUN_OPTIONS)
 
     def identity(self) -> dict:
         """The fields that define the trained decoder (compared on resume). The --init source enters
@@ -182,8 +193,7 @@ class TrainDiffusionConfig:
     sample_steps: int = option(50, "Euler steps of those samples.", check=AT_LEAST_1)
     init: str | None = option(None, "Start from the EMA weights of this diffusion run (or `rae import diffusion` "
                               "release) instead of random ones; optimiser and schedule start afresh.", path=True)
-    snapshot_every: int | None = option(None, "Keep the EMA weights of every N-th step for good in RUN/snapshots (never "
-                                        "rotated away; `--step N` of sample and decode reads them).", check=AT_LEAST_1)
+    snapshot_every: int | None = RUN_OPTIONS["snapshot_every"]()
     decoder: str | None = option(None, "A decoder run for the store's encoder: the periodic EMA samples are also "
                                  "decoded, as image grids RUN/samples/step_N.png.", path=True)
     # Periodic evaluation: K EMA samples (seeds 0..K-1, classes in turn), decoded and scored in memory.
@@ -200,24 +210,20 @@ class TrainDiffusionConfig:
     fd_model: str = option("vit_large_patch14_dinov2.lvd142m", "timm DINOv2 model of the FD, as `rae eval`'s.")
     fd_encoder: str | None = option(None, "A latent store: the FD in its RAE encoder's space, as `rae eval`'s.",
                                     path=True)
-    offline: bool = option(False, "Never download the evaluation networks' weights.")
-    tensorboard: bool = option(True, "TensorBoard event files in RUN/tensorboard (`tensorboard --logdir RUN`).")
-    wandb: str | None = option(None, "Also log to this Weights & Biases project (needs the wandb package).")
-    stop_after: int | None = option(None, "End this invocation after N steps (checkpointed; run again to go on), "
-                                    "e.g. for wall-time limits.", check=AT_LEAST_1)
-    stop_after_hours: float | None = option(None, "End this invocation at the first log step after H hours of "
-                                            "training (checkpointed; run again to go on): a scheduler's wall-time "
-                                            "limit.", check=(lambda v: v > 0, "positive"))
+    offline: bool = RUN_OPTIONS["offline"]()
+    tensorboard: bool = RUN_OPTIONS["tensorboard"]()
+    wandb: str | None = RUN_OPTIONS["wandb"]()
+    stop_after: int | None = RUN_OPTIONS["stop_after"]()
+    stop_after_hours: float | None = RUN_OPTIONS["stop_after_hours"]()
     num_workers: int = option(-1, "Data loading processes per GPU (-1: the CPU cores per GPU, less one, at most 16).")
     device: str = option("auto", "auto | cuda | cpu.")
     overwrite: bool = option(False, "Replace a run made with another configuration.")
 
     RUN_ONLY = ("latents", "out", "epochs", "steps", "grad_accum", "grad_checkpointing", "compile",
                 "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
-                "sample_steps", "num_workers", "device", "overwrite", "init", "stop_after", "snapshot_every",
-                "decoder", "tensorboard", "wandb", "eval_every", "eval_num", "eval_ref", "eval_metrics", "eval_steps",
-                "eval_batch_size", "inception_weights", "dinov2_weights", "fd_model", "fd_encoder", "offline",
-                "stop_after_hours")
+                "sample_steps", "num_workers", "device", "overwrite", "init", "decoder", "eval_every", "eval_num",
+                "eval_ref", "eval_metrics", "eval_steps", "eval_batch_size", "inception_weights", "dinov2_weights",
+                "fd_model", "fd_encoder", *RUN_OPTIONS)
 
     def identity(self) -> dict:
         """The fields that define what is learned (compared when a run is resumed)."""

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .. import dist
 from ..artifacts.atomic import remove_temporaries
@@ -257,8 +256,8 @@ class _Metrics:
         return record
 
 
-def save_recon_grid(path: Path, originals: torch.Tensor, recons: torch.Tensor, per_row: int = 4) -> None:
-    """PNG of (original | reconstruction) pairs, ``per_row`` pairs per row, 2 px gaps."""
+def save_recon_grid(path: Path, originals: torch.Tensor, recons: torch.Tensor, per_row: int = 4) -> np.ndarray:
+    """PNG of (original | reconstruction) pairs, ``per_row`` pairs per row, 2 px gaps; returns the grid."""
     from PIL import Image
 
     n, _, h, w = recons.shape
@@ -274,6 +273,7 @@ def save_recon_grid(path: Path, originals: torch.Tensor, recons: torch.Tensor, p
             pixels = img.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
             canvas[y: y + h, x + k * (w + gap): x + k * (w + gap) + w] = pixels
     Image.fromarray(canvas).save(path)
+    return canvas
 
 
 def _plot(out: Path, records: list[dict]) -> None:
@@ -465,8 +465,7 @@ class _Evaluation:
 
 def _preview(training: DecoderTraining, previews, path: Path) -> np.ndarray:
     z, images = previews
-    save_recon_grid(path, images, training.reconstruct(z).cpu())
-    return np.asarray(Image.open(path).convert("RGB"))
+    return save_recon_grid(path, images, training.reconstruct(z).cpu())
 
 
 def _finalize(training: DecoderTraining, previews, out: Path, records: list[dict]) -> None:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-from tests.helpers import REPO, Killer, chain_stages, fingerprint, run_rae  # noqa: E402
+from tests.helpers import REPO, Killer, chain_stages, fingerprint, run_rae, tree_snapshot  # noqa: E402
 
 
 def kill_everywhere(root: Path, images: Path, stride: int) -> list[str]:
@@ -98,13 +98,6 @@ def damage_every_shard(store: Path) -> list[str]:
     return rows
 
 
-def _snapshot(path: Path) -> dict:
-    if path.is_file():
-        return {"": path.stat().st_size}
-    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))
-            if p.is_file()}
-
-
 def _one_line(proc, *words) -> bool:
     err = proc.stderr.strip()
     return proc.returncode != 0 and "Traceback" not in err and len(err.splitlines()) == 1 and all(w in err for w in words)
@@ -126,10 +119,10 @@ def overlapping_outputs(root: Path, images: Path) -> list[str]:
                 link.symlink_to(inp)
             for out in (inp, link, inp / "new_output", inp.parent):
                 for extra in ([], ["--overwrite"]):
-                    before = _snapshot(inp)
+                    before = tree_snapshot(inp)
                     proc = run_rae(*argv(out), *extra, check=False)
                     tries += 1
-                    ok = _one_line(proc, "input") and "--overwrite" not in proc.stderr and _snapshot(inp) == before
+                    ok = _one_line(proc, "input") and "--overwrite" not in proc.stderr and tree_snapshot(inp) == before
                     if not ok:
                         bad += 1
                         print(f"  {name} --out {out} {' '.join(extra)}: {proc.returncode} {proc.stderr.strip()[-300:]}")
