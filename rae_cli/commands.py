@@ -18,6 +18,7 @@ COMMANDS = {  # name: (module of rae_cli, function)
     "decode": ("decode_cmd", "report_decode"),
     "crop": ("crop_cmd", "report_crop"),
     "eval": ("eval_cmd", "report_eval"),
+    "ema": ("ema_cmd", "report_ema"),
     "import": ("import_cmd", "report_import"),
     "info": ("info_cmd", "info"),
     "demo-data": ("demo_cmd", "demo_data"),

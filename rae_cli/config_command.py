@@ -91,6 +91,9 @@ def _parameters(f: dataclasses.Field, hint, stage: str | None):
     elif hint == tuple[str, ...]:              # a comma-separated list
         hint, default = str, ",".join(default)
         shown, convert = default, (lambda v: tuple(m.strip() for m in v.split(",") if m.strip()))
+    elif hint == tuple[float, ...]:            # a comma-separated list of numbers
+        hint, default = str, None if default is None else ",".join(f"{v:g}" for v in default)
+        shown, convert = default, _numbers(f)
     elif typing.get_origin(hint) is list:
         convert = list
     elif meta["path"]:
@@ -104,6 +107,16 @@ def _parameters(f: dataclasses.Field, hint, stage: str | None):
     yield _param(f.name, annotation, typer.Option(default, *names, help=help, show_default=False)), convert
     if meta["alias"]:
         yield _param(f"{f.name}_alias", annotation, typer.Option(None, meta["alias"], hidden=True)), convert
+
+
+def _numbers(f: dataclasses.Field):
+    def convert(value: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise typer.BadParameter(f"{value!r} is not a comma-separated list of numbers",
+                                     param_hint=f.metadata["flag"] or flag(f.name)) from None
+    return convert
 
 
 def _notes(shown, f: dataclasses.Field, stage: str | None) -> str:

@@ -27,12 +27,10 @@ from typing import Any
 
 import torch
 
-from .artifacts.checkpoint import save_weights
-from .artifacts.manifest import (RECORDS, claim_output, file_records, has_manifest, new_manifest, read_manifest,
-                                 verify_files, write_manifest)
+from .artifacts.manifest import claim_output, has_manifest, new_manifest, read_manifest, verify_files
 from .artifacts.outputs import stage
-from .artifacts.runs import (CONFIG, DECODER_EMA, DECODER_RAW, DIFFUSION_EMA, DIFFUSION_RAW, NORM_EPS, STATS,
-                             decoder_config, diffusion_config, training_shift, write_config)
+from .artifacts.runs import (DECODER_EMA, DECODER_RAW, DIFFUSION_EMA, DIFFUSION_RAW, NORM_EPS, STATS,
+                             decoder_config, diffusion_config, finish_run, training_shift)
 from .digests import sha256_file
 from .errors import RaeError
 from .models import decoder as decoder_model
@@ -234,19 +232,6 @@ def _source_ref(path: str | Path) -> dict:
     return {"kind": "reference-file", "path": str(Path(path).resolve()), "content_id": sha256_file(path)}
 
 
-def _finish_run(out: Path, manifest: dict, files: dict[str, dict[str, torch.Tensor]], config: dict,
-                content_file: str) -> None:
-    """The run's files, each written atomically, between an unfinished manifest and a complete one."""
-    write_manifest(out, manifest)
-    for name, tensors in files.items():
-        save_weights(out / name, tensors)
-    write_config(out, config)
-    records = file_records(out, [*files, CONFIG])
-    manifest.update(content_id=records[content_file]["sha256"], complete=True)
-    manifest[RECORDS] = records
-    write_manifest(out, manifest)
-
-
 def _source_step(obj: Any) -> int | None:
     step = obj.get("step") if isinstance(obj, dict) else None
     return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
@@ -317,7 +302,7 @@ def import_decoder(cfg: ImportConfig) -> dict:
                             **({"steps": imported["step"]} if imported["step"] is not None else {}))
     files = {DECODER_EMA: sets["ema"], **({DECODER_RAW: sets["raw"]} if "raw" in sets else {})}
     _claim_run_dir(out, cfg.overwrite)
-    _finish_run(out, manifest, files, config, DECODER_EMA)
+    finish_run(out, manifest, files, config, DECODER_EMA)
     return {"kind": "decoder", "out": str(out), "files": sorted(files), "encoder": encoder, "notes": notes,
             "latent_shape": latent_shape, "image_size": image_size,
             "model": f"ViTDecoder {size_name or 'custom'} (width {arch['width']}, depth {arch['depth']}, "
@@ -341,7 +326,7 @@ def import_stats(cfg: ImportConfig) -> dict:
     manifest = new_manifest("latent-stats", cfg, inputs={"source": source}, imported_from=imported,
                             latent_shape=latent_shape)
     _claim_run_dir(out, cfg.overwrite)
-    _finish_run(out, manifest, {STATS: {"mean": mean, "var": var}}, config, STATS)
+    finish_run(out, manifest, {STATS: {"mean": mean, "var": var}}, config, STATS)
     return {"kind": "stats", "out": str(out), "files": [STATS], "latent_shape": latent_shape, "notes": [],
             "model": "latent statistics (mean, var)"}
 
@@ -403,7 +388,7 @@ def import_diffusion(cfg: ImportConfig) -> dict:
     files = {STATS: {"mean": mean, "var": var}, DIFFUSION_EMA: sets["ema"],
              **({DIFFUSION_RAW: sets["raw"]} if "raw" in sets else {})}
     _claim_run_dir(out, cfg.overwrite)
-    _finish_run(out, manifest, files, config, DIFFUSION_EMA)
+    finish_run(out, manifest, files, config, DIFFUSION_EMA)
     return {"kind": "diffusion", "out": str(out), "files": sorted(files), "encoder": encoder,
             "notes": notes + ([warning] if warning else []), "latent_shape": latent_shape, "shift": shift,
             "model": f"{cls.__name__} {config['model']['preset'] or 'custom'} ({num_classes} classes), "

@@ -15,7 +15,8 @@ FLOORS = [
     ("artifacts", "stages.artifacts"),
     ("eval", "stages.eval"),  # below train: the trainers score their runs while they train
     ("train", "stages.train"),
-    ("verbs", {"stages.encode", "stages.sample", "stages.decode", "stages.importer", "stages.crop"}),
+    ("verbs", {"stages.encode", "stages.sample", "stages.decode", "stages.importer", "stages.crop",
+               "stages.ema"}),
     ("demo", "stages.demo"),
 ]
 # Wings that must not import each other.

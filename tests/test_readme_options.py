@@ -19,7 +19,7 @@ def test_every_option_in_a_commands_readme_section_is_in_its_help():
     sections = {m.group(1): m.group(2) for m in re.finditer(r"^## `rae ([a-z-]+)`\n(.*?)(?=^## )", text, re.M | re.S)}
     assert {"encode", "train-decoder", "train-diffusion", "sample", "decode", "eval"} <= set(sections)
     helps = {c: _help(c) for c in ("encode", "train-decoder", "train-diffusion", "sample", "decode", "eval",
-                                   "info", "import")}
+                                   "info", "import", "ema")}
     for command, body in sections.items():
         for option in sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", body)) - NOT_RAE):
             has = [c for c, h in helps.items() if re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", h)]

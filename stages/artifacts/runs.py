@@ -31,7 +31,7 @@ from ..models.encoders import UNKNOWN_DIGEST
 from ..progress import console
 from .atomic import atomic_write_json
 from .checkpoint import checkpoints, load_state, load_weights, save_weights, step_of
-from .manifest import read_manifest, verify_files
+from .manifest import RECORDS, file_records, read_manifest, verify_files, write_manifest
 
 CONFIG = "config.json"
 STATS = "latent_stats.safetensors"
@@ -57,6 +57,30 @@ def save_snapshot(run_dir: str | os.PathLike, step: int, ema_state: dict[str, to
     save_weights(path, ema_state, metadata={"step": step})
 
 
+def phema_snapshot_path(run_dir: str | os.PathLike, step: int, std: float) -> Path:
+    return Path(run_dir) / SNAPSHOTS / f"phema_std{std:.4f}_{step:08d}.safetensors"
+
+
+def save_phema_snapshots(run_dir: str | os.PathLike, step: int, stds, gammas, states) -> None:
+    """``--phema``: each tracked power-function EMA as it is after ``step`` steps (with its std and exponent)."""
+    for std, gamma, state in zip(stds, gammas, states):
+        path = phema_snapshot_path(run_dir, step, std)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(path, state, metadata={"step": step, "std": repr(float(std)), "gamma": repr(float(gamma))})
+
+
+def phema_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, float, Path]]:
+    """A run's post-hoc EMA snapshots as (step, std, path), by step then std."""
+    found = []
+    for p in (Path(run_dir) / SNAPSHOTS).glob("phema_std*_*.safetensors"):
+        std, _, step = p.stem[len("phema_std"):].partition("_")
+        try:
+            found.append((int(step), float(std), p))
+        except ValueError:
+            continue
+    return sorted(found, key=lambda x: (x[0], x[1]))
+
+
 def saved_steps(run_dir: str | os.PathLike) -> dict[str, list[int]]:
     """The steps whose weights a run keeps: {"snapshots": [...], "checkpoints": [...]}, ascending."""
     snaps = sorted(int(p.stem.split("_")[1]) for p in (Path(run_dir) / SNAPSHOTS).glob("ema_*.safetensors")
@@ -77,6 +101,20 @@ def weights_at_step(run_dir: str | os.PathLike, step: int, ema: bool, pick) -> t
     have = saved_steps(run_dir)
     raise ArtifactError(f"{run_dir} keeps no weights of step {step}: snapshots at steps {have['snapshots'] or 'none'}, "
                         f"checkpoints at {have['checkpoints'] or 'none'} (train with --snapshot-every to keep more)")
+
+
+def finish_run(out: Path, manifest: dict, files: dict[str, dict[str, torch.Tensor]], config: dict,
+               content_file: str, also: tuple[str, ...] = ()) -> None:
+    """A run made in one go (``rae import``, ``rae ema``): its files, each written atomically, between an
+    unfinished manifest and a complete one that records them (and the files ``also`` there)."""
+    write_manifest(out, manifest)
+    for name, tensors in files.items():
+        save_weights(out / name, tensors)
+    write_config(out, config)
+    records = file_records(out, [*files, *also, CONFIG])
+    manifest.update(content_id=records[content_file]["sha256"], complete=True)
+    manifest[RECORDS] = records
+    write_manifest(out, manifest)
 
 
 def write_config(run_dir: str | os.PathLike, config: dict) -> None:

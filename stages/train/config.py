@@ -11,6 +11,7 @@ from ..errors import RaeError
 from ..models.decoder import DECODER_SIZES
 from ..models.discriminator import DINO_TIMM_NAME
 from ..options import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, option, precision_option
+from .phema import MAX_STD
 
 
 # Options both trainers take, made afresh for each config (a dataclass field belongs to one class). None
@@ -175,6 +176,11 @@ class TrainDiffusionConfig:
                                     "holds it constant).")
     grad_clip: float = option(1.0, "Gradient norm clipping (0: none).", check=NON_NEGATIVE)
     ema_decay: float = option(0.9995, "EMA decay per step.", check=UNIT_INTERVAL)
+    phema: tuple[float, ...] | None = option(None, "Post-hoc EMA (EDM2): also track power-function EMAs of these "
+                                             "relative standard deviations (e.g. 0.05,0.10), saved at every "
+                                             "--snapshot-every step and at the end; `rae ema RUN --std S` then makes "
+                                             "the EMA of any other length from them.",
+                                             check=(lambda v: 0 < v <= MAX_STD, f"in (0, {MAX_STD}]"))
     precision: str = precision_option()
     seed: int = option(0, "Seed of the initial weights, the data order and every draw.")
     # Run settings: they do not change what is learned, so a resume may change them.

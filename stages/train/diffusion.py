@@ -37,7 +37,7 @@ from ..artifacts.manifest import (RECORDS, claim_output, create_artifact_dir, de
 from ..artifacts.outputs import stage
 from ..artifacts.runs import (CONFIG, DIFFUSION_EMA, DIFFUSION_FILES, DIFFUSION_RAW, STATS, check_compatible,
                               denormalize, diffusion_config, load_decoder_run, load_diffusion_run, normalize,
-                              save_snapshot, start_from, training_shift, write_config)
+                              save_phema_snapshots, save_snapshot, start_from, training_shift, write_config)
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
 from ..eval.live import LiveScorer
@@ -54,6 +54,11 @@ from .tracking import DataWait, Deadline, Tracker, closing, machine_record, open
 def _validate(cfg: TrainDiffusionConfig) -> None:
     check_options(cfg)
     require_wandb(cfg.wandb)
+    if cfg.phema and not cfg.snapshot_every:
+        raise RaeError("--phema keeps its profiles at the snapshots: give --snapshot-every N too (EDM2 keeps one "
+                       "every 8M images, e.g. every 8000 steps at batch 1024)")
+    if cfg.phema and len(set(cfg.phema)) != len(cfg.phema):
+        raise RaeError(f"--phema lists a standard deviation twice ({','.join(f'{v:g}' for v in cfg.phema)})")
     if cfg.eval_every and not (cfg.decoder and cfg.eval_ref):
         raise RaeError("--eval-every scores decoded samples: it needs --decoder DEC_RUN and --eval-ref REF")
     if cfg.model not in DIT_SIZES:
@@ -431,11 +436,17 @@ def _train(cfg: TrainDiffusionConfig, identity: str, trainer: DiffusionTraining,
                 _checkpoint(out, done, identity, trainer, cfg, log)
             if cfg.snapshot_every and done % cfg.snapshot_every == 0 and d.is_main:
                 save_snapshot(out, done, trainer.ema.state_dict())
+                _save_phema(out, done, trainer)
             if is_sample and d.is_main and cfg.num_samples > 0:
                 _save_samples(out, done, trainer, cfg, latents, tracker)
             if reached == done:
                 break
     return log.records, reached
+
+
+def _save_phema(out: Path, step: int, trainer: DiffusionTraining) -> None:
+    if trainer.phema is not None:
+        save_phema_snapshots(out, step, trainer.phema.stds, trainer.phema.gammas, trainer.phema.state_dict())
 
 
 def _checkpoint(out: Path, step: int, identity: str, trainer: DiffusionTraining, cfg: TrainDiffusionConfig,
@@ -455,6 +466,7 @@ def _finish(out: Path, trainer: DiffusionTraining, cfg: TrainDiffusionConfig, la
     """Rank 0: final weights, samples and plot, then the manifest marked complete (the last write)."""
     save_weights(out / DIFFUSION_RAW, trainer.model.state_dict(), metadata={"step": total_steps})
     save_weights(out / DIFFUSION_EMA, trainer.ema.state_dict(), metadata={"step": total_steps})
+    _save_phema(out, total_steps, trainer)  # the last step's profiles, whatever --snapshot-every
     if cfg.num_samples > 0:
         _save_samples(out, total_steps, trainer, cfg, latents)
     _plot(out, records)

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .. import flow
 from .config import TrainDiffusionConfig, micro_batches, rank_slice
+from .phema import PowerEMA
 
 
 
@@ -100,6 +101,8 @@ class DiffusionTraining:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         ema_named = dict(self.ema.named_parameters())
         self.ema_params = [ema_named[name] for name in trainable]
+        # --phema: power-function EMAs for post-hoc EMA, beside the recipe's (float32 too).
+        self.phema = PowerEMA(self.model, cfg.phema) if cfg.phema else None
         # Only trainable parameters: pos_embed and the Fourier frequencies are frozen buffers-as-parameters.
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                            weight_decay=cfg.weight_decay, fused=device.type == "cuda")
@@ -119,7 +122,10 @@ class DiffusionTraining:
         draws = step_draws(self.cfg, step, self.shift, self.share.start, self.share.stop)
         # Unlabelled entries (label -1) and dropped labels train the unconditional (null) class.
         y = torch.where(draws.drop | (labels < 0), self.null_label, labels)
-        return self.step(x, self._to_device(y), self._to_device(draws.t), draws.noise_seeds, lr)
+        loss, grad_norm = self.step(x, self._to_device(y), self._to_device(draws.t), draws.noise_seeds, lr)
+        if self.phema is not None:
+            self.phema.update(step + 1)  # the profiles count optimiser steps from 1
+        return loss, grad_norm
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":  # pinned, so the copy does not wait for the GPU
@@ -163,10 +169,15 @@ class DiffusionTraining:
         return bool(torch.stack([p.isfinite().all() for p in self.params + self.ema_params]).all())
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict()}
+        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.optimizer.state_dict()}
+        if self.phema is not None:
+            state["phema"] = self.phema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.phema is not None:
+            self.phema.load_state_dict(state["phema"])
