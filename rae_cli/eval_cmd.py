@@ -32,26 +32,34 @@ def report_eval(result: dict, cfg: EvalConfig, preset: None) -> None:
     """Evaluate images: FID, sFID, IS, precision/recall, KID and FD_DINOv2 as the ADM suite computes them; PSNR/SSIM with --pairs.
 
     rFID: `rae eval RECONSTRUCTIONS --ref ORIGINALS --pairs` (ImageNet val, 50K, ADM center crop 256).
-    Writes eval.json (see --out for where); under `torchrun --nproc_per_node N` the GPUs share the images.
+    Straight from a model: `rae eval --model RUN --decoder DEC --per-class 50 --ref REF` samples, decodes
+    and scores in memory (with `rae sample`'s options; a comma list of --cfg-scale or --ag-scale scores
+    each). Writes eval.json (see --out for where); under `torchrun --nproc_per_node N` the GPUs share the work.
     """
     print_result(result)
 
 
 def print_result(result: dict, console: Console | None = None) -> None:
-    """The metric table, the notes on it, then one line per reason for the metrics that were skipped."""
+    """The metric table (a column per scale for a sweep), the notes on it, then one line per reason for
+    the metrics that were skipped."""
     console = console or Console()
-    title = f"rae eval: {result['num_images']} images"
-    if result.get("num_ref_images"):
-        title += f" vs {result['num_ref_images']} reference images"
+    runs = result.get("results") or [result]
+    first = runs[0]
+    title = f"rae eval: {first['num_images']} {'samples of ' + first['images']['path'] if 'model' in first['images'] else 'images'}"
+    if first.get("num_ref_images"):
+        title += f" vs {first['num_ref_images']} reference images"
     table = Table()
     table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result["metrics"].items():
+    for r in runs:
+        table.add_column(f"{result['swept']} {r['images']['sampling']['scale']:g}" if "swept" in result else "value",
+                         justify="right")
+    for key in first["metrics"]:
         name, fmt = _SHOWN.get(key, (key, "{:.4f}"))
-        table.add_row(name, fmt.format(value))
-    console.print(f"[bold]{title}[/]", highlight=False)
-    if result["metrics"]:
+        table.add_row(name, *(fmt.format(r["metrics"][key]) if key in r["metrics"] else "-" for r in runs))
+    console.print(f"[bold]{title}[/]", highlight=False, soft_wrap=True)
+    if first["metrics"]:
         console.print(table)
+    result = {**first, **{k: result[k] for k in ("written", "saved_ref") if k in result}}
     for note in result.get("notes", ()):
         console.print(f"[cyan]note:[/] {note}", highlight=False, soft_wrap=True)
     by_reason: dict[str, list[str]] = {}

@@ -13,6 +13,7 @@ FLOORS = [
                 "stages.flow", "stages.digests"}),
     ("models", "stages.models"),
     ("artifacts", "stages.artifacts"),
+    ("generation", {"stages.generation"}),  # sampling from a run: `rae sample` and `rae eval --model`
     ("eval", "stages.eval"),  # below train: the trainers score their runs while they train
     ("train", "stages.train"),
     ("verbs", {"stages.encode", "stages.sample", "stages.decode", "stages.importer", "stages.crop",

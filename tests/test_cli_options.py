@@ -123,3 +123,22 @@ def test_every_command_offers_each_option_field_of_its_config(stage):
     for f in dataclasses.fields(_config(stage)):
         if f.metadata.get("cli") and not f.metadata["argument"]:
             assert (f.metadata["flag"] or "--" + f.name.replace("_", "-")) in text, f.name
+
+
+def test_no_option_is_taken_by_torchrun():
+    """`torchrun ... -m rae_cli.main CMD --opt` hands --opt to rae only when it is not one of torchrun's own
+    options nor an abbreviation of one (argparse would take --num for --numa-binding)."""
+    import typer as _typer
+    from torch.distributed.run import get_args_parser
+
+    from rae_cli.commands import COMMANDS
+    from rae_cli.main import app
+
+    theirs = [s for a in get_args_parser()._actions for s in a.option_strings if s.startswith("--")]
+    group = _typer.main.get_command(app)
+    for command in COMMANDS:
+        params = group.get_command(None, command).params
+        ours = {o for p in params if not getattr(p, "hidden", False) for o in p.opts + p.secondary_opts}
+        for option in ours - {"--help"}:
+            taken = [t for t in theirs if t.startswith(option)]
+            assert not taken, f"rae {command} {option} would be read by torchrun as {taken[0]}"

@@ -120,7 +120,7 @@ def test_end_to_end_cli_sample_then_decode(tmp_path):
     guide = make_diffusion_run(tmp_path / "s", seed=1, width=8, head_width=8)
     decoder = make_decoder_run(tmp_path / "decoder")
     cli = CliRunner()
-    r = cli.invoke(app, ["sample", "--model", str(tmp_path / "xl"), "--out", str(tmp_path / "s.zarr"), "--num", "5",
+    r = cli.invoke(app, ["sample", "--model", str(tmp_path / "xl"), "--out", str(tmp_path / "s.zarr"), "--number", "5",
                          "--guidance", "autoguidance", "--guide-model", str(guide), "--solver", "euler-ref",
                          "--steps", "3", "--guidance-interval", "0.1", "0.9", "--device", "cpu"])
     assert r.exit_code == 0, r.output
@@ -174,7 +174,7 @@ def test_out_that_is_a_file_is_one_line(setup, tmp_path):
 
     model, decoder, store = setup
     (tmp_path / "taken").write_text("a file")
-    for argv in (["decode", store, "--decoder", decoder], ["sample", "--model", model, "--num", "2"]):
+    for argv in (["decode", store, "--decoder", decoder], ["sample", "--model", model, "--number", "2"]):
         proc = run_rae(*argv, "--out", tmp_path / "taken", "--device", "cpu", check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         lines = proc.stderr.strip().splitlines()

@@ -9,7 +9,7 @@ CASES = [
     (["encode", "{d}", "--out", "{o}", "--preset", "demo", "--limit", "-5"], "--limit must be at least 1"),
     (["encode", "{d}", "--out", "{o}", "--preset", "demo", "--image-size", "0"], "--image-size must be at least 16"),
     (["sample", "--model", "{d}", "--out", "{o}", "--per-class", "0"], "--per-class must be at least 1"),
-    (["sample", "--model", "{d}", "--out", "{o}", "--num", "4", "--guidance", "cfg", "--cfg-scale", "nan"],
+    (["sample", "--model", "{d}", "--out", "{o}", "--number", "4", "--guidance", "cfg", "--cfg-scale", "nan"],
      "--cfg-scale must be a finite number"),
     (["train-diffusion", "--latents", "{d}", "--out", "{o}", "--num-heads", "7"], "--num-heads 7 must give a whole head"),
     (["train-diffusion", "--latents", "{d}", "--out", "{o}", "--lr", "inf"], "--lr must be a finite number"),

@@ -61,7 +61,7 @@ def test_per_class_gives_exactly_k_per_class(runs, tmp_path):
 
 
 def test_random_labels_are_seeded(runs, tmp_path):
-    from stages.sample import sample_labels
+    from stages.generation import sample_labels
 
     a = sample_labels(sample_config(runs[0], tmp_path / "x", num=50, seed=3), 3)
     assert (a == sample_labels(sample_config(runs[0], tmp_path / "x", num=50, seed=3), 3)).all()

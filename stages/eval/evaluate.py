@@ -14,6 +14,7 @@ Inception features.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import zipfile
 from dataclasses import dataclass
@@ -31,10 +32,12 @@ from ..artifacts.outputs import stage
 from ..errors import ArtifactError, RaeError
 from ..models.lpips import LPIPS
 from ..models.weights import MissingWeightsError
-from ..options import option
+from ..generation import SAMPLING_OPTIONS, check_sampling
+from ..options import AT_LEAST_1, check_options, flag, option
 from ..progress import console
 from . import metrics as M
 from .features import Collector, PairSums, feature_pass
+from .generated import Generator
 from .inputs import ImageSet, artifact_content_id
 from .nets import (DINOV2_DEFAULT, SPATIAL_CHANNELS, SPATIAL_DIM, SPATIAL_GRID, SPATIAL_LAYER, exact_float32,
                    load_dinov2, load_inception, load_store_encoder)
@@ -46,8 +49,9 @@ INCEPTION_METRICS = ("fid", "sfid", "is", "pr", "kid")
 
 @dataclass
 class EvalConfig:
-    images: str = option(help="Images to evaluate: a folder of PNGs or an ADM .npz (arr_0: uint8 N x H x W x 3).",
-                         path=True, argument=True)
+    images: str | None = option(None, "Images to evaluate: a folder of PNGs or an ADM .npz (arr_0: uint8 N x H x W "
+                                "x 3). Or none, with --model: samples made, decoded and scored in memory.",
+                                path=True, argument=True)
     ref: str | None = option(None, "Reference: an ADM reference batch .npz (its mu/sigma and mu_s/sigma_s are the FID "
                              "and sFID reference, its images the precision/recall one), an image folder or .npz, or a "
                              "statistics file written by --save-ref.", path=True)
@@ -74,15 +78,40 @@ class EvalConfig:
     lpips_lin_weights: str | None = option(None, "--pairs' LPIPS: the v0.1 linear layers (default: the copy in the "
                                            "lpips package).", path=True)
     offline: bool = option(False, "Never download weights (use caches and files only).")
+    # Metrics straight from a model: `rae sample`'s options, then decoded with --decoder, all in memory.
+    model: str | None = option(None, "Score samples of this diffusion run instead of IMAGES (with --decoder and "
+                               "`rae sample`'s options; no store or PNG is written).", short="-m", path=True)
+    decoder: str | None = option(None, "--model: the decoder run that turns the samples into images.", short="-d",
+                                 path=True)
+    per_class: int | None = SAMPLING_OPTIONS["per_class"]()
+    num: int | None = SAMPLING_OPTIONS["num"]()
+    classes: list[int] | None = SAMPLING_OPTIONS["classes"]()
+    seed: int = SAMPLING_OPTIONS["seed"]()
+    solver: str = SAMPLING_OPTIONS["solver"]()
+    steps: int = SAMPLING_OPTIONS["steps"]()
+    shift: float | None = SAMPLING_OPTIONS["shift"]()
+    guidance: str = SAMPLING_OPTIONS["guidance"]()
+    cfg_scale: tuple[float, ...] = SAMPLING_OPTIONS["cfg_scale"](many=True)
+    guide_model: str | None = SAMPLING_OPTIONS["guide_model"]()
+    ag_scale: tuple[float, ...] = SAMPLING_OPTIONS["ag_scale"](many=True)
+    guidance_interval: tuple[float, float] = SAMPLING_OPTIONS["guidance_interval"]()
+    ema: bool = SAMPLING_OPTIONS["ema"]()
+    step: int | None = SAMPLING_OPTIONS["step"]()
+    precision: str = SAMPLING_OPTIONS["precision"]()
+    latent_dtype: str = option("float16", "--model: the samples are rounded to this dtype before decoding, as a "
+                               "sample store keeps them (`rae sample --dtype`), so the scores equal the files' ones.",
+                               choices=("float16", "float32"))
+    sample_batch_size: int = option(256, "--model: samples per model batch (per GPU).", check=AT_LEAST_1)
+    compile: bool = option(False, "--model: torch.compile the diffusion model(s) and the decoder.")
     # Protocol constants (ADM / torch-fidelity defaults).
     is_split_size: int = 5000
     pr_k: int = 3
     pr_batch_size: int = 10000
     kid_subsets: int = 100
     kid_subset_size: int = 1000
-    seed: int = 0
+    kid_seed: int = 0
     # Run settings.
-    batch_size: int = option(64, "Images per forward pass (per GPU).")
+    batch_size: int = option(64, "Images per forward pass of the feature networks (per GPU).", check=AT_LEAST_1)
     num_workers: int = option(4, "Image-decoding processes per GPU.")
     device: str = option("auto", "auto, cuda or cpu.")
 
@@ -91,11 +120,14 @@ class EvalConfig:
 # run
 
 
-def default_out(images: str | os.PathLike) -> Path:
-    """Where eval.json goes without --out: never into a user's dataset. Inside a rae image folder (its
-    documented place, which `rae decode` clears on resume), ``NAME.eval.json`` beside an .npz of a rae
-    artifact folder, else ``NAME.eval.json`` in the current folder."""
+def default_out(images: str | os.PathLike, generated: bool = False) -> Path:
+    """Where eval.json goes without --out: never into a user's dataset nor into a run. Inside a rae image
+    folder (its documented place, which `rae decode` clears on resume), ``NAME.eval.json`` beside an .npz
+    of a rae artifact folder, else (and for ``--model RUN``, ``generated``) ``NAME.eval.json`` in the
+    current folder."""
     p = Path(images)
+    if generated:
+        return Path.cwd() / f"{p.resolve().name}.eval.json"
     if p.is_dir():
         return p / "eval.json" if has_manifest(p) else Path.cwd() / f"{p.resolve().name or 'images'}.eval.json"
     return p.with_name(p.stem + ".eval.json") if has_manifest(p.parent) else Path.cwd() / f"{p.stem}.eval.json"
@@ -106,15 +138,30 @@ def fd_key(fd_model: str) -> str:
 
 
 def _validate(cfg: EvalConfig) -> None:
+    check_options(cfg)
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown:
         raise RaeError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
-    if cfg.batch_size < 1:
-        raise RaeError("--batch-size must be at least 1")
+    if (cfg.images is None) == (cfg.model is None):
+        raise RaeError("give the images to evaluate (a folder or an .npz), or --model RUN --decoder DEC to score "
+                       "a diffusion run's samples" if cfg.images is None else
+                       "give either IMAGES or --model, not both")
+    if cfg.model is not None:
+        if not cfg.decoder:
+            raise RaeError("--model needs --decoder DEC_RUN, the decoder that turns its samples into images")
+        if cfg.pairs or cfg.save_ref:
+            raise RaeError(f"{'--pairs' if cfg.pairs else '--save-ref'} is for image files, not --model samples")
+        check_sampling(cfg)
+        unused = {"none": ("--cfg-scale", "--ag-scale"), "cfg": ("--ag-scale",), "autoguidance": ("--cfg-scale",)}
+        for name in unused[cfg.guidance]:
+            if len(getattr(cfg, name[2:].replace("-", "_"))) > 1:
+                raise RaeError(f"{name} lists several scales, but --guidance is {cfg.guidance}")
     if cfg.save_ref and Path(cfg.save_ref).suffix not in (".npz", ".safetensors"):
         raise RaeError(f"--save-ref must end in .npz or .safetensors (got {Path(cfg.save_ref).name})")
     if cfg.pairs and not cfg.ref:
         raise RaeError("--pairs needs --ref (the originals the images are matched with)")
+    elif cfg.decoder and not cfg.model:
+        raise RaeError("--decoder is used with --model (to score a diffusion run's samples)")
 
 
 def _rank0_first(d, load):
@@ -135,7 +182,7 @@ def _warn(d, msg: str) -> None:
 
 def _own_folder(cfg: EvalConfig) -> tuple[str, ...]:
     """eval.json may go inside IMAGES when it is a ``rae decode`` folder (its documented place)."""
-    return ("IMAGES",) if Path(cfg.images).is_dir() and has_manifest(cfg.images) else ()
+    return ("IMAGES",) if cfg.images and Path(cfg.images).is_dir() and has_manifest(cfg.images) else ()
 
 
 @stage(allow_inside=_own_folder)
@@ -143,12 +190,28 @@ def run(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.images``; returns (on every rank) the dict written to eval.json."""
     _validate(cfg)
     d = dist.init(cfg.device)
+    if cfg.model:  # what eval.json records: the precision the samples were made in
+        cfg = dataclasses.replace(cfg, precision=dist.resolve_precision(cfg.precision, d.device))
     with exact_float32():
         return _run(cfg, d)
 
 
+def _sets(cfg: EvalConfig, d) -> tuple[list, str | None]:
+    """What is scored: IMAGES, or one generated set per guidance scale of --model (and the option swept)."""
+    if not cfg.model:
+        return [ImageSet(cfg.images)], None
+    gen = Generator(cfg, d)
+    option = {"cfg": "cfg_scale", "autoguidance": "ag_scale"}.get(cfg.guidance)
+    scales = getattr(cfg, option) if option else (None,)
+    if option and len(scales) > 1 and d.is_main:
+        console.print(f"scoring {len(scales)} scales of {flag(option)}: {', '.join(f'{v:g}' for v in scales)}",
+                      highlight=False)
+    return [gen.images(scale) for scale in scales], (flag(option) if option and len(scales) > 1 else None)
+
+
 def _run(cfg: EvalConfig, d) -> dict:
-    images = ImageSet(cfg.images)
+    sets, swept = _sets(cfg, d)
+    images = sets[0]
     ref = open_reference(cfg.ref) if cfg.ref else None
     wanted = [m for m in METRICS if m in cfg.metrics]
     fdk = "fd_rae" if cfg.fd_encoder else fd_key(cfg.fd_model)
@@ -164,7 +227,7 @@ def _run(cfg: EvalConfig, d) -> dict:
                 and not has_manifest(images.path) and not has_manifest(ref.images.path)):
             _warn(d, "--pairs: file names differ between the two folders; pairing by sorted order")
     notes = []
-    if ref is not None and _same_images(images, ref.images):
+    if ref is not None and not cfg.model and _same_images(images, ref.images):
         notes.append("IMAGES and --ref are the same images: " + (
             "the scores against its images are trivial (FID and sFID use its precomputed statistics)"
             if ref.kind == "adm-ref-batch" else "FID and the other distances are 0 by construction"))
@@ -217,15 +280,19 @@ def _run(cfg: EvalConfig, d) -> dict:
 
     fd_ok = dinov2 is not None and want("fd_dinov2")
     want_pool = want("pr") or want("kid")
-    img_col = Collector(len(images), d.device, inception, dinov2 if fd_ok or cfg.save_ref else None,
+
+    def collector(n: int) -> Collector:
+        return Collector(n, d.device, inception, dinov2 if fd_ok or cfg.save_ref else None,
                          fid_stats=want("fid") or bool(cfg.save_ref), keep_pool=want_pool or bool(cfg.save_ref),
                          with_is=want("is"), is_split_size=cfg.is_split_size,
                          spatial_stats=want("sfid") or bool(cfg.save_ref))
+
+    img_col = collector(len(images))
     ref_col = None
     if ref is not None and ref.images is not None:
         ref_col = Collector(len(ref.images), d.device, inception, dinov2 if fd_ok and pre.dinov2_mu is None else None,
-                             fid_stats=want("fid") and pre.mu is None, keep_pool=want_pool and pre.pool is None,
-                             spatial_stats=want("sfid") and pre.mu_s is None)
+                            fid_stats=want("fid") and pre.mu is None, keep_pool=want_pool and pre.pool is None,
+                            spatial_stats=want("sfid") and pre.mu_s is None)
     if not img_col.busy and not cfg.pairs:
         if missing:
             raise missing[0]
@@ -236,21 +303,30 @@ def _run(cfg: EvalConfig, d) -> dict:
     if cfg.pairs:
         feature_pass([images, ref.images], [img_col, ref_col], d, cfg.batch_size, cfg.num_workers, "eval (pairs)",
                      pair_sums)
-    else:
-        feature_pass([images], [img_col], d, cfg.batch_size, cfg.num_workers, "eval images")
-        if ref_col is not None and ref_col.busy:
-            feature_pass([ref.images], [ref_col], d, cfg.batch_size, cfg.num_workers, "eval reference")
-    img_col.finish()
+    elif ref_col is not None and ref_col.busy:
+        feature_pass([ref.images], [ref_col], d, cfg.batch_size, cfg.num_workers, "eval reference")
     if ref_col is not None:
         ref_col.finish()
     pair_values = pair_sums.finish() if pair_sums is not None else {}
 
-    result = None
-    if d.is_main:
-        result = _report(cfg, d, _Passes(images, ref, pre, img_col, ref_col, pair_values, inception, dinov2, wanted,
-                                         skipped, fdk, notes))
-    result = dist.broadcast_object(result)
-    return result
+    results = []
+    for k, one in enumerate(sets):
+        col = img_col if k == 0 else collector(len(one))
+        if cfg.pairs:
+            pass  # collected above, with the reference
+        elif cfg.model:
+            what = "eval samples" + (f" ({swept} {one.sampling.scale:g})" if swept else "")
+            one.feed(col, cfg.batch_size, what)
+        else:
+            feature_pass([one], [col], d, cfg.batch_size, cfg.num_workers, "eval images")
+        col.finish()
+        result = None
+        if d.is_main:
+            result = _report(cfg, d, _Passes(one, ref, pre, col, ref_col, pair_values, inception, dinov2, wanted,
+                                             dict(skipped), fdk, notes))
+        results.append(result)
+    result = _write(cfg, d, results, swept) if d.is_main else None
+    return dist.broadcast_object(result)
 
 
 def _pair_lpips(cfg: EvalConfig, d, skipped: dict[str, str]):
@@ -366,7 +442,7 @@ def _report(cfg: EvalConfig, d, p: _Passes) -> dict:
         if want("kid"):
             try:
                 values["kid"], values["kid_std"] = M.kernel_inception_distance(
-                    sam_pool, ref_pool, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+                    sam_pool, ref_pool, cfg.kid_subsets, cfg.kid_subset_size, cfg.kid_seed)
                 kid_subset = min(cfg.kid_subset_size, len(sam_pool), len(ref_pool))  # as the metric draws them
             except ValueError as e:
                 skipped["kid"] = str(e)
@@ -389,8 +465,9 @@ def _report(cfg: EvalConfig, d, p: _Passes) -> dict:
         "num_images": len(images),
         "num_ref_images": len(ref.images) if ref is not None and ref.images is not None else None,
         # What was scored: its listing (file names and sizes) and, for a `rae decode` folder, its content id.
-        "images": {"path": str(images.path.resolve()), "kind": images.kind, "listing_sha256": images.listing_sha256(),
-                   "content_id": artifact_content_id(images.path)},
+        "images": images.identity() if cfg.model else {
+            "path": str(images.path.resolve()), "kind": images.kind, "listing_sha256": images.listing_sha256(),
+            "content_id": artifact_content_id(images.path)},
         "reference": ref.identity(computed_ref) if ref is not None else None,
         "fid_reference": (None if "fid" not in values else "precomputed mu/sigma of the reference"
                           if pre.mu is not None else "computed from the reference images"),
@@ -403,22 +480,30 @@ def _report(cfg: EvalConfig, d, p: _Passes) -> dict:
             "sfid_features": f"Inception mixed_6/conv ({SPATIAL_LAYER}, after batch norm and ReLU), channels "
                              f"0-{SPATIAL_CHANNELS - 1} of the {SPATIAL_GRID}x{SPATIAL_GRID} map, flattened NHWC: "
                              f"{SPATIAL_DIM} dims, as ADM",
-            "kid": f"polynomial kernel (x.y/d+1)^3, {cfg.kid_subsets} subsets of {kid_subset}, seed {cfg.seed}",
+            "kid": f"polynomial kernel (x.y/d+1)^3, {cfg.kid_subsets} subsets of {kid_subset}, seed {cfg.kid_seed}",
             "psnr_ssim": "per image on [0,255] (data range 255), then averaged; "
                          "SSIM Gaussian window 11, sigma 1.5, per channel",
             "world_size": d.world,
         },
         "config": jsonable(cfg),
     }
-    out = Path(os.path.abspath(cfg.out if cfg.out else default_out(cfg.images)))  # printed: where it really is
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, result)
-    result["written"] = str(out)
-
     if cfg.save_ref:
         _save_ref(cfg, images, img_col, inception, dinov2, skipped)
         result["saved_ref"] = str(cfg.save_ref)
     return result
+
+
+def _write(cfg: EvalConfig, d, results: list[dict], swept: str | None) -> dict:
+    """eval.json: the one result, or a sweep's (``swept``: the option whose comma list was scored) with
+    every scale's result in order."""
+    result = results[0] if swept is None else {
+        "kind": "eval-sweep", "rae_version": __version__, "swept": swept,
+        "scales": [r["images"]["sampling"]["scale"] for r in results], "results": results,
+        "images": {k: v for k, v in results[0]["images"].items() if k != "sampling"}, "config": jsonable(cfg)}
+    out = Path(os.path.abspath(cfg.out if cfg.out else default_out(cfg.images or cfg.model, generated=bool(cfg.model))))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, {k: v for k, v in result.items() if k != "saved_ref"})
+    return {**result, "written": str(out)}  # printed: where it really is
 
 
 def _save_ref(cfg: EvalConfig, images: ImageSet, img_col: Collector, inception, dinov2,

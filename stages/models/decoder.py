@@ -200,6 +200,11 @@ def to_reference_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, 3, H, W] where they are: clamp, x255, truncate (as the reference and ADM)."""
+    return images.float().clamp(0, 1).mul(255).to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]: clamp, x255, truncate (as the reference and ADM)."""
-    return images.float().clamp(0, 1).mul(255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] on the CPU: ``pixels``, as an image file holds them."""
+    return pixels(images).permute(0, 2, 3, 1).cpu().numpy()

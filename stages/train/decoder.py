@@ -35,7 +35,7 @@ from ..artifacts.runs import (DECODER_EMA, check_compatible, DECODER_FILES, DECO
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
 from ..eval.live import ReconScorer
-from ..models.decoder import DECODER_SIZES, ViTDecoder
+from ..models.decoder import DECODER_SIZES, ViTDecoder, pixels
 from ..models.encoders import UNKNOWN_DIGEST, build_encoder
 from ..options import check_options
 from ..progress import console, progress
@@ -457,7 +457,7 @@ class _Evaluation:
                 idx = self.mine[s: s + self.batch]
                 z, _, originals = self.reader(self.entries[idx])
                 recon = self.training.reconstruct(z.to(self.d.device))
-                yield (recon.to(self.d.device).float().clamp(0, 1).mul(255).to(torch.uint8),
+                yield (pixels(recon.to(self.d.device)),
                        originals.to(self.d.device), torch.as_tensor(idx))
 
         return {**self.scorer.score(batches(), self.n), "eval/num": self.n}

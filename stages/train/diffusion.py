@@ -41,6 +41,7 @@ from ..artifacts.runs import (CONFIG, DIFFUSION_EMA, DIFFUSION_FILES, DIFFUSION_
 from ..artifacts.store import open_complete_store
 from ..errors import ArtifactError, RaeError
 from ..eval.live import LiveScorer
+from ..models.decoder import pixels
 from ..models.dit import DIT_SIZES, create_dit, width_rule_warning
 from ..options import check_options, flag
 from ..progress import console, progress
@@ -272,7 +273,7 @@ def evaluate_ema(scorer: LiveScorer, trainer: DiffusionTraining, cfg: TrainDiffu
                             latents.mean, latents.var, trainer.autocast)["latents"]
             with torch.no_grad(), torch.autocast(**trainer.autocast):
                 images = decoder(z.to(d.device))
-            yield images.float().clamp(0, 1).mul(255).to(torch.uint8), idx
+            yield pixels(images), idx
 
     return {**scorer.score(batches(), cfg.eval_num), "eval/num": cfg.eval_num}
 
