@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from rae_cli.main import app
 
-NOT_RAE = {"--shm-size", "--nproc_per_node", "--nnodes"}  # Docker's and torchrun's, quoted in the README
+NOT_RAE = {"--shm-size", "--nproc_per_node", "--nnodes", "--numa-binding"}  # Docker's and torchrun's, quoted in the README
 
 
 def _help(command: str) -> str:
