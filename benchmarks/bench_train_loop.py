@@ -59,17 +59,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--no-tensorboard", action="store_true", help="pass --no-tensorboard to this checkout's run")
+    ap.add_argument("--phema", action="store_true", help="also run this checkout with --phema 0.05,0.10 (post-hoc EMA)")
     args = ap.parse_args()
     import torch
 
     make_complete_store(args.store, args.steps * args.batch)
     rows = []
-    for name, checkout in (("baseline", args.baseline), ("this checkout", REPO)):
+    phema = ["--phema", "0.05,0.10", "--snapshot-every", "1000000"]
+    for name, checkout, more in (("baseline", args.baseline, []), ("this checkout", REPO, []),
+                                 ("this checkout, --phema 0.05,0.10", REPO if args.phema else None, phema)):
         if checkout is None:
             continue
         # (TensorBoard files need the tensorboard package, which the GPU machines lack: off for this checkout.)
-        extra = ["--no-tensorboard"] if checkout == REPO and args.no_tensorboard else []
-        rates = run(checkout.resolve(), args.store, args.store.parent / f"run-{name.replace(' ', '-')}", args.steps,
+        extra = (["--no-tensorboard"] if checkout == REPO and args.no_tensorboard else []) + more
+        rates = run(checkout.resolve(), args.store, args.store.parent / f"run-{len(rows)}", args.steps,
                     args.batch, extra)
         rows.append((name, rates))
         print(name, [round(r, 1) for r in rates], flush=True)

@@ -45,7 +45,8 @@ def print_result(result: dict, console: Console | None = None) -> None:
     console = console or Console()
     runs = result.get("results") or [result]
     first = runs[0]
-    title = f"rae eval: {first['num_images']} {'samples of ' + first['images']['path'] if 'model' in first['images'] else 'images'}"
+    scored = first.get("images") or {}
+    title = f"rae eval: {first['num_images']} " + (f"samples of {scored['path']}" if "model" in scored else "images")
     if first.get("num_ref_images"):
         title += f" vs {first['num_ref_images']} reference images"
     table = Table()

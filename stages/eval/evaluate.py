@@ -298,28 +298,25 @@ def _run(cfg: EvalConfig, d) -> dict:
             raise missing[0]
         raise RaeError("nothing to evaluate: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
-    # Passes. With --pairs the two aligned sets go through together (each image is read once).
+    # Passes. With --pairs the two aligned sets go through together (each image is read once); otherwise
+    # the images, then the reference (once, for every set of a sweep).
     pair_sums = PairSums(d.device, _pair_lpips(cfg, d, skipped) if "lpips" in wanted else None) if cfg.pairs else None
     if cfg.pairs:
         feature_pass([images, ref.images], [img_col, ref_col], d, cfg.batch_size, cfg.num_workers, "eval (pairs)",
                      pair_sums)
-    elif ref_col is not None and ref_col.busy:
-        feature_pass([ref.images], [ref_col], d, cfg.batch_size, cfg.num_workers, "eval reference")
-    if ref_col is not None:
-        ref_col.finish()
     pair_values = pair_sums.finish() if pair_sums is not None else {}
-
     results = []
     for k, one in enumerate(sets):
         col = img_col if k == 0 else collector(len(one))
-        if cfg.pairs:
-            pass  # collected above, with the reference
-        elif cfg.model:
-            what = "eval samples" + (f" ({swept} {one.sampling.scale:g})" if swept else "")
-            one.feed(col, cfg.batch_size, what)
-        else:
+        if cfg.model:
+            one.feed(col, cfg.batch_size, "eval samples" + (f" ({swept} {one.sampling.scale:g})" if swept else ""))
+        elif not cfg.pairs:
             feature_pass([one], [col], d, cfg.batch_size, cfg.num_workers, "eval images")
         col.finish()
+        if k == 0 and ref_col is not None:
+            if not cfg.pairs and ref_col.busy:
+                feature_pass([ref.images], [ref_col], d, cfg.batch_size, cfg.num_workers, "eval reference")
+            ref_col.finish()
         result = None
         if d.is_main:
             result = _report(cfg, d, _Passes(one, ref, pre, col, ref_col, pair_values, inception, dinov2, wanted,
