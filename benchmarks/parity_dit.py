@@ -61,7 +61,7 @@ def randomize_(model: torch.nn.Module, generator: torch.Generator) -> None:
         for name, p in model.named_parameters():
             if name in ("pos_embed", "t_embedder.W"):
                 continue
-            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "norm_final" in name:
+            if name.endswith(("norm1.weight", "norm2.weight", "q_norm.weight", "k_norm.weight")) or "norm_final" in name:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
             elif p.dim() == 1:
                 p.copy_(0.02 * torch.randn(p.shape, generator=generator))
@@ -72,8 +72,9 @@ def randomize_(model: torch.nn.Module, generator: torch.Generator) -> None:
 CONV_PATCH_EMBED = False  # --conv-patch-embed: our patch embeddings run the reference's Conv2d itself
 
 
-def ours_from(ref_model):
+def ours_from(ref_model, heads: dict | None = None):
     cls, kwargs = config_from_reference_state_dict(ref_model.state_dict())
+    kwargs.update(heads or {})  # a model without RoPE tables does not show its heads
     model = cls(**kwargs)
     model.load_state_dict(from_reference_state_dict(ref_model.state_dict()), strict=True)
     for m in model.modules():
@@ -91,19 +92,20 @@ def report(rows, name, ours, ref):
 
 @torch.no_grad()
 def compare(label, ref_cls, ref_kwargs, guide_kwargs, Sampler, create_transport, batch, steps_full,
-            seed, rows, guided_full=True, device="cpu", shift=math.sqrt(196608 / 4096), ag_scale=1.42):
+            seed, rows, guided_full=True, device="cpu", shift=math.sqrt(196608 / 4096), ag_scale=1.42, heads=None):
     print(f"{label} [{device}]:")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     ref = ref_cls(**ref_kwargs).eval()
     fresh_state = {k: v.clone() for k, v in ref.state_dict().items()}
     randomize_(ref, gen)
-    ours = ours_from(ref)
+    ours = ours_from(ref, heads)
     ref.to(device)
     ours.to(device)
 
     # Fixed tables computed by our code vs the reference's (fresh models).
     cls, kwargs = config_from_reference_state_dict(fresh_state)
+    kwargs.update(heads or {})
     fresh_ours = to_reference_state_dict(cls(**kwargs))
     for key in sorted(fresh_ours):
         if key == "pos_embed" or key.endswith(("freqs_cos", "freqs_sin")):
@@ -178,6 +180,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32, TF32 off)")
+    parser.add_argument("--switches", action="store_true",
+                        help="only the architecture switches (QK-norm, GELU MLP, LayerNorm, no RoPE), tiny models")
     parser.add_argument("--conv-patch-embed", action="store_true",
                         help="run our patch embeddings as the reference's Conv2d (default: the faster matmul form)")
     args = parser.parse_args()
@@ -190,6 +194,23 @@ def main():
                                                                             args.extra_path)
     rows: list[float] = []
     common = dict(patch_size=1, mlp_ratio=4.0, num_classes=10)
+    if args.switches:
+        # The reference's switches that run in its code (its wo_shift passes None to its modulate, and its
+        # DiTwDDTHead without RoPE calls tables it did not build: both crash there, so they have no parity).
+        for what, sw in (("QK-norm", dict(use_qknorm=True)), ("GELU MLP", dict(use_swiglu=False)),
+                         ("LayerNorm + QK-norm (LayerNorm)", dict(use_rmsnorm=False, use_qknorm=True))):
+            compare(f"LightningDiT (DiT), tiny, {what}", LightningDiT,
+                    dict(input_size=8, in_channels=32, hidden_size=64, depth=2, num_heads=4, **common, **sw),
+                    None, Sampler, create_transport, 4, 50, args.seed, rows, device=args.device)
+            compare(f"DiTwDDTHead (DiT^DH), tiny, {what}", DiTwDDTHead,
+                    dict(input_size=8, in_channels=32, hidden_size=[64, 96], depth=[2, 2], num_heads=[4, 4], **common,
+                         **sw), None, Sampler, create_transport, 4, 50, args.seed, rows, device=args.device)
+        compare("LightningDiT (DiT), tiny, no RoPE", LightningDiT,
+                dict(input_size=8, in_channels=32, hidden_size=64, depth=2, num_heads=4, use_rope=False, **common),
+                None, Sampler, create_transport, 4, 50, args.seed, rows, device=args.device, heads={"num_heads": 4})
+        worst = max(rows)
+        print(f"worst relative difference {worst:.3e} (target < {TARGET:.0e}): {'PASS' if worst < TARGET else 'FAIL'}")
+        sys.exit(0 if worst < TARGET else 1)
     compare("LightningDiT (DiT), tiny: C=32, 8x8, width 64, depth 2, 4 heads", LightningDiT,
             dict(input_size=8, in_channels=32, hidden_size=64, depth=2, num_heads=4, **common),
             None, Sampler, create_transport, 4, 50, args.seed, rows, device=args.device)

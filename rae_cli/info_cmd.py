@@ -42,12 +42,22 @@ def info(path: Path = typer.Argument(..., help="An artifact directory."),
                       "[red]changed since written: " + "; ".join(f"{n} ({why})" for n, why in changed)
                       + " — the content id no longer describes them[/]")
     if manifest["kind"] in ("decoder-run", "diffusion-run"):
-        from stages.artifacts.runs import saved_steps  # (imports torch: only for runs)
+        from stages.artifacts.runs import phema_snapshots, saved_steps  # (imports torch: only for runs)
 
         kept = saved_steps(path)
         for what, steps in kept.items():
             if steps:
                 table.add_row(what, f"steps {', '.join(map(str, steps))} (`--step N` of sample / decode)")
+        profiles = phema_snapshots(path)
+        if profiles:
+            stds = sorted({std for _, std, _ in profiles})
+            steps = sorted({step for step, _, _ in profiles})
+            table.add_row("post-hoc EMA", f"std {', '.join(f'{v:g}' for v in stds)} at steps {', '.join(map(str, steps))}"
+                                          " (`rae ema RUN --std S [--step N]`)")
+    if manifest.get("posthoc_ema"):
+        p = manifest["posthoc_ema"]
+        table.add_row("made by rae ema", f"std {p['std']:g} at step {p['step']} from {p['snapshots']} snapshots, "
+                                         f"relative residual {p['relative_residual']:.2e}")
     if manifest.get("skipped_files"):
         table.add_row("skipped files", str(len(manifest["skipped_files"])))
     for name, ref in manifest.get("inputs", {}).items():

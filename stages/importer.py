@@ -356,6 +356,10 @@ def import_diffusion(cfg: ImportConfig) -> dict:
     if "head_num_heads" in overrides and cls is not dit_model.DiTDH:
         raise RaeError(f"{cfg.source} is a DiT without a wide head: --head-num-heads does not apply")
     kwargs.update(overrides)
+    unknown = [flag for key, flag in (("num_heads", "--num-heads"), ("head_num_heads", "--head-num-heads"))
+               if key in kwargs and kwargs[key] is None]
+    if unknown:
+        raise RaeError(f"{cfg.source} has no RoPE tables to show its attention heads: give {' and '.join(unknown)}")
     meta = _meta_model(cls, kwargs)
     # Our RoPE tables are recomputed, not loaded: theirs must have our shapes (i.e. the same heads).
     tables = {k: tuple(v.shape) for k, v in dit_model.to_reference_state_dict(meta).items() if k.endswith("freqs_cos")}

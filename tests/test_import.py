@@ -287,3 +287,26 @@ def test_imagenet512_release_imports_samples_with_autoguidance_and_decodes_at_51
     run_rae("decode", tmp_path / "s.zarr", "--decoder", tmp_path / "dec", "--out", tmp_path / "img", "--device", "cpu")
     with np.load(tmp_path / "img" / "samples.npz") as f:
         assert f["arr_0"].shape == (2, 512, 512, 3) and sorted(f["arr_1"].tolist()) == [3, 7]
+
+
+def test_diffusion_import_carries_the_architecture_switches(tmp_path):
+    """A reference checkpoint trained with QK-norm and a GELU MLP, without RoPE: the switches come from its
+    tensors and are recorded in the run's config; the heads, which only RoPE tables show, are given."""
+    torch.manual_seed(0)
+    model = _randomised(dit.DiTDH(in_channels=96, input_size=4, width=32, depth=2, num_heads=2, head_width=128,
+                                  head_depth=1, head_num_heads=4, num_classes=10, use_qknorm=True, use_swiglu=False,
+                                  use_rope=False), 3)
+    torch.save(dit.to_reference_state_dict(model), tmp_path / "qk.pt")
+    mean, var = reference_stats()
+    torch.save({"mean": mean, "var": var}, tmp_path / "stat.pt")
+    args = ["import", "diffusion", tmp_path / "qk.pt", "--stats", tmp_path / "stat.pt", "--encoder", "dinov2-demo"]
+    proc = run_rae(*args, "--out", tmp_path / "no", check=False)
+    assert "no RoPE tables to show its attention heads: give --num-heads and --head-num-heads" in _one_line_error(proc)
+    run_rae(*args, "--out", tmp_path / "run", "--num-heads", 2, "--head-num-heads", 4)
+    run = load_diffusion_run(tmp_path / "run")
+    kwargs = run.config["model"]["kwargs"]
+    assert (kwargs["use_qknorm"], kwargs["use_swiglu"], kwargs["use_rope"]) == (True, False, False)
+    assert "use_rmsnorm" not in kwargs  # the paper's default, not recorded
+    x, t, y = torch.randn(2, *LATENT), torch.tensor([0.2, 0.7]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert torch.equal(run.model(x, t, y), model.eval()(x, t, y))

@@ -72,8 +72,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 #                                 Building blocks                               #
 #################################################################################
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) if shift is None else x * (1 + scale) + shift
+
+
+# The reference's architecture switches (LightningDiT / DiTwDDTHead keyword arguments, same names) and
+# the released models' values. A model's config records only those that differ.
+ARCH_DEFAULTS = dict(use_qknorm=False, use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=False,
+                     use_pos_embed=True)
+
+
+def _arch(given: dict) -> dict:
+    """The switches that differ from ``ARCH_DEFAULTS`` (what a config records)."""
+    unknown = set(given) - set(ARCH_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown architecture switch(es) {', '.join(sorted(unknown))}")
+    return {k: bool(v) for k, v in given.items() if bool(v) != ARCH_DEFAULTS[k]}
+
+
+def norm_layer(width: int, rmsnorm: bool) -> nn.Module:
+    """RMSNorm, or (``use_rmsnorm=False``) LayerNorm without affine parameters, eps 1e-6, as the reference."""
+    return RMSNorm(width) if rmsnorm else nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
 
 
 class RMSNorm(nn.Module):
@@ -104,6 +123,18 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
+class GeluMlp(nn.Module):
+    """``use_swiglu=False``: fc2(gelu_tanh(fc1(x))), hidden width ``mlp_ratio`` x (timm's Mlp, as the reference)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
 def swiglu_hidden(width: int, mlp_ratio: float) -> int:
     # 2/3 of the usual 4x width keeps the SwiGLU MLP at the parameter cost of a GELU MLP;
     # truncation (not rounding to a multiple of 8) is what the released checkpoints use:
@@ -112,22 +143,32 @@ def swiglu_hidden(width: int, mlp_ratio: float) -> int:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    """Multi-head attention; ``qk_norm``: queries and keys normalised per head before RoPE (the reference's
+    QK-norm: RMSNorm over the head dimension, or LayerNorm with affine parameters without RMSNorm)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, rmsnorm: bool = True):
         super().__init__()
         assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
+        if qk_norm:
+            self.q_norm, self.k_norm = ((RMSNorm(self.head_dim) if rmsnorm else nn.LayerNorm(self.head_dim))
+                                        for _ in range(2))
+        self.qk_norm = qk_norm
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = rope
-        # RoPE runs in float32 (cos/sin are float32); cast back so SDPA gets one dtype.
-        q = apply_rope(q, cos, sin).to(v.dtype)
-        k = apply_rope(k, cos, sin).to(v.dtype)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            # RoPE runs in float32 (cos/sin are float32); cast back so SDPA gets one dtype.
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
+        x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -187,19 +228,26 @@ class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero. The condition c is [B, D] (one vector per
     sample, DiT and the DiT^DH trunk) or [B, N, D] (one per token, the DiT^DH head)."""
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0, use_qknorm: bool = False,
+                 use_swiglu: bool = True, use_rmsnorm: bool = True, wo_shift: bool = False):
         super().__init__()
-        self.norm1 = RMSNorm(width)
-        self.attn = Attention(width, num_heads)
-        self.norm2 = RMSNorm(width)
-        self.mlp = SwiGLU(width, swiglu_hidden(width, mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.norm1 = norm_layer(width, use_rmsnorm)
+        self.attn = Attention(width, num_heads, use_qknorm, use_rmsnorm)
+        self.norm2 = norm_layer(width, use_rmsnorm)
+        self.mlp = (SwiGLU(width, swiglu_hidden(width, mlp_ratio)) if use_swiglu
+                    else GeluMlp(width, int(width * mlp_ratio)))
+        self.wo_shift = wo_shift  # adaLN without shifts: scale and gate only
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, (4 if wo_shift else 6) * width))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope) -> torch.Tensor:
         if c.dim() == 2:
             c = c.unsqueeze(1)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).chunk(6, dim=-1))
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=-1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+                self.adaLN_modulation(c).chunk(6, dim=-1))
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -208,9 +256,9 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated RMSNorm (shift and scale, no gate), then a linear map to p*p*C per token."""
 
-    def __init__(self, width: int, out_per_token: int):
+    def __init__(self, width: int, out_per_token: int, use_rmsnorm: bool = True):
         super().__init__()
-        self.norm_final = RMSNorm(width)
+        self.norm_final = norm_layer(width, use_rmsnorm)
         self.linear = nn.Linear(width, out_per_token)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
@@ -251,6 +299,10 @@ def _init_weights(model: DiT | DiTDH, patch_embeds: list[PatchEmbed]) -> None:
 #                                    Models                                     #
 #################################################################################
 
+def _tables(rope: RoPE2D | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return None if rope is None else (rope.freqs_cos, rope.freqs_sin)
+
+
 def _linears_except(model: nn.Module, per_sample: tuple[str, ...]) -> list[str]:
     """Names of the ``nn.Linear`` modules of ``model`` outside the ``per_sample`` prefixes."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.startswith(per_sample)]
@@ -260,22 +312,25 @@ class DiT(nn.Module):
     """LightningDiT as RAE uses it: x_t [B, C, H, W], t [B] in [0, 1], y [B] -> v [B, C, H, W]."""
 
     def __init__(self, in_channels: int = 768, input_size: int = 16, patch_size: int = 1, width: int = 1152,
-                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000):
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000, **switches):
         super().__init__()
+        arch = {**ARCH_DEFAULTS, **_arch(switches)}
         self.config = dict(in_channels=in_channels, input_size=input_size, patch_size=patch_size,
                            width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           num_classes=num_classes)
+                           num_classes=num_classes, **_arch(switches))
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.output_width = width  # of the layers that produce v: what the paper's width rule is about
         grid = input_size // patch_size
+        blocks = {k: arch[k] for k in ("use_qknorm", "use_swiglu", "use_rmsnorm", "wo_shift")}
 
         self.x_embedder = PatchEmbed(in_channels, width, patch_size)
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(width, grid)[None], requires_grad=False)
+        self.pos_embed = (nn.Parameter(sincos_pos_embed_2d(width, grid)[None], requires_grad=False)
+                          if arch["use_pos_embed"] else None)
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = LabelEmbedder(num_classes, width)
-        self.feat_rope = RoPE2D(width // num_heads, grid)
-        self.blocks = nn.ModuleList([DiTBlock(width, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(width, patch_size * patch_size * in_channels)
+        self.feat_rope = RoPE2D(width // num_heads, grid) if arch["use_rope"] else None
+        self.blocks = nn.ModuleList([DiTBlock(width, num_heads, mlp_ratio, **blocks) for _ in range(depth)])
+        self.final_layer = FinalLayer(width, patch_size * patch_size * in_channels, arch["use_rmsnorm"])
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -286,8 +341,10 @@ class DiT(nn.Module):
         _init_weights(self, [self.x_embedder])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        rope = (self.feat_rope.freqs_cos, self.feat_rope.freqs_sin)
-        h = self.x_embedder(x) + self.pos_embed
+        rope = _tables(self.feat_rope)
+        h = self.x_embedder(x)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             h = block(h, c, rope)
@@ -311,12 +368,14 @@ class DiTDH(nn.Module):
 
     def __init__(self, in_channels: int = 768, input_size: int = 16, patch_size: int = 1, width: int = 1152,
                  depth: int = 28, num_heads: int = 16, head_width: int = 2048, head_depth: int = 2,
-                 head_num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000):
+                 head_num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000, **switches):
         super().__init__()
+        arch = {**ARCH_DEFAULTS, **_arch(switches)}
         self.config = dict(in_channels=in_channels, input_size=input_size, patch_size=patch_size,
                            width=width, depth=depth, num_heads=num_heads, head_width=head_width,
                            head_depth=head_depth, head_num_heads=head_num_heads,
-                           mlp_ratio=mlp_ratio, num_classes=num_classes)
+                           mlp_ratio=mlp_ratio, num_classes=num_classes, **_arch(switches))
+        blocks = {k: arch[k] for k in ("use_qknorm", "use_swiglu", "use_rmsnorm", "wo_shift")}
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.output_width = head_width  # the head produces v: its width is what the paper's rule is about
         self.depth = depth
@@ -324,19 +383,20 @@ class DiTDH(nn.Module):
 
         # Trunk M: z = M(x_t | t, y).
         self.s_embedder = PatchEmbed(in_channels, width, patch_size)
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(width, grid)[None], requires_grad=False)
+        self.pos_embed = (nn.Parameter(sincos_pos_embed_2d(width, grid)[None], requires_grad=False)
+                          if arch["use_pos_embed"] else None)
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = LabelEmbedder(num_classes, width)
-        self.enc_feat_rope = RoPE2D(width // num_heads, grid)
+        self.enc_feat_rope = RoPE2D(width // num_heads, grid) if arch["use_rope"] else None
         # Head H: v = H(x_t | z, t); x_t is embedded again, at the head width (no position
         # embedding: RoPE carries position in the head).
         self.x_embedder = PatchEmbed(in_channels, head_width, patch_size)
         self.s_projector = nn.Linear(width, head_width) if width != head_width else nn.Identity()
-        self.dec_feat_rope = RoPE2D(head_width // head_num_heads, grid)
+        self.dec_feat_rope = RoPE2D(head_width // head_num_heads, grid) if arch["use_rope"] else None
         self.blocks = nn.ModuleList(
-            [DiTBlock(width, num_heads, mlp_ratio) for _ in range(depth)]
-            + [DiTBlock(head_width, head_num_heads, mlp_ratio) for _ in range(head_depth)])
-        self.final_layer = FinalLayer(head_width, patch_size * patch_size * in_channels)
+            [DiTBlock(width, num_heads, mlp_ratio, **blocks) for _ in range(depth)]
+            + [DiTBlock(head_width, head_num_heads, mlp_ratio, **blocks) for _ in range(head_depth)])
+        self.final_layer = FinalLayer(head_width, patch_size * patch_size * in_channels, arch["use_rmsnorm"])
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -348,14 +408,16 @@ class DiTDH(nn.Module):
         # Note the SiLU here *and* inside each block's adaLN_modulation (as the released model).
         c = F.silu(t_emb + self.y_embedder(y))
 
-        enc_rope = (self.enc_feat_rope.freqs_cos, self.enc_feat_rope.freqs_sin)
-        z = self.s_embedder(x) + self.pos_embed
+        enc_rope = _tables(self.enc_feat_rope)
+        z = self.s_embedder(x)
+        if self.pos_embed is not None:
+            z = z + self.pos_embed
         for block in self.blocks[: self.depth]:
             z = block(z, c, enc_rope)
 
         # Per-token condition of the head: silu(t + z), projected to the head width.
         z = self.s_projector(F.silu(t_emb.unsqueeze(1) + z))
-        dec_rope = (self.dec_feat_rope.freqs_cos, self.dec_feat_rope.freqs_sin)
+        dec_rope = _tables(self.dec_feat_rope)
         h = self.x_embedder(x)
         for block in self.blocks[self.depth:]:
             h = block(h, z, dec_rope)
@@ -415,30 +477,50 @@ def to_reference_state_dict(model: nn.Module) -> dict:
 
 
 def config_from_reference_state_dict(state_dict: dict) -> tuple[type[nn.Module], dict]:
-    """Infer (model class, constructor kwargs) from a reference checkpoint. Needs its RoPE
-    tables (their width is the head dimension, hence the number of heads); assumes mlp_ratio 4."""
+    """Infer (model class, constructor kwargs) from a reference checkpoint, architecture switches
+    included (QK-norm, SwiGLU or GELU MLP, RMSNorm or LayerNorm, RoPE, shift-free adaLN, position
+    embedding: each leaves its own tensors). The heads come from the RoPE tables (their width is the
+    head dimension); without RoPE they must be given. Assumes mlp_ratio 4."""
     state_dict = _unwrap(state_dict)
     is_dh = "s_embedder.proj.weight" in state_dict
     embed = state_dict["s_embedder.proj.weight" if is_dh else "x_embedder.proj.weight"]
     width, in_channels, patch_size = embed.shape[0], embed.shape[1], embed.shape[-1]
+    # Block widths from the adaLN layers: [k * width, width] with k = 6, or 4 without shifts.
+    ada = [(int(k.split(".")[1]), v.shape) for k, v in state_dict.items()
+           if k.startswith("blocks.") and k.endswith(".adaLN_modulation.1.weight")]
+    block_widths = [shape[1] for _, shape in sorted(ada)]
+    rope_key = "enc_feat_rope.freqs_cos" if is_dh else "feat_rope.freqs_cos"
+    switches = dict(use_qknorm="blocks.0.attn.q_norm.weight" in state_dict,
+                    use_swiglu="blocks.0.mlp.w12.weight" in state_dict,
+                    use_rmsnorm="blocks.0.norm1.weight" in state_dict,
+                    use_rope=rope_key in state_dict, wo_shift=sorted(ada)[0][1][0] == 4 * width,
+                    use_pos_embed="pos_embed" in state_dict)
+    if switches["use_pos_embed"]:
+        grid = math.isqrt(state_dict["pos_embed"].shape[1])
+    elif switches["use_rope"]:
+        grid = math.isqrt(state_dict[rope_key].shape[0])
+    else:
+        raise ValueError("a checkpoint without position embedding nor RoPE does not show its latent size")
     kwargs = dict(in_channels=in_channels, patch_size=patch_size, width=width, mlp_ratio=4.0,
-                  input_size=math.isqrt(state_dict["pos_embed"].shape[1]) * patch_size,
-                  num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1)
-    block_widths = [v.shape[0] for k, v in state_dict.items()
-                    if k.startswith("blocks.") and k.endswith(".norm1.weight")]
-    if state_dict["blocks.0.mlp.w3.weight"].shape[1] != swiglu_hidden(width, 4.0):
+                  input_size=grid * patch_size,
+                  num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1, **_arch(switches))
+    hidden = (state_dict["blocks.0.mlp.w3.weight"].shape[1] if switches["use_swiglu"]
+              else state_dict["blocks.0.mlp.fc1.weight"].shape[0])
+    if hidden != (swiglu_hidden(width, 4.0) if switches["use_swiglu"] else 4 * width):
         raise ValueError("only mlp_ratio 4.0 checkpoints can be inferred; pass the config")
+
+    def heads(key: str, w: int) -> int | None:
+        return w // state_dict[key].shape[1] if key in state_dict else None
+
     if not is_dh:
-        kwargs.update(depth=len(block_widths),
-                      num_heads=width // state_dict["feat_rope.freqs_cos"].shape[1])
+        kwargs.update(depth=len(block_widths), num_heads=heads("feat_rope.freqs_cos", width))
         return DiT, kwargs
     head_width = state_dict["x_embedder.proj.weight"].shape[0]
     if head_width == width:
         raise ValueError("trunk and head have the same width: pass the DiT^DH config explicitly")
     depth = block_widths.count(width)
-    kwargs.update(depth=depth, num_heads=width // state_dict["enc_feat_rope.freqs_cos"].shape[1],
-                  head_width=head_width, head_depth=len(block_widths) - depth,
-                  head_num_heads=head_width // state_dict["dec_feat_rope.freqs_cos"].shape[1])
+    kwargs.update(depth=depth, num_heads=heads("enc_feat_rope.freqs_cos", width), head_width=head_width,
+                  head_depth=len(block_widths) - depth, head_num_heads=heads("dec_feat_rope.freqs_cos", head_width))
     return DiTDH, kwargs
 
 

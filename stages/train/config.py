@@ -151,6 +151,14 @@ class TrainDiffusionConfig:
     head_width: int | None = option(None, "DiT^DH: override the head width (2048).", check=AT_LEAST_1)
     head_depth: int | None = option(None, "DiT^DH: override the head depth (2).", check=AT_LEAST_1)
     head_num_heads: int | None = option(None, "DiT^DH: override the head's number of heads (16).", check=AT_LEAST_1)
+    # The reference's architecture switches (its LightningDiT / DiTwDDTHead arguments); the defaults are the paper's.
+    qk_norm: bool = option(False, "QK-norm: queries and keys RMS-normalised per head before RoPE (LightningDiT's "
+                           "remedy for loss spikes).")
+    swiglu: bool = option(True, "SwiGLU MLP (--no-swiglu: GELU-tanh MLP of 4x width).")
+    rmsnorm: bool = option(True, "RMSNorm (--no-rmsnorm: LayerNorm without affine parameters).")
+    rope: bool = option(True, "2-D RoPE in attention.")
+    pos_embed: bool = option(True, "Fixed 2-D sin-cos position embedding at the input.")
+    wo_shift: bool = option(False, "adaLN without shifts (scale and gate only).")
     # Flow matching.
     time_dist: str = option("logit_normal", "Training time distribution: logit_normal | uniform.",
                             choices=("logit_normal", "uniform"))
@@ -231,13 +239,21 @@ class TrainDiffusionConfig:
                 "eval_ref", "eval_metrics", "eval_steps", "eval_batch_size", "inception_weights", "dinov2_weights",
                 "fd_model", "fd_encoder", *RUN_OPTIONS)
 
+    # Options added after runs were made: at these values they are left out of the identity, so a run
+    # started by an earlier rae resumes under this one.
+    LATER = {"phema": None, "qk_norm": False, "swiglu": True, "rmsnorm": True, "rope": True, "pos_embed": True,
+             "wo_shift": False}
+
     def identity(self) -> dict:
         """The fields that define what is learned (compared when a run is resumed)."""
-        return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY}
+        return {k: v for k, v in jsonable(self).items()
+                if k not in self.RUN_ONLY and not (k in self.LATER and v == self.LATER[k])}
 
     def model_overrides(self) -> dict:
         names = ("width", "depth", "num_heads", "head_width", "head_depth", "head_num_heads")
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        switches = dict(use_qknorm=self.qk_norm, use_swiglu=self.swiglu, use_rmsnorm=self.rmsnorm, use_rope=self.rope,
+                        use_pos_embed=self.pos_embed, wo_shift=self.wo_shift)
+        return {**{k: getattr(self, k) for k in names if getattr(self, k) is not None}, **switches}
 
 
 def rank_slice(global_batch: int, rank: int, world: int) -> slice:

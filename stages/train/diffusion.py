@@ -69,7 +69,7 @@ def _validate(cfg: TrainDiffusionConfig) -> None:
     size = {**DIT_SIZES[cfg.model][1], **{k: getattr(cfg, k) for k in ("width", "num_heads", "head_width",
                                                                         "head_num_heads") if getattr(cfg, k)}}
     for width, heads in (("width", "num_heads"), ("head_width", "head_num_heads")):
-        if width in size and (size[width] % size[heads] or size[width] // size[heads] % 4):
+        if width in size and (size[width] % size[heads] or cfg.rope and size[width] // size[heads] % 4):
             raise RaeError(f"{cfg.model}: {flag(width)} {size[width]} over {flag(heads)} {size[heads]} must give a "
                            "whole head dimension divisible by 4 (2-D RoPE)")
 

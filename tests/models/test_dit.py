@@ -338,3 +338,76 @@ def test_rmsnorm_keeps_float64_in_float64():
     exact = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6)
     out = RMSNorm(64)(x)
     assert out.dtype == torch.float64 and (out - exact).abs().max() < 64 * 2.3e-16 * exact.abs().max()
+
+
+# ---- the reference's architecture switches -------------------------------------------------------------
+
+SWITCHES = [dict(use_qknorm=True), dict(use_swiglu=False), dict(use_rmsnorm=False), dict(use_rmsnorm=False, use_qknorm=True),
+            dict(wo_shift=True), dict(use_pos_embed=False), dict(use_rope=False)]
+
+
+def switched(kind, **switches):
+    torch.manual_seed(0)
+    if kind == "dit":
+        model = DiT(in_channels=C, input_size=S, width=32, depth=2, num_heads=2, num_classes=K, **switches)
+    else:
+        model = DiTDH(in_channels=C, input_size=S, width=16, depth=2, num_heads=2, head_width=32, head_depth=2,
+                      head_num_heads=2, num_classes=K, **switches)
+    return randomize_(model, 1)
+
+
+@pytest.mark.parametrize("kind", ["dit", "ditdh"])
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_each_switch_has_the_reference_tensors_and_round_trips(kind, switches):
+    model = switched(kind, **switches)
+    assert {k: v for k, v in model.config.items() if k.startswith(("use_", "wo_"))} == switches  # only what differs
+    sd = model.state_dict()
+    has = lambda key: any(k.endswith(key) for k in sd)  # noqa: E731
+    assert has("attn.q_norm.weight") == bool(switches.get("use_qknorm"))
+    assert has("attn.q_norm.bias") == (bool(switches.get("use_qknorm")) and switches.get("use_rmsnorm") is False)
+    assert has("mlp.fc1.weight") == (switches.get("use_swiglu") is False) != has("mlp.w12.weight")
+    assert has("norm1.weight") == (switches.get("use_rmsnorm") is not False)
+    assert ("pos_embed" in sd) == (switches.get("use_pos_embed") is not False)
+    width = 32 if kind == "dit" else 16
+    assert sd["blocks.0.adaLN_modulation.1.weight"].shape[0] == (4 if switches.get("wo_shift") else 6) * width
+    if not switches.get("use_swiglu", True):
+        assert sd["blocks.0.mlp.fc1.weight"].shape == (4 * width, width)
+    # A reference checkpoint of it gives back the class and every switch (the heads, without RoPE, are given).
+    cls, kwargs = config_from_reference_state_dict(to_reference_state_dict(model))
+    if not switches.get("use_rope", True):
+        assert kwargs["num_heads"] is None
+        kwargs.update({k: model.config[k] for k in ("num_heads", "head_num_heads") if k in model.config})
+    assert cls is type(model) and kwargs == model.config
+    loaded = cls(**kwargs).eval()
+    loaded.load_state_dict(from_reference_state_dict(to_reference_state_dict(model)), strict=True)
+    x, t, y = inputs()
+    v = model.eval()(x, t, y)
+    assert torch.equal(loaded(x, t, y), v) and v.isfinite().all()
+    assert not torch.allclose(v, randomized(kind)(x, t, y))  # the switch changes the maths
+
+
+@pytest.mark.parametrize("kind", ["dit", "ditdh"])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(kind):
+    model = switched(kind, use_qknorm=True).eval()
+    x, t, y = inputs()
+    before = model(x, t, y)
+    width = 32 if kind == "dit" else 16
+    with torch.no_grad():
+        qkv = model.blocks[0].attn.qkv
+        qkv.weight[: 2 * width] *= 7.0  # queries and keys of the first block, 7x larger
+        qkv.bias[: 2 * width] *= 7.0
+    after = model(x, t, y)
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-5)  # RMSNorm's eps is all that sees the scale
+    plain = randomized(kind).eval()
+    ref = plain(x, t, y)
+    with torch.no_grad():
+        plain.blocks[0].attn.qkv.weight[: 2 * width] *= 7.0
+        plain.blocks[0].attn.qkv.bias[: 2 * width] *= 7.0
+    assert not torch.allclose(plain(x, t, y), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_without_shift_the_modulation_only_scales():
+    block = switched("dit", wo_shift=True).blocks[0]
+    assert block.adaLN_modulation[-1].out_features == 4 * 32
+    with pytest.raises(TypeError, match="unknown architecture switch"):
+        DiT(in_channels=C, input_size=S, width=32, depth=1, num_heads=2, num_classes=K, use_flash=True)

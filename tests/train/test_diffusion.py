@@ -315,3 +315,21 @@ def test_stop_after_checkpoints_and_the_same_command_ends_as_an_uninterrupted_ru
         a, b = _weights(full, name), _weights(cut, name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert read_manifest(cut)["complete"] and read_manifest(cut)["step"] == 6
+
+
+def test_architecture_switches_train_and_are_recorded_and_options_added_later_keep_old_identities(store, tmp_path):
+    out = tmp_path / "run"
+    argv = _cli_args(_cfg(store, out, steps=2, sample_every=0))
+    run_rae(*argv, "--qk-norm", "--no-swiglu", "--wo-shift", "--no-pos-embed")
+    kwargs = json.loads((out / "config.json").read_text())["model"]["kwargs"]
+    assert {k: v for k, v in kwargs.items() if k.startswith(("use_", "wo_"))} == dict(
+        use_qknorm=True, use_swiglu=False, wo_shift=True, use_pos_embed=False)
+    model = load_diffusion_run(out).model
+    assert model.blocks[0].attn.qk_norm and model.pos_embed is None
+    # Another switch is another run: refused as made differently.
+    proc = run_rae(*argv, "--qk-norm", "--no-swiglu", "--wo-shift", check=False)
+    assert proc.returncode == 1 and "--pos-embed" in proc.stderr
+    # Options added after runs existed are out of the identity at their defaults: older runs resume.
+    identity = _cfg(store, out).identity()
+    assert not set(TrainDiffusionConfig.LATER) & set(identity)
+    assert _cfg(store, out, qk_norm=True).identity()["qk_norm"] is True

@@ -144,6 +144,8 @@ def test_training_keeps_the_profiles_at_each_snapshot_and_resumes_them_exactly(p
     for std in (0.05, 0.1):
         a, b = (load_weights(phema_snapshot_path(d, 6, std)) for d in (dit, out))
         assert all(torch.equal(a[k], b[k]) for k in a)
+    info = run_rae("info", dit).stdout
+    assert "post-hoc EMA" in info and "std 0.05, 0.1 at steps 2, 4, 6" in " ".join(info.split())
     # The two profiles differ from each other and from the recipe's EMA.
     narrow, wide = (load_weights(phema_snapshot_path(dit, 6, s)) for s in (0.05, 0.1))
     ema = load_weights(dit / "model_ema.safetensors")
@@ -159,6 +161,7 @@ def test_rae_ema_makes_a_run_that_samples(phema_run, tmp_path):
     got = load_weights(tmp_path / "e10" / "model_ema.safetensors")
     want = load_weights(phema_snapshot_path(dit, 6, 0.1))
     assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+    assert "made by rae ema" in run_rae("info", tmp_path / "e10").stdout
     record = read_manifest(tmp_path / "e10")["posthoc_ema"]
     assert record["step"] == 6 and record["relative_residual"] < 1e-6
     # Another length at an earlier step: a complete run that rae sample takes as it is.
