@@ -20,6 +20,7 @@ Everything is read and checked before the output is touched, and a run directory
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from .errors import RaeError
 from .models import decoder as decoder_model
 from .models import dit as dit_model
 from .models.encoders import UNKNOWN_DIGEST, encoder_identity, spec_for
-from .models.weights import MissingWeightsError, cached_pretrained_file, read_torch_file
+from .models.weights import MissingWeightsError, cached_pretrained_file, hf_file, is_hf, read_torch_file
 from .options import option
 
 KINDS = ("decoder", "stats", "diffusion")
@@ -46,7 +47,8 @@ KINDS = ("decoder", "stats", "diffusion")
 class ImportConfig:
     kind: str = option(help="decoder | stats | diffusion.", argument=True)
     source: str = option(help="The released file: model.pt (decoder), stat.pt (stats), stage2_model.pt (diffusion), "
-                         "or a training checkpoint of the reference code.", path=True, argument=True)
+                         "or a training checkpoint of the reference code; a local path or hf://OWNER/REPO/FILE (the "
+                         "Hugging Face cache, downloaded into it when needed).", path=True, argument=True)
     out: str = option(help="Output directory: a decoder run, a diffusion run, or a statistics directory "
                       "(latent_stats.safetensors).", short="-o", path=True)
     # The encoder whose latents the models work on (the released models: DINOv2-B with registers).
@@ -60,13 +62,15 @@ class ImportConfig:
     heads: int | None = option(None, "decoder: attention heads (default: the reference config's for its width, 12 "
                                "for 768, 16 for 1024 and 1152).")
     stats: str | None = option(None, "diffusion: the latent statistics it was trained with (stat.pt, a .safetensors, "
-                               "or a directory from `rae import stats`).", path=True)
+                               "a directory from `rae import stats`, or hf://OWNER/REPO/FILE).", path=True)
     num_heads: int | None = option(None, "diffusion: trunk attention heads (default: from the RoPE tables).")
     head_num_heads: int | None = option(None, "diffusion: DiT^DH head attention heads (default: from the RoPE "
                                         "tables).")
     shift: float | None = option(None, "diffusion: time shift (default: sqrt(C*h*w / 4096), as the reference).")
     shift_base: int = 4096
+    offline: bool = option(False, "Never download: hf:// files from the Hugging Face cache only.")
     overwrite: bool = option(False, "Replace an existing output.")
+    hf_names: dict | None = option(None, "The hf:// names of the files (set by rae).", cli=False)
 
 
 def _validate(cfg: ImportConfig) -> None:
@@ -399,7 +403,20 @@ def import_diffusion(cfg: ImportConfig) -> dict:
                      f"{sum(v.numel() for v in sets['ema'].values()) / 1e6:.2f}M parameters"}
 
 
+def _fetch(cfg: ImportConfig) -> ImportConfig:
+    """Released files named ``hf://OWNER/REPO/FILE`` -> their files in the Hugging Face cache (downloaded
+    there first when needed); the config then holds the local paths, and the hf:// names in ``hf_names``
+    (recorded with it in the output's manifest)."""
+    named = {k: "hf://" + str(getattr(cfg, k)).split(":", 1)[1].lstrip("/") for k in ("source", "stats")
+             if is_hf(getattr(cfg, k))}
+    if not named:
+        return cfg
+    return dataclasses.replace(cfg, hf_names=named, **{k: hf_file(v, cfg.offline) for k, v in named.items()})
+
+
 @stage
 def run(cfg: ImportConfig) -> dict:
     _validate(cfg)
-    return {"decoder": import_decoder, "stats": import_stats, "diffusion": import_diffusion}[cfg.kind](cfg)
+    cfg = _fetch(cfg)
+    result = {"decoder": import_decoder, "stats": import_stats, "diffusion": import_diffusion}[cfg.kind](cfg)
+    return {**result, "hf": cfg.hf_names or {}}

@@ -310,3 +310,42 @@ def test_diffusion_import_carries_the_architecture_switches(tmp_path):
     x, t, y = torch.randn(2, *LATENT), torch.tensor([0.2, 0.7]), torch.tensor([1, 10])
     with torch.no_grad():
         assert torch.equal(run.model(x, t, y), model.eval()(x, t, y))
+
+
+def _hf_cache(home, repo: str, files: dict) -> None:
+    """Files in the Hugging Face cache layout under HF_HOME=home, as a download leaves them."""
+    commit = "0" * 40
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    for name, writer in files.items():
+        path = root / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer(path)
+
+
+def test_released_files_by_hugging_face_name(tmp_path):
+    model = tiny_dit(4)
+    mean, var = reference_stats()
+    repo = "nyu-visionx/RAE-collections"
+    _hf_cache(tmp_path / "hf", repo, {
+        "DiTDH-tiny/stage2_model.pt": lambda p: torch.save(dit.to_reference_state_dict(model), p),
+        "stats/stat.pt": lambda p: torch.save({"mean": mean, "var": var}, p)})
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    run_rae("import", "diffusion", f"hf://{repo}/DiTDH-tiny/stage2_model.pt", "--stats", f"hf://{repo}/stats/stat.pt",
+            "--encoder", "dinov2-demo", "--out", tmp_path / "run", env=env)
+    run = load_diffusion_run(tmp_path / "run")
+    x, t, y = torch.randn(2, *LATENT), torch.tensor([0.2, 0.7]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert torch.equal(run.model(x, t, y), model.eval()(x, t, y))
+    assert read_manifest(tmp_path / "run")["config"]["hf_names"] == {
+        "source": f"hf://{repo}/DiTDH-tiny/stage2_model.pt", "stats": f"hf://{repo}/stats/stat.pt"}
+    # Not in the cache and no network: one line naming the file, its address and the cache.
+    proc = run_rae("import", "decoder", f"hf://{repo}/decoders/model.pt", "--out", tmp_path / "dec", env=env,
+                   check=False)
+    line = _one_line_error(proc)
+    assert f"hf://{repo}/decoders/model.pt is not in the Hugging Face cache" in line
+    assert f"https://huggingface.co/{repo}/resolve/main/decoders/model.pt" in line
+    assert not (tmp_path / "dec").exists()
+    proc = run_rae("import", "decoder", "hf://only-a-repo", "--out", tmp_path / "dec", env=env, check=False)
+    assert "a Hugging Face file is hf://OWNER/REPO/PATH" in _one_line_error(proc)

@@ -115,6 +115,42 @@ def reachable(url: str, timeout: float = 3.0) -> bool:
     return bool(answer)
 
 
+HF_SCHEME = "hf://"
+
+
+def is_hf(path: str | os.PathLike | None) -> bool:
+    """``hf://OWNER/REPO/FILE`` (a path option may have folded the "//" into "/")."""
+    return path is not None and str(path).startswith(("hf://", "hf:/"))
+
+
+def hf_file(spec: str | os.PathLike, offline: bool = False) -> str:
+    """``hf://OWNER/REPO/PATH/IN/REPO`` -> the file in the Hugging Face cache, downloaded into it first
+    when it is not there (``huggingface_hub``, as timm's weights; ``offline`` or HF_HUB_OFFLINE=1: the
+    cache only). One line naming the file, its address and the cache when it cannot be had."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    rest = str(spec).split(":", 1)[1].lstrip("/")
+    parts = rest.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise RaeError(f"{spec}: a Hugging Face file is hf://OWNER/REPO/PATH (e.g. "
+                       "hf://nyu-visionx/RAE-collections/<file>)")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    url = hf_download_hint(repo, filename)
+    cached = try_to_load_from_cache(repo, filename)
+    if isinstance(cached, str) and os.path.isfile(cached):
+        return cached
+    where = f"{HF_HUB_CACHE}/models--{repo.replace('/', '--')}"
+    if offline or not reachable(url):
+        raise MissingWeightsError(f"{HF_SCHEME}{rest} is not in the Hugging Face cache ({where}) and cannot be "
+                                  f"downloaded here: download {url} and give its local path instead")
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as e:  # not found, gated, network: one line
+        raise MissingWeightsError(f"cannot download {url} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                                  "download it and give its local path instead") from None
+
+
 def cached_pretrained_file(timm_name: str) -> str | None:
     """The file of ``timm_name``'s pretrained weights in the Hugging Face cache, if it is there."""
     try:
