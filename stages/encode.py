@@ -44,7 +44,8 @@ SOURCE_STATS = "source_stats.npy"
 class EncodeConfig:
     data: str = option(help="Image folder: one subfolder per class (ImageNet layout) or flat.", path=True, argument=True)
     out: str = option(help="Output latent store (a .zarr directory).", short="-o", path=True)
-    encoder: str = option("dinov2-b", "dinov2-s | dinov2-b | dinov2-l | siglip2-b | mae-b | dinov2-demo")
+    encoder: str = option("dinov2-b", "dinov2-s | dinov2-b | dinov2-l | siglip2-b | mae-b | dinov2-demo | "
+                          "timm:MODEL_NAME (any timm ViT, e.g. timm:vit_base_patch16_dinov3).")
     encoder_weights: str | None = option(None, "Local encoder checkpoint (else timm's pretrained weights).", path=True)
     random_init: bool = option(False, "Random encoder weights from --seed (tests, demos).")
     seed: int = option(0, "Seed for --random-init.")

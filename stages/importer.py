@@ -53,7 +53,7 @@ class ImportConfig:
                       "(latent_stats.safetensors).", short="-o", path=True)
     # The encoder whose latents the models work on (the released models: DINOv2-B with registers).
     encoder: str = option("dinov2-b", "The encoder of the latents: dinov2-b (the released models) | dinov2-s | "
-                          "dinov2-l | siglip2-b | mae-b.")
+                          "dinov2-l | siglip2-b | mae-b | timm:MODEL_NAME.")
     image_size: int | None = option(None, "Image size of the encoded crops (default: from the token grid, 16x16 -> "
                                     "256 and 32x32 -> 512 for DINOv2).")
     encoder_weights: str | None = option(None, "The encoder's weights file, to record its sha256 as `rae encode "

@@ -210,3 +210,22 @@ def test_a_kill_while_the_store_is_created_leaves_nothing_a_rerun_refuses(demo_i
     assert not lock_path(out).exists()
     run(encode_config(demo_images, out, flip=True))
     assert read_manifest(out)["complete"] and not list(tmp_path.glob(".x.zarr.creating*"))
+
+
+def test_any_timm_vit_encodes_and_its_decoder_trains(demo_images, tmp_path):
+    """`--encoder timm:MODEL_NAME` (DINOv3-S/16 here, random weights): the grid from the image size, the
+    model's own normalisation recorded, and a decoder of the right geometry trains on the store."""
+    from tests.helpers import DECODER_ARGS, ENCODE_ARGS
+
+    store = tmp_path / "s.zarr"
+    run_rae("encode", demo_images, "--out", store, *ENCODE_ARGS, "--encoder", "timm:vit_small_patch16_dinov3",
+            "--random-init")
+    enc = read_manifest(store)["encoder"]
+    assert enc["latent_shape"] == [384, 4, 4] and enc["patch_size"] == 16 and enc["input_size"] == 64
+    assert enc["timm_name"] == "vit_small_patch16_dinov3.lvd1689m" and enc["name"] == "timm:vit_small_patch16_dinov3"
+    assert LatentStore(store).latents.shape[1:] == (384, 4, 4)
+    argv = ["train-decoder", "--latents", store, *DECODER_ARGS, "--steps", 2]
+    proc = run_rae(*argv, "--out", tmp_path / "bad", "--decoder-patch", 8, "--augment", "reference", check=False)
+    assert proc.returncode == 1 and "--decoder-patch 16 for 64 px images from its 4x4 tokens" in proc.stderr
+    run_rae(*argv, "--out", tmp_path / "dec")
+    assert json.loads((tmp_path / "dec" / "config.json").read_text())["encoder"]["name"] == enc["name"]

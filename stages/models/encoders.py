@@ -8,6 +8,7 @@ are laid out as a [C, h, w] grid.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -29,10 +30,12 @@ class EncoderSpec:
     width: int
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
-    input_scale: float = 1.0  # encoder input size = image size * input_scale (DINOv2: 224/256)
+    input_scale: float | None = 1.0  # encoder input size = image size * input_scale (DINOv2: 224/256)
     timm_kwargs: dict = field(default_factory=dict)  # architecture overrides (tiny test/demo models)
 
     def input_size(self, image_size: int) -> int:
+        if self.input_scale is None:  # `timm:NAME`: the image size, or DINOv2's rule (a 16 px grid) when not divisible
+            return image_size if image_size % self.patch_size == 0 else image_size // 16 * self.patch_size
         size = round(image_size * self.input_scale)
         if size % self.patch_size:
             raise RaeError(f"image size {image_size} gives encoder input {size}, not a multiple of "
@@ -61,10 +64,42 @@ ENCODERS: dict[str, EncoderSpec] = {
 }
 
 
+TIMM = "timm:"
+
+
 def spec_for(name: str) -> EncoderSpec:
+    """A named encoder, or ``timm:MODEL_NAME``: any timm ViT (e.g. DINOv3's ``vit_base_patch16_dinov3``)."""
+    if name.startswith(TIMM):
+        return timm_spec(name[len(TIMM):])
     if name not in ENCODERS:
-        raise RaeError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODERS)}")
+        raise RaeError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODERS)}, or timm:MODEL_NAME")
     return ENCODERS[name]
+
+
+@functools.lru_cache(maxsize=None)
+def timm_spec(model_name: str) -> EncoderSpec:
+    """The spec of a timm ViT, from its architecture (built on the meta device: no weights, no memory):
+    its patch size, width and pretrained normalisation; the token grid follows the image size
+    (``EncoderSpec.input_size``); prefix tokens (class, registers) are dropped as for DINOv2."""
+    import timm
+
+    if not timm.is_model(model_name):
+        raise RaeError(f"timm has no model {model_name!r} (timm {timm.__version__}; `timm.list_models('*dinov3*')` "
+                       "lists names)")
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(model_name, pretrained=False, num_classes=0)
+    except Exception as e:
+        raise RaeError(f"cannot build timm model {model_name!r}: {str(e).splitlines()[0][:160]}") from None
+    patch = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
+    if patch is None or not hasattr(vit, "forward_features") or not isinstance(getattr(vit, "norm", None), nn.LayerNorm):
+        raise RaeError(f"timm model {model_name!r} is not a ViT with a patch embedding and a final LayerNorm: "
+                       "rae cannot take its tokens as latents")
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    cfg = getattr(vit, "pretrained_cfg", {}) or {}
+    name = model_name if "." in model_name or not cfg.get("tag") else f"{model_name}.{cfg['tag']}"
+    return EncoderSpec(name, int(patch), int(vit.embed_dim), tuple(cfg.get("mean", IMAGENET_MEAN)),
+                       tuple(cfg.get("std", IMAGENET_STD)), input_scale=None)
 
 
 class Encoder(nn.Module):

@@ -305,9 +305,11 @@ def run(cfg: TrainDecoderConfig) -> dict:
     arch = decoder_architecture(cfg, store_manifest["encoder"], store.latent_shape)
     image_size = arch["grid"] * arch["patch_size"]
     if cfg.augment == "reference" and image_size != int(store.attrs["image_size"]):
+        size = int(store.attrs["image_size"])
+        fits = f"--decoder-patch {size // arch['grid']} for {size} px images from its {arch['grid']}x{arch['grid']} tokens"
         raise RaeError(f"--augment reference encodes crops of the decoder's size ({image_size} px), but the store's "
-                       f"encoder takes {store.attrs['image_size']} px images; use --augment none for an upsampling "
-                       "decoder")
+                       f"encoder takes {size} px images; give "
+                       + (f"{fits}, or " if size % arch["grid"] == 0 else "") + "--augment none for an upsampling decoder")
     plan = BatchPlan.for_store(store, cfg.batch_size, cfg.seed, d.rank, d.world, flip=cfg.augment == "none")
     micro_batches(cfg.batch_size, d.world, cfg.grad_accum)
     schedule = Schedule.of(cfg, plan.steps_per_epoch)

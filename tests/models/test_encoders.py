@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from stages.models.encoders import ENCODERS, Encoder, build_encoder
+from stages.errors import RaeError
+from stages.models.encoders import ENCODERS, Encoder, build_encoder, spec_for
 from stages.models.weights import MissingWeightsError, WeightsFileError
 
 
@@ -175,3 +176,51 @@ def test_random_init_is_deterministic_from_seed():
     assert da == db != dc
     x = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
     assert torch.equal(a(x), b(x))
+
+
+# ---- any timm ViT: --encoder timm:MODEL_NAME -----------------------------------------------------------
+
+DINOV3 = "timm:vit_small_patch16_dinov3"
+
+
+def test_a_timm_vit_is_an_encoder_with_its_own_patch_normalisation_and_grid(tmp_path):
+    spec = spec_for(DINOV3)
+    assert (spec.patch_size, spec.width, spec.timm_name) == (16, 384, "vit_small_patch16_dinov3.lvd1689m")
+    assert spec.latent_shape(256) == (384, 16, 16) and spec.latent_shape(512) == (384, 32, 32)
+    assert spec_for("timm:vit_small_patch14_dinov2.lvd142m").input_size(256) == 224  # DINOv2's 16 px grid
+    assert spec_for("timm:vit_base_patch16_siglip_256.v2_webli").mean == (0.5, 0.5, 0.5)
+    # Its weights through the same loading path as the named encoders: a local file, its sha256 recorded.
+    torch.manual_seed(5)
+    vit = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, img_size=64)
+    path = tmp_path / "dinov3.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    enc, digest = build_encoder(DINOV3, image_size=64, weights=str(path))
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    z = enc(images)
+    assert z.shape == (2, 384, 4, 4) and len(digest) == 64
+    # The class token and the 4 registers are dropped; the tokens are the affine-free final norm's.
+    x = (images.float() / 255 - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    vit.norm = torch.nn.LayerNorm(384, eps=vit.norm.eps, elementwise_affine=False)
+    tokens = vit.eval().forward_features(x)
+    assert vit.num_prefix_tokens == 5 and torch.equal(z, tokens[:, 5:].transpose(1, 2).reshape(2, 384, 4, 4))
+
+
+def test_timm_names_that_cannot_be_encoders_are_one_line():
+    with pytest.raises(RaeError, match="timm has no model 'vit_nonexistent'"):
+        spec_for("timm:vit_nonexistent")
+    with pytest.raises(RaeError, match="not a ViT"):
+        spec_for("timm:resnet18")
+    with pytest.raises(RaeError, match="or timm:MODEL_NAME"):
+        spec_for("dinov9")
+
+
+def test_a_timm_encoder_offline_without_weights_is_one_clear_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    for name in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if hasattr(hf, name):
+            monkeypatch.setattr(hf, name, str(tmp_path / "hf" / ("" if name == "HF_HOME" else "hub")))
+    with pytest.raises(MissingWeightsError) as e:
+        build_encoder(DINOV3, 256)
+    assert "\n" not in str(e.value) and "vit_small_patch16_dinov3" in str(e.value) and "--encoder-weights" in str(e.value)
