@@ -171,6 +171,53 @@ def compare(label, ref_cls, ref_kwargs, guide_kwargs, Sampler, create_transport,
             print(f"  {'':<52} ({time.perf_counter() - start:.1f}s)")
 
 
+@torch.no_grad()
+def compare_samplers(ref_cls, Sampler, create_transport, seed, rows, device="cpu", shift=math.sqrt(196608 / 4096)):
+    """The reference's sample_sde (Euler-Maruyama and Heun, each diffusion form and last step) given the
+    same noise sequence, and its sample_ode with adaptive torchdiffeq methods, against rae's."""
+    common = dict(patch_size=1, mlp_ratio=4.0, num_classes=10)
+    kwargs = dict(input_size=8, in_channels=32, hidden_size=[64, 96], depth=[2, 2], num_heads=[4, 4], **common)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ref = ref_cls(**kwargs).eval()
+    randomize_(ref, gen)
+    ours = ours_from(ref)
+    ref.to(device)
+    ours.to(device)
+    batch = 3
+    noise = torch.randn(batch, 32, 8, 8, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    velocity = flow.guided_velocity(ours, y)
+    sampler = Sampler(create_transport("Linear", "velocity", time_dist_shift=shift))
+    print(f"SDE and adaptive ODE samplers, DiT^DH tiny [{device}]:")
+    for method in ("dopri5", "bosh3"):
+        ref_out = sampler.sample_ode(sampling_method=method, num_steps=50, atol=1e-6, rtol=1e-3)(
+            noise, ref.forward, y=y)[-1]
+        report(rows, f"sample_ode {method} (num_steps 50, atol 1e-6, rtol 1e-3)",
+               flow.sample(velocity, noise, 49, shift, method, {"atol": 1e-6, "rtol": 1e-3}), ref_out)
+    real_randn = torch.randn
+    for method, form, last, size, points in (("euler", "sigma", "Mean", 0.04, 50), ("heun", "sigma", "Mean", 0.04, 25),
+                                             ("euler", "linear", "Tweedie", 0.04, 50),
+                                             ("euler", "decreasing", "Euler", 0.02, 50),
+                                             ("heun", "increasing-decreasing", "Mean", 0.04, 25),
+                                             ("euler", "sigma", None, 0.04, 50)):  # ("constant" crashes there)
+        draws = [real_randn(noise.shape, generator=gen).to(device) for _ in range(points - 1)]
+        queue = list(draws)
+        torch.randn = lambda *a, **k: queue.pop(0)
+        try:
+            ref_form = "inccreasing-decreasing" if form == "increasing-decreasing" else form  # (their spelling)
+            ref_out = sampler.sample_sde(sampling_method=method, diffusion_form=ref_form, diffusion_norm=1.0,
+                                         last_step=last, last_step_size=size, num_steps=points)(
+                noise, ref.forward, y=y)[-1]
+        finally:
+            torch.randn = real_randn
+        mine = list(draws)
+        ours_out = flow.sample_sde(velocity, noise, points - 1, shift, method, noise_stream=lambda: mine.pop(0),
+                                   diffusion_form=form, diffusion_norm=1.0, last_step=last or "none",
+                                   last_step_size=size, reference=True)
+        report(rows, f"sample_sde {method}, {form}, last step {last} {size}, {points} points", ours_out, ref_out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", type=Path, required=True, help="reference checkout root")
@@ -180,6 +227,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32, TF32 off)")
+    parser.add_argument("--samplers", action="store_true",
+                        help="only the SDE and adaptive ODE samplers (shared weights and noise), tiny DiT^DH")
     parser.add_argument("--switches", action="store_true",
                         help="only the architecture switches (QK-norm, GELU MLP, LayerNorm, no RoPE), tiny models")
     parser.add_argument("--conv-patch-embed", action="store_true",
@@ -194,6 +243,11 @@ def main():
                                                                             args.extra_path)
     rows: list[float] = []
     common = dict(patch_size=1, mlp_ratio=4.0, num_classes=10)
+    if args.samplers:
+        compare_samplers(DiTwDDTHead, Sampler, create_transport, args.seed, rows, args.device)
+        worst = max(rows)
+        print(f"worst relative difference {worst:.3e} (target < {TARGET:.0e}): {'PASS' if worst < TARGET else 'FAIL'}")
+        sys.exit(0 if worst < TARGET else 1)
     if args.switches:
         # The reference's switches that run in its code (its wo_shift passes None to its modulate, and its
         # DiTwDDTHead without RoPE calls tables it did not build: both crash there, so they have no parity).

@@ -17,6 +17,10 @@ def report_sample(result: dict, cfg: SampleConfig, preset: str | None) -> None:
     """
     s = result["sampling"]
     speed = f", {result['images_per_second']:,.2f} img/s" if "images_per_second" in result else ""
+    nfe = result.get("model_evaluations") or {}
+    if nfe.get("batches") and s["solver"] not in ("euler", "heun", "euler-ref"):
+        speed += (f", {nfe['total']} model evaluations over {nfe['batches']} batches "
+                  f"({nfe['per_batch_min']}-{nfe['per_batch_max']} per batch)")
     console.print(f"[bold green]done:[/] {result['store']}: {result['entries']} samples {result['latent_shape']}, "
                   f"{s['solver']} {s['steps']} steps, guidance {s['guidance']} (scale {s['scale']}){speed}",
                   highlight=False)

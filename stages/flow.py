@@ -144,7 +144,7 @@ def time_grid(steps: int, shift: float, rule: str = "standard") -> torch.Tensor:
     if rule == "standard":
         return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
     if rule == "reference":
-        return shift_time(1 - torch.linspace(0, REFERENCE_T_MAX, steps + 1), shift)
+        return reference_grid(steps + 1, REFERENCE_T_MAX, shift)
     raise ValueError(f"unknown time grid rule {rule!r}")
 
 
@@ -175,21 +175,167 @@ SOLVERS = {
     # The authors' sampler (torchdiffeq "euler" on their grid): steps=49 == their num_steps=50.
     "euler-ref": (euler, "reference"),
 }
+# The reference's other samplers: its sample_sde (Euler-Maruyama, Heun) and its sample_ode with
+# torchdiffeq's adaptive methods.
+SDE_SOLVERS = {"sde-euler": "euler", "sde-heun": "heun", "sde-euler-ref": "euler", "sde-heun-ref": "heun"}
+ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+ALL_SOLVERS = (*SOLVERS, *SDE_SOLVERS, *ADAPTIVE_SOLVERS)
+SDE_FORMS = ("sigma", "constant", "linear", "decreasing", "increasing-decreasing")
+LAST_STEPS = ("Mean", "Tweedie", "Euler", "none")
 
 
-def sample(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float,
-           solver: str = "euler") -> torch.Tensor:
+def sample(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float, solver: str = "euler",
+           options: dict | None = None, seeds=None) -> torch.Tensor:
     """Integrate from t = 1 (``noise``) towards t = 0 and return the final state.
 
-    ``steps`` is the number of solver steps in every solver (Euler: ``steps`` velocity
+    ``steps`` is the number of solver steps in every fixed-step solver (Euler: ``steps`` velocity
     evaluations, Heun: 2 * ``steps``). "euler"/"heun" end at t = 0; "euler-ref" reproduces the
     reference sampler exactly (ends at t = 0.0069; the reference's ``num_steps`` = steps + 1).
+    "sde-euler" / "sde-heun" (``sample_sde``) and the adaptive ODE solvers (``sample_ode_adaptive``)
+    take their ``options``; the SDE draws its noise from each sample's ``seeds``.
     """
+    options = options or {}
+    if solver in SDE_SOLVERS:
+        if seeds is None:
+            raise ValueError("the SDE samplers draw their noise from the samples' seeds: give seeds")
+        return sample_sde(velocity, noise, steps, shift, SDE_SOLVERS[solver],
+                          noise_stream=sde_noise(seeds, noise.shape[1:], noise.device),
+                          reference=solver.endswith("-ref"), **options)
+    if solver in ADAPTIVE_SOLVERS:
+        return sample_ode_adaptive(velocity, noise, steps, shift, solver, **options)
     if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(ALL_SOLVERS)}")
     integrate, rule = SOLVERS[solver]
     grid = time_grid(steps, shift, rule).to(noise.device)
     return integrate(velocity, noise, grid)
+
+
+#################################################################################
+#                    The reference's SDE and adaptive ODE samplers              #
+#################################################################################
+
+def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """grad log p_t(x) of the linear path x_t = (1 - t) x_0 + t eps from its velocity v = eps - x_0:
+    eps = x + (1 - t) v, so the score -eps / t is ((t - 1) v - x) / t."""
+    t = _per_sample(t, x)
+    return ((t - 1) * v - x) / t
+
+
+def sde_diffusion(t: torch.Tensor, form: str, norm: float) -> torch.Tensor:
+    """D(t) of the reverse SDE dx = [v - D score] dt + sqrt(2 D) dW (the reference's diffusion forms
+    of its linear path, with t = 1 the noise end). The reference's default "SBDM" is left out: on this
+    path its formula is -t / (1 - t), negative, and its sampler returns NaN with it."""
+    if form == "sigma":
+        return norm * t
+    if form == "constant":
+        return torch.full_like(t, norm)
+    if form == "linear":
+        return norm * t
+    if form == "decreasing":
+        return 0.25 * (norm * torch.cos(math.pi * (1 - t)) + 1) ** 2
+    if form == "increasing-decreasing":
+        return norm * torch.sin(math.pi * (1 - t)) ** 2
+    raise ValueError(f"unknown diffusion form {form!r}; choose one of {', '.join(SDE_FORMS)}")
+
+
+def sde_noise(seeds, shape, device) -> Callable[[], torch.Tensor]:
+    """Each sample's own stream of SDE noise: a generator on ``device`` per sample, seeded from its
+    seed (apart from the seed of its initial noise), one draw of ``shape`` per call. So a sample's
+    path does not depend on its batch nor on the number of processes."""
+    import numpy as np
+
+    gens = []
+    for seed in (int(s) for s in seeds):
+        g = torch.Generator(device=device)
+        g.manual_seed(int(np.random.SeedSequence([seed, 0x5DE]).generate_state(1, np.uint64)[0] >> 1))
+        gens.append(g)
+
+    def draw() -> torch.Tensor:
+        return torch.stack([torch.randn(tuple(shape), generator=g, device=device) for g in gens])
+
+    return draw
+
+
+def reference_grid(points: int, t1: float, shift: float) -> torch.Tensor:
+    """The reference's sampler grids: shift_time(1 - linspace(0, t1, points)), in float32 as there."""
+    return shift_time(1 - torch.linspace(0, t1, points), shift)
+
+
+def sample_sde(velocity: Velocity, x: torch.Tensor, steps: int, shift: float, method: str = "euler",
+               noise_stream: Callable[[], torch.Tensor] | None = None, diffusion_form: str = "sigma",
+               diffusion_norm: float = 1.0, last_step: str = "Mean", last_step_size: float = 0.04,
+               reference: bool = False) -> torch.Tensor:
+    """``steps`` Euler-Maruyama or stochastic Heun steps from t = 1 down to t = ``last_step_size`` on the
+    shifted grid, then the last step from there: "Mean" (the drift without noise), "Tweedie" (the
+    posterior mean), "Euler" (the velocity alone) or "none" (the steps then run to t = 0).
+
+    ``reference``: the reference's ``sample_sde`` exactly (its ``num_steps`` = steps + 1). Its grid is
+    shift_time(1 - linspace(0, 1 - last_step_size, steps + 1)), which ends at shift_time(last_step_size)
+    (0.22 for a = sqrt(48)), while its last step is taken at the unshifted t = last_step_size: with a
+    shift its samples stop short of the data. Without ``reference`` the steps end where the last step
+    starts. One velocity evaluation per drift: the score is derived from it (the reference evaluates
+    the model twice for the same value)."""
+    size = 0.0 if last_step == "none" else last_step_size
+    if reference:
+        grid = reference_grid(steps + 1, 1 - size, shift).to(x.device)
+    else:
+        u_end = unshift_time(torch.tensor(size, dtype=torch.float64), shift)
+        grid = shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64) * (1 - u_end) + u_end, shift)
+        grid = grid.float().to(x.device)
+    if method == "heun" and size == 0.0:
+        raise ValueError("the stochastic Heun step evaluates the score at its step's end, undefined at t = 0: "
+                         "give a last step")
+    B = x.shape[0]
+
+    def drift(x, t):
+        v = velocity(x, t).to(x.dtype)
+        D = _per_sample(sde_diffusion(t, diffusion_form, diffusion_norm), x)
+        return v - D * score_from_velocity(v, x, t), v
+
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        h = t_cur - t_next
+        dw = noise_stream().to(x) * torch.sqrt(h)
+        t = t_cur.expand(B)
+        g = torch.sqrt(2 * _per_sample(sde_diffusion(t, diffusion_form, diffusion_norm), x))
+        if method == "euler":  # Euler-Maruyama
+            x = x - drift(x, t)[0] * h + g * dw
+        elif method == "heun":
+            x_hat = x + g * dw
+            k1 = drift(x_hat, t)[0]
+            k2 = drift(x_hat - h * k1, t_next.expand(B))[0]
+            x = x_hat - 0.5 * h * (k1 + k2)
+        else:
+            raise ValueError(f"unknown SDE method {method!r} (euler or heun)")
+    if last_step == "none":
+        return x
+    t = torch.full((B,), 1 - (1 - size) if reference else float(grid[-1]), device=x.device,
+                   dtype=grid.dtype)  # the reference's 1 - t1, unshifted
+    if last_step == "Mean":
+        return x - drift(x, t)[0] * size
+    v = velocity(x, t).to(x.dtype)
+    if last_step == "Euler":
+        return x - v * size
+    if last_step == "Tweedie":
+        alpha, sigma = 1 - t[0], t[0]
+        return x / alpha + sigma ** 2 / alpha * score_from_velocity(v, x, t)
+    raise ValueError(f"unknown last step {last_step!r}; choose one of {', '.join(LAST_STEPS)}")
+
+
+def sample_ode_adaptive(velocity: Velocity, x: torch.Tensor, steps: int, shift: float, method: str = "dopri5",
+                        atol: float = 1e-6, rtol: float = 1e-3) -> torch.Tensor:
+    """The reference's ``sample_ode`` with an adaptive torchdiffeq method: from t = 1 to its grid's
+    end (``steps + 1`` points, its ``num_steps``, down to shift_time(1/1000)) with tolerances ``atol`` /
+    ``rtol``. The step size is the solver's, one for the whole batch (the error norm is the batch's),
+    so, as there, a sample depends on the batch it is solved in."""
+    from torchdiffeq import odeint
+
+    grid = reference_grid(steps + 1, REFERENCE_T_MAX, shift).to(x.device)
+    B = x.shape[0]
+
+    def fn(t, state):
+        return velocity(state, t.expand(B)).to(state.dtype)
+
+    return odeint(fn, x, grid, method=method, atol=[atol], rtol=[rtol])[-1]
 
 
 #################################################################################

@@ -31,8 +31,21 @@ SAMPLING_OPTIONS = {
                           flag="--number", alias="--num"),
     "classes": lambda: option(None, "Only these class indices (repeat the option)."),
     "seed": lambda: option(0, "Base seed: sample i starts from the noise of seed + i."),
-    "solver": lambda: option("euler", "euler | heun | euler-ref (the authors' sampler: their 50 time points = "
-                             "--solver euler-ref --steps 49)."),
+    "solver": lambda: option("euler", "euler | heun | euler-ref (the authors' ODE sampler: their 50 time points = "
+                             "--solver euler-ref --steps 49) | sde-euler | sde-heun (their SDE sampler: Euler-Maruyama "
+                             "or Heun, its num_steps = --steps + 1) | dopri5 | dopri8 | bosh3 | fehlberg2 | adaptive_heun "
+                             "(their adaptive ODE sampler, torchdiffeq, with --atol / --rtol).",
+                             choices=flow.ALL_SOLVERS),
+    "diffusion_form": lambda: option("sigma", "SDE: the diffusion D(t) of dx = [v - D score] dt + sqrt(2D) dW: "
+                                     "sigma (D = norm t) | constant | linear | decreasing | increasing-decreasing.",
+                                     choices=flow.SDE_FORMS),
+    "diffusion_norm": lambda: option(1.0, "SDE: the diffusion's scale (norm).", check=NON_NEGATIVE),
+    "last_step": lambda: option("Mean", "SDE: the last step from t = --last-step-size: Mean | Tweedie | Euler | none.",
+                                choices=flow.LAST_STEPS),
+    "last_step_size": lambda: option(0.04, "SDE: the size of the last step (and where the SDE steps end).",
+                                     check=(lambda v: 0 < v < 1, "in (0, 1)")),
+    "atol": lambda: option(1e-6, "Adaptive solvers: absolute tolerance.", check=POSITIVE),
+    "rtol": lambda: option(1e-3, "Adaptive solvers: relative tolerance.", check=POSITIVE),
     "steps": lambda: option(50, "Solver steps (Heun: 2 model passes per step; 0 = no denoising: the pure-noise "
                             "baseline).", check=(lambda v: v >= 0, "0 (the pure-noise baseline) or more")),
     "shift": lambda: option(None, "Time shift (default: the one the run was trained with).", check=POSITIVE),
@@ -65,6 +78,7 @@ class Sampling:
     ema: bool
     precision: str
     seed: int
+    options: tuple = ()  # the solver's own settings (SDE, adaptive), as (name, value) pairs
 
     @classmethod
     def of(cls, cfg, scale: float | None = None) -> "Sampling":
@@ -72,19 +86,34 @@ class Sampling:
         if scale is None:
             scale = {"none": 1.0, "cfg": cfg.cfg_scale, "autoguidance": cfg.ag_scale}[cfg.guidance]
         return cls(cfg.solver, cfg.steps, cfg.shift, cfg.guidance, float(scale),
-                   tuple(float(t) for t in cfg.guidance_interval), cfg.ema, cfg.precision, cfg.seed)
+                   tuple(float(t) for t in cfg.guidance_interval), cfg.ema, cfg.precision, cfg.seed,
+                   tuple((k, getattr(cfg, k)) for k in solver_options(cfg.solver)))
 
     def settings(self, shift: float) -> dict:
         """What an artifact records of it (a sample store's manifest, eval.json)."""
         return {"solver": self.solver, "steps": self.steps, "shift": shift, "guidance": self.guidance,
                 "scale": self.scale, "interval": list(self.interval), "ema": self.ema, "precision": self.precision,
-                "seed": self.seed, "noise": NOISE}
+                "seed": self.seed, "noise": NOISE + (SDE_NOISE if self.solver in flow.SDE_SOLVERS else ""),
+                **dict(self.options)}
+
+
+SOLVER_OPTIONS = ("diffusion_form", "diffusion_norm", "last_step", "last_step_size", "atol", "rtol")
+
+
+def solver_options(solver: str) -> tuple[str, ...]:
+    """The options that the solver reads (the others do not change its samples)."""
+    if solver in flow.SDE_SOLVERS:
+        return ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")
+    if solver in flow.ADAPTIVE_SOLVERS:
+        return ("atol", "rtol")
+    return ()
+
+
+SDE_NOISE = "; the SDE's noise from a generator per sample on the device, seeded from SeedSequence([seed + index, 0x5DE])"
 
 
 def check_sampling(cfg) -> None:
     """One line for sampling options that do not go together (after ``check_options``)."""
-    if cfg.solver not in flow.SOLVERS:
-        raise RaeError(f"--solver must be one of {', '.join(flow.SOLVERS)} (got {cfg.solver})")
     if cfg.guidance == "autoguidance" and not cfg.guide_model:
         raise RaeError("--guidance autoguidance needs --guide-model RUN (a smaller or earlier diffusion run)")
     if cfg.guide_model and cfg.guidance != "autoguidance":
@@ -151,12 +180,21 @@ def make_velocity(sampling: Sampling, model, y: torch.Tensor, null_label: int, g
 
 @torch.inference_mode()
 def sample_latents(model_run: DiffusionRun, model, labels, seeds, sampling: Sampling, shift: float,
-                   guide=None, device="cpu") -> torch.Tensor:
-    """One batch: noise from the seeds -> ODE solve (state in float32) -> raw encoder space [B, C, h, w]."""
+                   guide=None, device="cpu", evaluations: list | None = None) -> torch.Tensor:
+    """One batch: noise from the seeds -> ODE or SDE solve (state in float32) -> raw encoder space
+    [B, C, h, w]. ``evaluations``: a list the number of velocity evaluations is appended to."""
     noise = flow.seeded_noise(seeds, model_run.latent_shape).to(device)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=noise.device)
-    velocity = make_velocity(sampling, model, y, model_run.null_label, guide)
+    guided = make_velocity(sampling, model, y, model_run.null_label, guide)
+    count = [0]
+
+    def velocity(x, t):
+        count[0] += 1
+        return guided(x, t)
+
     dev = torch.device(device).type
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=sampling.precision in ("bf16", "fp8")):
-        x = flow.sample(velocity, noise, sampling.steps, shift, sampling.solver)
+        x = flow.sample(velocity, noise, sampling.steps, shift, sampling.solver, dict(sampling.options), seeds)
+    if evaluations is not None:
+        evaluations.append(count[0])
     return model_run.to_raw(x.float())

@@ -29,8 +29,8 @@ from .artifacts.outputs import stage
 from .artifacts.runs import DiffusionRun
 from .artifacts.store import CODECS, LatentStore, claim_blocks
 from .errors import RaeError
-from .generation import (SAMPLING_OPTIONS, Sampling, check_sampling, load_models, ready, sample_labels,
-                         sample_latents, sample_seeds)
+from .generation import (SAMPLING_OPTIONS, SOLVER_OPTIONS, Sampling, check_sampling, load_models, ready,
+                         sample_labels, sample_latents, sample_seeds, solver_options)
 from .options import AT_LEAST_1, check_options, option
 from .progress import progress
 
@@ -46,6 +46,12 @@ class SampleConfig:
     seed: int = SAMPLING_OPTIONS["seed"]()
     solver: str = SAMPLING_OPTIONS["solver"]()
     steps: int = SAMPLING_OPTIONS["steps"]()
+    diffusion_form: str = SAMPLING_OPTIONS["diffusion_form"]()
+    diffusion_norm: float = SAMPLING_OPTIONS["diffusion_norm"]()
+    last_step: str = SAMPLING_OPTIONS["last_step"]()
+    last_step_size: float = SAMPLING_OPTIONS["last_step_size"]()
+    atol: float = SAMPLING_OPTIONS["atol"]()
+    rtol: float = SAMPLING_OPTIONS["rtol"]()
     shift: float | None = SAMPLING_OPTIONS["shift"]()
     guidance: str = SAMPLING_OPTIONS["guidance"]()
     cfg_scale: float = SAMPLING_OPTIONS["cfg_scale"]()
@@ -68,7 +74,10 @@ class SampleConfig:
     RUN_ONLY = ("batch_size", "device", "compile", "overwrite", "out")
 
     def identity(self) -> dict:
-        return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY}
+        """What decides the store: the run settings and the options the solver does not read are left out
+        (so a store made before the SDE and adaptive solvers existed keeps its identity)."""
+        unread = set(SOLVER_OPTIONS) - set(solver_options(self.solver))
+        return {k: v for k, v in jsonable(self).items() if k not in self.RUN_ONLY and k not in unread}
 
 
 def _validate(cfg: SampleConfig) -> None:
@@ -144,19 +153,24 @@ def run(cfg: SampleConfig) -> dict:
     with progress(total, label, unit="img") as advance:
         for b in my_blocks:
             rng = store.block_range(b)
-            parts = []
+            parts, evaluations = [], []
             # Batches never cross a block: the result does not depend on how blocks are shared out.
             for s in range(rng.start, rng.stop, cfg.batch_size):
                 idx = np.arange(s, min(s + cfg.batch_size, rng.stop))
-                x = sample_latents(model_run, model, labels[idx], seeds[idx], sampling, shift, guide, d.device)
+                x = sample_latents(model_run, model, labels[idx], seeds[idx], sampling, shift, guide, d.device,
+                                   evaluations)
                 parts.append(x.cpu())
                 advance(len(idx))
             lat = torch.cat(parts).numpy()
-            store.write_block(b, lat, np.ones(len(rng), dtype=bool), {"seconds": time.time() - t0})
+            store.write_block(b, lat, np.ones(len(rng), dtype=bool),
+                              {"seconds": time.time() - t0, "model_evaluations": evaluations})
     elapsed = time.time() - t0
     dist.barrier()
     if d.is_main:
-        store.finish()
+        per_batch = [n for b in range(store.num_blocks) for n in store.block_info(b).get("model_evaluations", [])]
+        store.finish(model_evaluations={"batches": len(per_batch), "total": sum(per_batch),
+                                        "per_batch_min": min(per_batch, default=0),
+                                        "per_batch_max": max(per_batch, default=0)})
     dist.barrier()
     result = summary(out)
     result["seconds"] = elapsed
@@ -167,4 +181,5 @@ def run(cfg: SampleConfig) -> dict:
 def summary(out: Path) -> dict:
     manifest = read_manifest(out, kind="sample-store", what="sample store")
     return {"store": str(out), "entries": manifest["num_entries"], "latent_shape": manifest["latent_shape"],
-            "sampling": manifest["sampling"], "encoder": manifest["encoder"].get("name")}
+            "sampling": manifest["sampling"], "encoder": manifest["encoder"].get("name"),
+            "model_evaluations": manifest.get("model_evaluations")}

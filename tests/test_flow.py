@@ -336,3 +336,89 @@ def test_zero_steps_return_the_starting_noise_for_the_baseline():
     calls = []
     out = F.sample(lambda x, t: calls.append(1) or x, noise, 0, 2.0, "euler")
     assert torch.equal(out, noise) and not calls
+
+
+# ---- the reference's SDE and adaptive ODE samplers ----------------------------------------------------------
+
+def _posterior_mean(x, t):
+    """E[x0 | x_t] for data N(MU, SIGMA^2) on the linear path."""
+    return MU + (1 - t) * SIGMA**2 / ((1 - t) ** 2 * SIGMA**2 + t**2) * (x - (1 - t) * MU)
+
+
+@pytest.mark.parametrize("solver,steps", [("sde-euler", 100), ("sde-heun", 50)])
+def test_sde_samplers_reach_the_data_distribution(solver, steps):
+    # 2,000 samples: the standard error of the mean is SIGMA / sqrt(2000) = 0.011 and of the standard
+    # deviation 0.008; the discretisation and the last step at t = 0.04 add a bias below 0.02 here.
+    noise = torch.randn(2000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = flow.sample(gaussian_velocity, noise, steps, 3.0, solver, {"diffusion_form": "sigma"}, seeds=range(2000))
+    assert abs(x.mean().item() - MU) < 0.05 and abs(x.std().item() - SIGMA) < 0.05
+    # Not the ODE's answer: the noise moved the samples.
+    ode = flow.sample(gaussian_velocity, noise, steps, 3.0, "euler")
+    assert (x - ode).abs().mean() > 0.05
+
+
+def test_each_sdes_noise_is_its_samples_own_whatever_the_batch():
+    noise = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    seeds = list(range(10, 16))
+    whole = flow.sample(gaussian_velocity, noise, 8, 3.0, "sde-heun", seeds=seeds)
+    parts = torch.cat([flow.sample(gaussian_velocity, noise[a:b], 8, 3.0, "sde-heun", seeds=seeds[a:b])
+                       for a, b in ((0, 2), (2, 6))])
+    assert torch.equal(whole, parts)
+    other = flow.sample(gaussian_velocity, noise, 8, 3.0, "sde-heun", seeds=[s + 100 for s in seeds])
+    assert not torch.equal(whole, other)
+
+
+def test_an_sde_without_diffusion_is_euler_on_its_grid_and_the_last_steps_are_the_references():
+    noise = torch.randn(5, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    quiet = dict(diffusion_form="constant", diffusion_norm=0.0)
+
+    def run(solver, **options):
+        return flow.sample(gaussian_velocity, noise, 12, 3.0, solver, {**quiet, **options}, seeds=range(5))
+
+    # Without a last step: Euler on the standard grid to t = 0; the reference's variant on its own grid.
+    euler = flow.euler(gaussian_velocity, noise, flow.time_grid(12, 3.0).double())
+    torch.testing.assert_close(run("sde-euler", last_step="none"), euler, rtol=0, atol=1e-12)
+    ref = flow.euler(gaussian_velocity, noise, flow.reference_grid(13, 1.0, 3.0).double())
+    torch.testing.assert_close(run("sde-euler-ref", last_step="none"), ref, rtol=0, atol=1e-12)
+    # With one: the steps end at t = 0.04 (rae), or at shift_time(0.04) = 0.111 while the last step is
+    # taken at the unshifted 0.04 (the reference's grid).
+    before = flow.sample_sde(gaussian_velocity, noise, 12, 3.0, noise_stream=lambda: torch.zeros_like(noise),
+                             last_step="Euler", last_step_size=0.04, diffusion_form="constant", diffusion_norm=0.0)
+    grid = flow.shift_time(torch.linspace(1.0, 0.0, 13, dtype=torch.float64) * (1 - flow.unshift_time(
+        torch.tensor(0.04, dtype=torch.float64), 3.0)) + flow.unshift_time(torch.tensor(0.04, dtype=torch.float64), 3.0),
+        3.0).float().double()
+    x_stop = flow.euler(gaussian_velocity, noise, grid)
+    stop = grid[-1].float()
+    assert abs(float(stop) - 0.04) < 1e-8
+    t = torch.full((5,), float(stop))
+    # (The SDE takes each step size t_cur - t_next in float32, Euler in float64 from the same float32 times:
+    # <= 12 steps x 2^-24 relative x |v| < 6, i.e. < 5e-6.)
+    torch.testing.assert_close(before, x_stop - 0.04 * gaussian_velocity(x_stop, t), rtol=0, atol=5e-6)
+    # Tweedie: the posterior mean E[x0 | x_t], from the score the velocity gives.
+    torch.testing.assert_close(run("sde-euler", last_step="Tweedie"), _posterior_mean(x_stop, float(stop)),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(run("sde-euler", last_step="Mean"), before, rtol=0, atol=1e-12)  # no diffusion
+    with pytest.raises(ValueError, match="seeds"):
+        flow.sample(gaussian_velocity, noise, 3, 3.0, "sde-euler")
+    with pytest.raises(ValueError, match="undefined at t = 0"):
+        run("sde-heun", last_step="none")
+
+
+def test_adaptive_solvers_follow_the_exact_flow():
+    # For Gaussian data the flow is affine: x_t = (1 - t) MU + sqrt((1 - t)^2 SIGMA^2 + t^2) x_1.
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t_end = flow.reference_grid(51, flow.REFERENCE_T_MAX, 3.0)[-1].double()
+    exact = (1 - t_end) * MU + torch.sqrt((1 - t_end) ** 2 * SIGMA**2 + t_end**2) * noise
+    for method in ("dopri5", "bosh3", "adaptive_heun"):
+        tight = flow.sample(gaussian_velocity, noise, 50, 3.0, method, {"atol": 1e-10, "rtol": 1e-10})
+        # The solver's times are float32, as the reference's grid: each step's time is off by up to
+        # 2^-24 relative, about 3e-7 of state per step at |v| < 6, over a few tens of steps: 1e-5.
+        torch.testing.assert_close(tight, exact, rtol=0, atol=1e-5)
+    # The reference's tolerances (atol 1e-6, rtol 1e-3) control each step's error, not the whole path's:
+    # a few hundredths here, and fewer model evaluations than the tight run.
+    counts = {}
+    for name, options in (("loose", {}), ("tight", {"atol": 1e-10, "rtol": 1e-10})):
+        calls = []
+        out = flow.sample(lambda x, t: calls.append(1) or gaussian_velocity(x, t), noise, 50, 3.0, "dopri5", options)
+        counts[name] = (len(calls), (out - exact).abs().max().item())
+    assert counts["loose"][1] < 0.1 and counts["tight"][1] < 1e-5 and counts["loose"][0] < counts["tight"][0]

@@ -129,3 +129,29 @@ def test_changed_settings_refuse_to_reuse_the_store(runs, tmp_path):
         run(sample_config(runs[0], out, num=4, steps=5))
     run(sample_config(runs[0], out, num=4, steps=5, overwrite=True))
     assert read_manifest(out)["config"]["steps"] == 5
+
+
+def test_sde_and_adaptive_solvers_record_their_settings_and_model_evaluations(runs, tmp_path):
+    from tests.helpers import run_rae
+
+    base = ["sample", "--model", runs[0], "--number", 6, "--steps", 3, "--device", "cpu", "--block-size", 64,
+            "--batch-size", 4]
+    proc = run_rae(*base, "--out", tmp_path / "sde.zarr", "--solver", "sde-heun", "--diffusion-form", "constant",
+                   "--last-step", "Tweedie", "--last-step-size", 0.05)
+    m = read_manifest(tmp_path / "sde.zarr")
+    assert {k: m["sampling"][k] for k in ("solver", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")} \
+        == dict(solver="sde-heun", diffusion_form="constant", diffusion_norm=1.0, last_step="Tweedie", last_step_size=0.05)
+    # Heun: 2 evaluations per step, then the last step: 7 per batch, 2 batches (4 + 2).
+    assert m["model_evaluations"] == {"batches": 2, "total": 14, "per_batch_min": 7, "per_batch_max": 7}
+    lat = store_latents(tmp_path / "sde.zarr")
+    assert np.isfinite(lat).all()
+    proc = run_rae(*base, "--out", tmp_path / "ode.zarr", "--solver", "dopri5", "--rtol", 1e-4)
+    m = read_manifest(tmp_path / "ode.zarr")
+    assert m["sampling"]["rtol"] == 1e-4 and "last_step" not in m["sampling"]
+    assert m["model_evaluations"]["total"] >= 2 * 6 and "model evaluations" in proc.stdout + proc.stderr
+    # The SDE's options are no part of an Euler store's identity (stores made before them keep theirs).
+    a = sample_config(runs[0], tmp_path / "e.zarr")
+    assert "diffusion_form" not in a.identity() and "atol" not in a.identity()
+    proc = run_rae(*base, "--out", tmp_path / "x.zarr", "--solver", "sde-euler", "--diffusion-form", "SBDM",
+                   check=False)
+    assert proc.returncode != 0 and "--diffusion-form must be" in proc.stdout + proc.stderr

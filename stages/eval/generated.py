@@ -47,6 +47,7 @@ class GeneratedImages:
     def __init__(self, gen: Generator, sampling: Sampling):
         self.gen, self.sampling = gen, sampling
         self.path = Path(gen.cfg.model)
+        self.evaluations: list[int] = []  # velocity evaluations per batch, this rank's
 
     def __len__(self) -> int:
         return len(self.gen.labels)
@@ -62,7 +63,8 @@ class GeneratedImages:
                 "sampling": self.sampling.settings(g.shift), "latent_dtype": cfg.latent_dtype,
                 "labels": {"per_class": cfg.per_class} if cfg.per_class is not None else {"num": cfg.num,
                                                                                           "seed": cfg.seed},
-                "classes": cfg.classes, "seeds": [int(g.seeds[0]), int(g.seeds[-1])]}
+                "classes": cfg.classes, "seeds": [int(g.seeds[0]), int(g.seeds[-1])],
+                "model_evaluations_per_batch": sorted(set(self.evaluations))}
 
     def feed(self, collector: Collector, batch_size: int, label: str) -> None:
         """Generate this rank's share and give the collector its images in batches of ``batch_size``
@@ -86,7 +88,7 @@ class GeneratedImages:
         with progress(sum(len(b) for b in mine), label, unit="img") as advance, torch.no_grad():
             for idx in mine:
                 z = sample_latents(g.run, g.model, g.labels[idx], g.seeds[idx], self.sampling, g.shift, g.guide,
-                                   d.device)
+                                   d.device, self.evaluations)
                 z = z.to(LATENT_DTYPES[cfg.latent_dtype]).float()  # as a sample store keeps them
                 with torch.autocast(**autocast):
                     images = g.decode(z)
