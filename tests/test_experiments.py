@@ -1,0 +1,30 @@
+"""experiments/: the paper's findings as scripts over rae's own modules (EXPERIMENTS.md has the numbers)."""
+import json
+import subprocess
+import sys
+
+from tests.helpers import ENCODE_ARGS, REPO, THREADS, run_rae
+
+
+def test_width_experiment_writes_table_plot_and_keeps_the_narrow_model_above_its_floor(demo_images, tmp_path):
+    run_rae("encode", demo_images, "--out", tmp_path / "lat.zarr", *ENCODE_ARGS)  # tokens of dimension n = 96
+    argv = [sys.executable, str(REPO / "experiments" / "width.py"), "--latents", str(tmp_path / "lat.zarr"), "--out",
+            str(tmp_path / "w"), "--widths", "32,128", "--depth", "2", "--deep", "32x3", "--steps", "150",
+            "--batch", "16", "--lr", "1e-3", "--device", "cpu"]
+    env = {"RAE_NO_PROGRESS": "1", "OMP_NUM_THREADS": THREADS, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "w" / "width.json").read_text())
+    models = {(m["width"], m["depth"]): m for m in result["models"]}
+    assert set(models) == {(32, 2), (128, 2), (32, 3)} and result["latent_shape"] == [96, 4, 4]
+    # Theorem 1's floor for one latent: (n - d) / n; none at d >= n.
+    assert models[(32, 2)]["floor"] == 64 / 96 and models[(128, 2)]["floor"] == 0
+    # A width-32 model cannot go below it (its output lies in a 32-dimensional subspace of each token),
+    # deeper or not; the wide one goes lower.
+    for narrow in ((32, 2), (32, 3)):
+        assert models[narrow]["final_loss"] > models[narrow]["floor"]
+    assert models[(128, 2)]["final_loss"] < models[(32, 2)]["floor"]
+    assert (tmp_path / "w" / "width.png").stat().st_size > 10_000 and "| 128 | 2 |" in (tmp_path / "w" / "width.md").read_text()
+    # Run again: the models measured with these settings are kept, nothing is trained.
+    again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads((tmp_path / "w" / "width.json").read_text()) == result
