@@ -28,3 +28,28 @@ def test_width_experiment_writes_table_plot_and_keeps_the_narrow_model_above_its
     # Run again: the models measured with these settings are kept, nothing is trained.
     again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads((tmp_path / "w" / "width.json").read_text()) == result
+
+
+def test_shift_experiment_trains_both_runs_through_rae_and_scores_each_snapshot(demo_images, tmp_path):
+    from stages.artifacts.runs import load_diffusion_run
+
+    run_rae("encode", demo_images, "--out", tmp_path / "lat.zarr", *ENCODE_ARGS)
+    argv = [sys.executable, str(REPO / "experiments" / "shift.py"), "--latents", str(tmp_path / "lat.zarr"), "--out",
+            str(tmp_path / "s"), "--steps", "10", "--every", "5", "--batch", "8", "--num", "16", "--sample-batch", "8",
+            "--device", "cpu", "--", "--preset", "demo", "--decay-end-step", "10", "--log-every", "5",
+            "--no-tensorboard"]
+    env = {"RAE_NO_PROGRESS": "1", "OMP_NUM_THREADS": THREADS, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "with_shift step 5: FD" in proc.stdout + proc.stderr
+    scores = json.loads((tmp_path / "s" / "shift.json").read_text())["scores"]
+    assert set(scores) == {"with_shift", "no_shift"} and all(set(v) == {"5", "10"} for v in scores.values())
+    assert all(value > 0 for v in scores.values() for value in v.values())
+    # The two runs differ only by the shift they train (and sample) with.
+    assert load_diffusion_run(tmp_path / "s" / "with_shift").shift == 3.0  # the demo preset's
+    assert load_diffusion_run(tmp_path / "s" / "no_shift").shift == 1.0
+    assert "| 10 |" in (tmp_path / "s" / "shift.md").read_text() and (tmp_path / "s" / "shift.png").is_file()
+    again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0 and "step 5: FD" not in output and "Shift experiment" in output  # nothing rescored
+    assert json.loads((tmp_path / "s" / "shift.json").read_text())["scores"] == scores
