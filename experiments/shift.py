@@ -20,59 +20,14 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stages import dist, flow  # noqa: E402
+from common import reference_stats, sample_fd, train  # noqa: E402
+from stages import dist  # noqa: E402
 from stages.artifacts.runs import load_diffusion_run  # noqa: E402
-from stages.artifacts.store import open_complete_store  # noqa: E402
-from stages.eval import metrics as M  # noqa: E402
 from stages.progress import console  # noqa: E402
 from stages.train.runlog import read_metrics  # noqa: E402
-
-
-def pooled_stats(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (float64) of the latents' mean-pooled tokens [N, C]."""
-    pooled = np.asarray(latents, dtype=np.float64).mean(axis=(2, 3))
-    return pooled.mean(axis=0), np.cov(pooled, rowvar=False)
-
-
-def reference_stats(store_path: str, num: int) -> tuple[np.ndarray, np.ndarray]:
-    _, store = open_complete_store(store_path)
-    valid = store.valid_indices()
-    pick = valid[np.linspace(0, len(valid) - 1, min(num, len(valid))).round().astype(int)]
-    return pooled_stats(store.read(np.unique(pick)))
-
-
-@torch.no_grad()
-def sample_fd(run_dir: Path, step: int, num: int, batch: int, ref, device) -> float:
-    """FD of ``num`` EMA samples of ``run_dir`` at ``step`` (seeds 0..num-1, classes in turn), raw space."""
-    run = load_diffusion_run(run_dir, device=device, step=step)
-    parts = []
-    for s in range(0, num, batch):
-        seeds = list(range(s, min(s + batch, num)))
-        y = torch.tensor(seeds, device=device) % max(run.num_classes, 1)
-        noise = flow.seeded_noise(seeds, run.latent_shape).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            x = flow.sample(lambda z, t: run.model(z, t, y), noise, 50, run.shift, "euler")
-        parts.append(run.to_raw(x.float()).cpu().numpy())
-    mu, sigma = pooled_stats(np.concatenate(parts))
-    return float(M.frechet_distance(mu, sigma, *ref))
-
-
-def train(latents: str, out: Path, shifted: bool, args, extra: list[str]) -> None:
-    from rae_cli.main import app
-    from typer.testing import CliRunner
-
-    argv = ["train-diffusion", "--latents", latents, "--out", str(out), "--model", args.model, "--steps",
-            str(args.steps), "--batch-size", str(args.batch), "--snapshot-every", str(args.every),
-            "--checkpoint-every", str(args.every), "--sample-every", "0", "--num-samples", "0",
-            "--device", args.device, *([] if shifted else ["--no-shift"]), *extra]
-    result = CliRunner().invoke(app, argv, catch_exceptions=False)
-    if result.exit_code:
-        raise SystemExit(f"train-diffusion failed: {result.output[-2000:]}")
 
 
 def main() -> None:
@@ -95,7 +50,8 @@ def main() -> None:
     curves = {}
     for name, shifted in (("with_shift", True), ("no_shift", False)):
         run_dir = args.out / name
-        train(args.latents, run_dir, shifted, args, extra)
+        train(args.latents, run_dir, args.model, args.steps, args.batch, args.every, args.device,
+              [*([] if shifted else ["--no-shift"]), *extra])
         mine = scores.setdefault(name, {})
         for step in range(args.every, args.steps + 1, args.every):
             if str(step) not in mine:

@@ -53,3 +53,23 @@ def test_shift_experiment_trains_both_runs_through_rae_and_scores_each_snapshot(
     output = again.stdout + again.stderr
     assert again.returncode == 0 and "step 5: FD" not in output and "Shift experiment" in output  # nothing rescored
     assert json.loads((tmp_path / "s" / "shift.json").read_text())["scores"] == scores
+
+
+def test_head_experiment_gives_each_model_the_same_training_flops(demo_images, tmp_path):
+    run_rae("encode", demo_images, "--out", tmp_path / "lat.zarr", *ENCODE_ARGS)
+    models = "dit-s:width=96:depth=2:num_heads=4,ditdh-s:width=32:depth=1:num_heads=2:head_width=96:head_depth=1:head_num_heads=4"
+    argv = [sys.executable, str(REPO / "experiments" / "head.py"), "--latents", str(tmp_path / "lat.zarr"), "--out",
+            str(tmp_path / "h"), "--models", models, "--budget", "0.000008", "--batch", "8", "--points", "2",
+            "--num", "16", "--sample-batch", "8", "--device", "cpu", "--", "--warmup-steps", "0",
+            "--decay-end-step", "4", "--log-every", "2", "--no-tensorboard"]
+    env = {"RAE_NO_PROGRESS": "1", "OMP_NUM_THREADS": THREADS, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "h" / "head.json").read_text())["models"]
+    spent = {m: r["steps"] * 8 * r["gflop_per_image"] * 1e9 for m, r in result.items()}
+    # Steps are whole multiples of the scoring points: each spends the budget to within one point's worth.
+    for m, r in result.items():
+        assert 8e9 - 2 * 8 * r["gflop_per_image"] * 1e9 < spent[m] <= 8e9 and len(r["scores"]) == 2
+    assert result["dit-s"]["gflop_per_image"] > result["ditdh-s"]["gflop_per_image"]  # fewer steps for the dearer
+    assert result["dit-s"]["steps"] < result["ditdh-s"]["steps"]
+    assert (tmp_path / "h" / "head.png").is_file() and "| ditdh-s |" in (tmp_path / "h" / "head.md").read_text()
