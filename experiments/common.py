@@ -58,3 +58,23 @@ def train(latents: str, out: Path, model: str, steps: int, batch: int, every: in
     result = CliRunner().invoke(app, argv, catch_exceptions=False)
     if result.exit_code:
         raise SystemExit(f"train-diffusion failed: {result.output[-2000:]}")
+
+
+def score_snapshots(name: str, run_dir: Path, every: int, steps: int, scores: dict, num: int, batch: int, ref,
+                    device) -> None:
+    """The FD of ``run_dir``'s snapshots every ``every`` steps up to ``steps``, into ``scores`` {str(step): FD};
+    the steps already there are not scored again."""
+    from stages.progress import console
+
+    for step in range(every, steps + 1, every):
+        if str(step) not in scores:
+            scores[str(step)] = sample_fd(run_dir, step, num, batch, ref, device)
+            console.print(f"{name} step {step}: FD {scores[str(step)]:.3f}", highlight=False)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import reference_stats, sample_fd, train  # noqa: E402
+from common import reference_stats, save_figure, score_snapshots, train  # noqa: E402
 from stages import dist  # noqa: E402
 from stages.artifacts.store import open_complete_store  # noqa: E402
 from stages.progress import console  # noqa: E402
@@ -87,10 +87,7 @@ def main() -> None:
         size_options = [a for k, v in sizes.items() for a in (f"--{k.replace('_', '-')}", str(v))]
         train(args.latents, run_dir, model, steps, args.batch, every, args.device, [*size_options, *extra])
         mine = results.setdefault(model, {"gflop_per_image": per_image / 1e9, "steps": steps, "scores": {}})
-        for step in range(every, steps + 1, every):
-            if str(step) not in mine["scores"]:
-                mine["scores"][str(step)] = sample_fd(run_dir, step, args.num, args.sample_batch, ref, device)
-                console.print(f"{model} step {step}: FD {mine['scores'][str(step)]:.3f}", highlight=False)
+        score_snapshots(model, run_dir, every, steps, mine["scores"], args.num, args.sample_batch, ref, device)
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "extra": extra,
                                     "models": results}, indent=1))
@@ -117,9 +114,7 @@ def main() -> None:
     ax.set(xlabel="training PFLOPs", ylabel="FD to the training latents (encoder space)",
            title="DiT against DiT^DH at equal training compute")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out / "head.png")
-    plt.close(fig)
+    save_figure(fig, args.out / "head.png")
     console.print((args.out / "head.md").read_text(), highlight=False)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import reference_stats, sample_fd, train  # noqa: E402
+from common import reference_stats, save_figure, score_snapshots, train  # noqa: E402
 from stages import dist  # noqa: E402
 from stages.artifacts.runs import load_diffusion_run  # noqa: E402
 from stages.progress import console  # noqa: E402
@@ -53,10 +53,7 @@ def main() -> None:
         train(args.latents, run_dir, args.model, args.steps, args.batch, args.every, args.device,
               [*([] if shifted else ["--no-shift"]), *extra])
         mine = scores.setdefault(name, {})
-        for step in range(args.every, args.steps + 1, args.every):
-            if str(step) not in mine:
-                mine[str(step)] = sample_fd(run_dir, step, args.num, args.sample_batch, ref, device)
-                console.print(f"{name} step {step}: FD {mine[str(step)]:.3f}", highlight=False)
+        score_snapshots(name, run_dir, args.every, args.steps, mine, args.num, args.sample_batch, ref, device)
         curves[name] = [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "extra": extra,
@@ -82,9 +79,7 @@ def main() -> None:
     b.set(xlabel="step", ylabel="FD, encoder space", title="FD of EMA samples to the training latents")
     for ax in (a, b):
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out / "shift.png")
-    plt.close(fig)
+    save_figure(fig, args.out / "shift.png")
     console.print((args.out / "shift.md").read_text(), highlight=False)
 
 
