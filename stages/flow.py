@@ -225,12 +225,10 @@ def sde_diffusion(t: torch.Tensor, form: str, norm: float) -> torch.Tensor:
     """D(t) of the reverse SDE dx = [v - D score] dt + sqrt(2 D) dW (the reference's diffusion forms
     of its linear path, with t = 1 the noise end). The reference's default "SBDM" is left out: on this
     path its formula is -t / (1 - t), negative, and its sampler returns NaN with it."""
-    if form == "sigma":
+    if form in ("sigma", "linear"):  # the same on this path: its sigma_t is t
         return norm * t
     if form == "constant":
         return torch.full_like(t, norm)
-    if form == "linear":
-        return norm * t
     if form == "decreasing":
         return 0.25 * (norm * torch.cos(math.pi * (1 - t)) + 1) ** 2
     if form == "increasing-decreasing":
@@ -290,7 +288,7 @@ def sample_sde(velocity: Velocity, x: torch.Tensor, steps: int, shift: float, me
     def drift(x, t):
         v = velocity(x, t).to(x.dtype)
         D = _per_sample(sde_diffusion(t, diffusion_form, diffusion_norm), x)
-        return v - D * score_from_velocity(v, x, t), v
+        return v - D * score_from_velocity(v, x, t)
 
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         h = t_cur - t_next
@@ -298,11 +296,11 @@ def sample_sde(velocity: Velocity, x: torch.Tensor, steps: int, shift: float, me
         t = t_cur.expand(B)
         g = torch.sqrt(2 * _per_sample(sde_diffusion(t, diffusion_form, diffusion_norm), x))
         if method == "euler":  # Euler-Maruyama
-            x = x - drift(x, t)[0] * h + g * dw
+            x = x - drift(x, t) * h + g * dw
         elif method == "heun":
             x_hat = x + g * dw
-            k1 = drift(x_hat, t)[0]
-            k2 = drift(x_hat - h * k1, t_next.expand(B))[0]
+            k1 = drift(x_hat, t)
+            k2 = drift(x_hat - h * k1, t_next.expand(B))
             x = x_hat - 0.5 * h * (k1 + k2)
         else:
             raise ValueError(f"unknown SDE method {method!r} (euler or heun)")
@@ -311,7 +309,7 @@ def sample_sde(velocity: Velocity, x: torch.Tensor, steps: int, shift: float, me
     t = torch.full((B,), 1 - (1 - size) if reference else float(grid[-1]), device=x.device,
                    dtype=grid.dtype)  # the reference's 1 - t1, unshifted
     if last_step == "Mean":
-        return x - drift(x, t)[0] * size
+        return x - drift(x, t) * size
     v = velocity(x, t).to(x.dtype)
     if last_step == "Euler":
         return x - v * size

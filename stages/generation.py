@@ -97,15 +97,17 @@ class Sampling:
                 **dict(self.options)}
 
 
-SOLVER_OPTIONS = ("diffusion_form", "diffusion_norm", "last_step", "last_step_size", "atol", "rtol")
+SDE_OPTIONS = ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")
+ADAPTIVE_OPTIONS = ("atol", "rtol")
+SOLVER_OPTIONS = SDE_OPTIONS + ADAPTIVE_OPTIONS
 
 
 def solver_options(solver: str) -> tuple[str, ...]:
     """The options that the solver reads (the others do not change its samples)."""
     if solver in flow.SDE_SOLVERS:
-        return ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")
+        return SDE_OPTIONS
     if solver in flow.ADAPTIVE_SOLVERS:
-        return ("atol", "rtol")
+        return ADAPTIVE_OPTIONS
     return ()
 
 

@@ -37,7 +37,7 @@ from .errors import RaeError
 from .models import decoder as decoder_model
 from .models import dit as dit_model
 from .models.encoders import UNKNOWN_DIGEST, encoder_identity, spec_for
-from .models.weights import MissingWeightsError, cached_pretrained_file, hf_file, is_hf, read_torch_file
+from .models.weights import MissingWeightsError, cached_pretrained_file, hf_file, hf_name, is_hf, read_torch_file
 from .options import option
 
 KINDS = ("decoder", "stats", "diffusion")
@@ -407,8 +407,7 @@ def _fetch(cfg: ImportConfig) -> ImportConfig:
     """Released files named ``hf://OWNER/REPO/FILE`` -> their files in the Hugging Face cache (downloaded
     there first when needed); the config then holds the local paths, and the hf:// names in ``hf_names``
     (recorded with it in the output's manifest)."""
-    named = {k: "hf://" + str(getattr(cfg, k)).split(":", 1)[1].lstrip("/") for k in ("source", "stats")
-             if is_hf(getattr(cfg, k))}
+    named = {k: hf_name(getattr(cfg, k)) for k in ("source", "stats") if is_hf(getattr(cfg, k))}
     if not named:
         return cfg
     return dataclasses.replace(cfg, hf_names=named, **{k: hf_file(v, cfg.offline) for k, v in named.items()})

@@ -158,10 +158,10 @@ def _validate(cfg: EvalConfig) -> None:
         if cfg.pairs or cfg.save_ref:
             raise RaeError(f"{'--pairs' if cfg.pairs else '--save-ref'} is for image files, not --model samples")
         check_sampling(cfg)
-        unused = {"none": ("--cfg-scale", "--ag-scale"), "cfg": ("--ag-scale",), "autoguidance": ("--cfg-scale",)}
+        unused = {"none": ("cfg_scale", "ag_scale"), "cfg": ("ag_scale",), "autoguidance": ("cfg_scale",)}
         for name in unused[cfg.guidance]:
-            if len(getattr(cfg, name[2:].replace("-", "_"))) > 1:
-                raise RaeError(f"{name} lists several scales, but --guidance is {cfg.guidance}")
+            if len(getattr(cfg, name)) > 1:
+                raise RaeError(f"{flag(name)} lists several scales, but --guidance is {cfg.guidance}")
     if cfg.save_ref and Path(cfg.save_ref).suffix not in (".npz", ".safetensors"):
         raise RaeError(f"--save-ref must end in .npz or .safetensors (got {Path(cfg.save_ref).name})")
     if cfg.pairs and not cfg.ref:
@@ -207,12 +207,12 @@ def _sets(cfg: EvalConfig, d) -> tuple[list, str | None]:
     if not cfg.model:
         return [ImageSet(cfg.images)], None
     gen = Generator(cfg, d)
-    option = {"cfg": "cfg_scale", "autoguidance": "ag_scale"}.get(cfg.guidance)
-    scales = getattr(cfg, option) if option else (None,)
-    if option and len(scales) > 1 and d.is_main:
-        console.print(f"scoring {len(scales)} scales of {flag(option)}: {', '.join(f'{v:g}' for v in scales)}",
+    field = {"cfg": "cfg_scale", "autoguidance": "ag_scale"}.get(cfg.guidance)
+    scales = getattr(cfg, field) if field else (None,)
+    if len(scales) > 1 and d.is_main:
+        console.print(f"scoring {len(scales)} scales of {flag(field)}: {', '.join(f'{v:g}' for v in scales)}",
                       highlight=False)
-    return [gen.images(scale) for scale in scales], (flag(option) if option and len(scales) > 1 else None)
+    return [gen.images(scale) for scale in scales], (flag(field) if len(scales) > 1 else None)
 
 
 def _run(cfg: EvalConfig, d) -> dict:
@@ -328,7 +328,7 @@ def _run(cfg: EvalConfig, d) -> dict:
             result = _report(cfg, d, _Passes(one, ref, pre, col, ref_col, pair_values, inception, dinov2, wanted,
                                              dict(skipped), fdk, notes))
         results.append(result)
-    result = _write(cfg, d, results, swept) if d.is_main else None
+    result = _write(cfg, results, swept) if d.is_main else None
     return dist.broadcast_object(result)
 
 
@@ -496,7 +496,7 @@ def _report(cfg: EvalConfig, d, p: _Passes) -> dict:
     return result
 
 
-def _write(cfg: EvalConfig, d, results: list[dict], swept: str | None) -> dict:
+def _write(cfg: EvalConfig, results: list[dict], swept: str | None) -> dict:
     """eval.json: the one result, or a sweep's (``swept``: the option whose comma list was scored) with
     every scale's result in order."""
     result = results[0] if swept is None else {

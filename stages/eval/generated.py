@@ -72,17 +72,15 @@ class GeneratedImages:
         g, cfg, d = self.gen, self.gen.cfg, self.gen.d
         n, per = len(self), cfg.sample_batch_size
         mine = dist.shard([np.arange(s, min(s + per, n)) for s in range(0, n, per)], d.rank, d.world)
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        held = 0
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # images not yet fed, with their indices
 
-        def flush(all_of_it: bool) -> int:
+        def flush(all_of_it: bool) -> None:
             nonlocal pending
             x, idx = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
             cut = len(x) if all_of_it else len(x) - len(x) % batch_size
             for s in range(0, cut, batch_size):
                 collector.update(x[s: s + batch_size], idx[s: s + batch_size])
             pending = [(x[cut:], idx[cut:])] if cut < len(x) else []
-            return len(x) - cut
 
         autocast = dict(device_type=d.device.type, dtype=torch.bfloat16, enabled=cfg.precision in ("bf16", "fp8"))
         with progress(sum(len(b) for b in mine), label, unit="img") as advance, torch.no_grad():
@@ -93,9 +91,8 @@ class GeneratedImages:
                 with torch.autocast(**autocast):
                     images = g.decode(z)
                 pending.append((pixels(images), torch.from_numpy(idx)))
-                held += len(idx)
-                if held >= batch_size:
-                    held = flush(False)
+                if sum(len(p[1]) for p in pending) >= batch_size:
+                    flush(False)
                 advance(len(idx))
             if pending:
                 flush(True)

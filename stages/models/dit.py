@@ -314,10 +314,11 @@ class DiT(nn.Module):
     def __init__(self, in_channels: int = 768, input_size: int = 16, patch_size: int = 1, width: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000, **switches):
         super().__init__()
-        arch = {**ARCH_DEFAULTS, **_arch(switches)}
+        given = _arch(switches)
+        arch = {**ARCH_DEFAULTS, **given}
         self.config = dict(in_channels=in_channels, input_size=input_size, patch_size=patch_size,
                            width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           num_classes=num_classes, **_arch(switches))
+                           num_classes=num_classes, **given)
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.output_width = width  # of the layers that produce v: what the paper's width rule is about
         grid = input_size // patch_size
@@ -370,11 +371,12 @@ class DiTDH(nn.Module):
                  depth: int = 28, num_heads: int = 16, head_width: int = 2048, head_depth: int = 2,
                  head_num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int = 1000, **switches):
         super().__init__()
-        arch = {**ARCH_DEFAULTS, **_arch(switches)}
+        given = _arch(switches)
+        arch = {**ARCH_DEFAULTS, **given}
         self.config = dict(in_channels=in_channels, input_size=input_size, patch_size=patch_size,
                            width=width, depth=depth, num_heads=num_heads, head_width=head_width,
                            head_depth=head_depth, head_num_heads=head_num_heads,
-                           mlp_ratio=mlp_ratio, num_classes=num_classes, **_arch(switches))
+                           mlp_ratio=mlp_ratio, num_classes=num_classes, **given)
         blocks = {k: arch[k] for k in ("use_qknorm", "use_swiglu", "use_rmsnorm", "wo_shift")}
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.output_width = head_width  # the head produces v: its width is what the paper's rule is about

@@ -123,6 +123,11 @@ def is_hf(path: str | os.PathLike | None) -> bool:
     return path is not None and str(path).startswith(("hf://", "hf:/"))
 
 
+def hf_name(path: str | os.PathLike) -> str:
+    """The canonical ``hf://OWNER/REPO/FILE`` of an hf:// path (a path option may have folded "//" into "/")."""
+    return HF_SCHEME + str(path).split(":", 1)[1].lstrip("/")
+
+
 def hf_file(spec: str | os.PathLike, offline: bool = False) -> str:
     """``hf://OWNER/REPO/PATH/IN/REPO`` -> the file in the Hugging Face cache, downloaded into it first
     when it is not there (``huggingface_hub``, as timm's weights; ``offline`` or HF_HUB_OFFLINE=1: the
@@ -130,7 +135,7 @@ def hf_file(spec: str | os.PathLike, offline: bool = False) -> str:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    rest = str(spec).split(":", 1)[1].lstrip("/")
+    rest = hf_name(spec)[len(HF_SCHEME):]
     parts = rest.split("/")
     if len(parts) < 3 or not all(parts):
         raise RaeError(f"{spec}: a Hugging Face file is hf://OWNER/REPO/PATH (e.g. "

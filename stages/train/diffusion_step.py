@@ -10,7 +10,6 @@ with gradient accumulation computes the same gradients as a single process (to f
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ import torch.nn as nn
 
 from .. import flow
 from .config import TrainDiffusionConfig, micro_batches, rank_slice
-from .phema import PowerEMA
+from .phema import PowerEMA, ema_copy
 
 
 
@@ -96,11 +95,8 @@ class DiffusionTraining:
         self.share = rank_slice(cfg.batch_size, rank, world)  # this rank's positions in the step's draws
         self.model = model.to(device).train()
         # The EMA starts from the initial weights, as the reference; it is kept in float32.
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        trainable = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        self.ema, self.ema_params = ema_copy(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        ema_named = dict(self.ema.named_parameters())
-        self.ema_params = [ema_named[name] for name in trainable]
         # --phema: power-function EMAs for post-hoc EMA, beside the recipe's (float32 too).
         self.phema = PowerEMA(self.model, cfg.phema) if cfg.phema else None
         # Only trainable parameters: pos_embed and the Fourier frequencies are frozen buffers-as-parameters.

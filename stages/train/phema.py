@@ -64,6 +64,14 @@ def profile_weights(t: int, gamma: float) -> np.ndarray:
     return (s / t) ** a - ((s - 1) / t) ** a
 
 
+def ema_copy(model: nn.Module) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A frozen copy of ``model`` to average into, and its parameters that match ``model``'s trainable ones,
+    in their order (frozen buffers-as-parameters, such as pos_embed, are copied once and left alone)."""
+    copied = copy.deepcopy(model).requires_grad_(False).eval()
+    named = dict(copied.named_parameters())
+    return copied, [named[name] for name, p in model.named_parameters() if p.requires_grad]
+
+
 class PowerEMA:
     """Power-function EMAs of a model's trainable parameters, one model copy per relative standard
     deviation (float32, like the recipe's EMA); ``update(t)`` after optimiser step t."""
@@ -71,10 +79,8 @@ class PowerEMA:
     def __init__(self, model: nn.Module, stds: tuple[float, ...]):
         self.stds = tuple(float(s) for s in stds)
         self.gammas = tuple(exponent_of(s) for s in self.stds)
-        self.models = [copy.deepcopy(model).requires_grad_(False).eval() for _ in self.stds]
-        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.models, self.copies = map(list, zip(*(ema_copy(model) for _ in self.stds)))
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.copies = [[dict(m.named_parameters())[name] for name in trainable] for m in self.models]
 
     @torch.no_grad()
     def update(self, t: int) -> None:
