@@ -46,18 +46,23 @@ def sample_fd(run_dir: Path, step: int, num: int, batch: int, ref, device) -> fl
     return float(M.frechet_distance(mu, sigma, *ref))
 
 
-def train(latents: str, out: Path, model: str, steps: int, batch: int, every: int, device: str,
-          extra: list[str]) -> None:
-    """``rae train-diffusion`` itself (resumed when ``out`` exists), a snapshot every ``every`` steps."""
+def rae(*argv) -> str:
+    """One ``rae`` command, run in this process (its own code path, as from the shell); its output."""
     from rae_cli.main import app
     from typer.testing import CliRunner
 
-    argv = ["train-diffusion", "--latents", latents, "--out", str(out), "--model", model, "--steps", str(steps),
-            "--batch-size", str(batch), "--snapshot-every", str(every), "--checkpoint-every", str(every),
-            "--sample-every", "0", "--num-samples", "0", "--device", device, *extra]
-    result = CliRunner().invoke(app, argv, catch_exceptions=False)
+    result = CliRunner().invoke(app, [str(a) for a in argv], catch_exceptions=False)
     if result.exit_code:
-        raise SystemExit(f"train-diffusion failed: {result.output[-2000:]}")
+        raise SystemExit(f"rae {argv[0]} failed: {result.output[-2000:]}")
+    return result.output
+
+
+def train(latents: str, out: Path, model: str, steps: int, batch: int, every: int, device: str,
+          extra: list[str]) -> None:
+    """``rae train-diffusion`` itself (resumed when ``out`` exists), a snapshot every ``every`` steps."""
+    rae("train-diffusion", "--latents", latents, "--out", out, "--model", model, "--steps", steps,
+        "--batch-size", batch, "--snapshot-every", every, "--checkpoint-every", every, "--sample-every", "0",
+        "--num-samples", "0", "--device", device, *extra)
 
 
 def score_snapshots(name: str, run_dir: Path, every: int, steps: int, scores: dict, num: int, batch: int, ref,

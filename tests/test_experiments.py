@@ -73,3 +73,31 @@ def test_head_experiment_gives_each_model_the_same_training_flops(demo_images, t
     assert result["dit-s"]["gflop_per_image"] > result["ditdh-s"]["gflop_per_image"]  # fewer steps for the dearer
     assert result["dit-s"]["steps"] < result["ditdh-s"]["steps"]
     assert (tmp_path / "h" / "head.png").is_file() and "| ditdh-s |" in (tmp_path / "h" / "head.md").read_text()
+
+
+def test_noise_aug_experiment_decodes_the_same_samples_with_each_decoder(demo_images, tmp_path):
+    run_rae("encode", demo_images, "--out", tmp_path / "lat.zarr", "--preset", "demo", "--num-workers", 0,
+            "--device", "cpu")
+    argv = [sys.executable, str(REPO / "experiments" / "noise_aug.py"), "--latents", str(tmp_path / "lat.zarr"),
+            "--images", str(demo_images), "--out", str(tmp_path / "n"), "--num", "8", "--diffusion-steps", "4",
+            "--diffusion-batch", "8", "--diffusion-args", "--preset demo --decay-end-step 4 --no-tensorboard",
+            "--sample-args", "--preset demo --steps 3", "--device", "cpu", "--", "--preset", "demo", "--steps", "3",
+            "--batch-size", "8", "--lpips-start-step", "1", "--disc-start-step", "1", "--gan-start-step", "2",
+            "--num-workers", "0", "--no-tensorboard"]
+    env = {"RAE_NO_PROGRESS": "1", "OMP_NUM_THREADS": THREADS, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "n"
+    result = json.loads((out / "noise_aug.json").read_text())["results"]
+    assert set(result) == {"0", "0.8"}
+    for tau in ("0", "0.8"):  # each decoder trained with its own noise, scored on both sets
+        assert json.loads((out / f"decoder_tau{tau}" / "config.json").read_text())["noise_tau"] == float(tau)
+        assert result[tau]["recon"]["psnr"] > 0 and result[tau]["recon"]["fd_rae"] > 0 and result[tau]["gen"]["fd_rae"] > 0
+        assert len(list((out / f"gen_tau{tau}").glob("0*.png"))) == 8 and len(list((out / f"recon_tau{tau}").glob("0*.png"))) == 40
+    # The same sample latents, two decoders: different pictures of them.
+    a, b = ((out / f"gen_tau{t}" / "000000.png").read_bytes() for t in ("0", "0.8"))
+    assert a != b
+    assert (out / "noise_aug.png").stat().st_size > 10_000 and "| 0.8 |" in (out / "noise_aug.md").read_text()
+    again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "tau 0:" not in again.stdout + again.stderr
+    assert json.loads((out / "noise_aug.json").read_text())["results"] == result
