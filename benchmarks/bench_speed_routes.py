@@ -52,12 +52,42 @@ def token_linear(module: torch.nn.Module, fqn: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def to_float8_training(model: torch.nn.Module, recipe: str) -> int:
+def wide_linear(module: torch.nn.Module, fqn: str) -> bool:
+    """The per-token Linears with a side of at least 2,048: the head's, the trunk's SwiGLU (issue 29's route 4)."""
+    return token_linear(module, fqn) and max(module.in_features, module.out_features) >= 2048
+
+
+def to_float8_training(model: torch.nn.Module, recipe: str, only=token_linear) -> int:
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    n = sum(token_linear(m, name) for name, m in model.named_modules())
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
-                               module_filter_fn=token_linear)
+    n = sum(only(m, name) for name, m in model.named_modules())
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=only)
+    return n
+
+
+def use_liger(model: torch.nn.Module) -> int:
+    """Liger's Triton RMSNorm and SiLU-mul (forward + backward) in place of the modules' own (same maths);
+    returns how many modules were switched. RoPE stays: Liger's rotates halves, ours adjacent pairs."""
+    import types as _types
+
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    from stages.models.dit import RMSNorm, SwiGLU
+
+    def rms(self, x):
+        return LigerRMSNormFunction.apply(x, self.weight, self.eps, 0.0, "llama", False)
+
+    def swiglu(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(LigerSiLUMulFunction.apply(a, b))
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.forward, n = _types.MethodType(rms, m), n + 1
+        elif isinstance(m, SwiGLU):
+            m.forward, n = _types.MethodType(swiglu, m), n + 1
     return n
 
 
@@ -71,9 +101,14 @@ def build_train(name, device, batch, route, precision):
     model = create_dit(preset, C, H, 1000, **overrides)
     if route.startswith("fp8-"):
         to_float8_training(model, route[4:])
+    elif route.startswith("fp8w-"):
+        to_float8_training(model, route[5:], wide_linear)
+    elif route == "liger":
+        use_liger(model)
     cfg = TrainDiffusionConfig(latents="-", out="-", model=preset, batch_size=batch, precision=precision,
                                compile=route != "cudagraphs")
-    trainer = DiffusionTraining(model, cfg, device, shift=btd._shift(C, H), null_label=1000)
+    trainer = DiffusionTraining(model, cfg, device, shift=btd._shift(C, H), null_label=1000,
+                                fused_update=route == "fused-update")
     if route == "cudagraphs":
         trainer.net = torch.compile(trainer.net, mode="reduce-overhead")
     x = torch.randn(batch, C, H, H, device=device)
@@ -244,6 +279,162 @@ def part_sample(args, device, card):
     print(f"card: {card}")
 
 
+# ---- the update after the backward pass (issue 29, route 2) ------------------------------------------
+def part_optimizer(args, device, card):
+    """Clip + AdamW + EMA over DiT^DH-XL's parameters (fp32, random gradients), per update: today's three
+    passes, the compiled one-pass FusedUpdate, and the same maths over one flat buffer of all parameters
+    (one kernel: what a single pass can reach), beside the bytes each must move at the card's copy rate."""
+    from stages.train.fused_update import FusedUpdate, adamw_ema_
+
+    (preset, overrides), _, (C, H, _) = btd.MODELS["tiny" if args.smoke else "ditdh-xl"]
+    model = create_dit(preset, C, H, 1000, **overrides).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+
+    def setup(fused):
+        torch.manual_seed(1)
+        ps = [p.detach().clone().requires_grad_(True) for p in params]
+        for p in ps:
+            p.grad = torch.randn_like(p) * 1e-3
+        emas = [p.detach().clone() for p in ps]
+        opt = torch.optim.AdamW(ps, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=device.type == "cuda")
+        if fused:
+            return ps, emas, FusedUpdate(opt, emas, 1.0, 0.9995, compiled=not args.smoke)
+
+        def today(lr):
+            norm = torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(emas, ps, 1 - 0.9995)
+            return norm
+        return ps, emas, today
+
+    def timed(update, iters):
+        for _ in range(3):
+            update(2e-4)
+        btd.sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            update(2e-4)
+        btd.sync(device)
+        return (time.perf_counter() - t0) / iters * 1e3
+
+    iters = 2 if args.smoke else 30
+    rows = []
+    log("optimizer: today's three passes")
+    a_ps, a_emas, today = setup(False)
+    rows.append(("today: clip_grad_norm_ + fused AdamW + foreach EMA lerp", timed(today, iters), 13))
+    del today
+    log("optimizer: FusedUpdate (compiles)")
+    b_ps, b_emas, fused = setup(True)
+    rows.append(("FusedUpdate: grad norm, then one compiled foreach pass", timed(fused, iters), 10))
+    # Same start, same number of updates: how far apart the two paths end.
+    drift = max(((p - q).norm() / q.norm()).item() for p, q in zip(a_ps, b_ps))
+    drift_ema = max(((p - q).norm() / q.norm()).item() for p, q in zip(a_emas, b_emas))
+    del fused, a_ps, a_emas, b_ps, b_emas
+    btd.free(device)
+    log("optimizer: one flat buffer")
+    flat = [torch.randn(n, device=device) * s for s in (1e-2, 1e-3, 1e-4, 1e-6, 1e-2)]  # p, g, m, v, ema
+    step = [torch.zeros((), device=device)]
+    lr = torch.full((), 2e-4, dtype=torch.float64, device=device)
+    one = (lambda f: f) if args.smoke else (lambda f: torch.compile(f, fullgraph=True, dynamic=False))
+    flat_fn = one(adamw_ema_)
+
+    def flat_update(_lr):
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(flat[1])
+            flat_fn([flat[0]], [flat[1]], [flat[2]], [flat[3]], step, [flat[4]], lr, norm, 1.0, 0.9, 0.95, 1e-8,
+                    0.0, 5e-4)
+    rows.append(("floor: the same maths over one flat buffer (1 kernel + the norm)", timed(flat_update, iters), 10))
+    src, dst = flat[0], flat[1]
+    copy_ms = timed(lambda _lr: dst.copy_(src), iters)
+    gbps = 2 * n * 4 / copy_ms / 1e6
+    del flat, src, dst
+    btd.free(device)
+    print(f"\n## The update after the backward pass, {preset}'s {n / 1e6:.1f}M trainable fp32 parameters, {card}")
+    print(f"(copy rate measured here: {gbps:,.0f} GB/s; passes = full reads + writes of one fp32 copy of the "
+          "parameters)")
+    print("| update | ms | passes | ms at the copy rate |\n|---|---|---|---|")
+    for name, ms, passes in rows:
+        print(f"| {name} | {ms:.2f} | {passes} | {passes * n * 4 / gbps / 1e6:.2f} |")
+    print(f"| FusedUpdate against today after {iters + 3} updates from one start: parameters / EMA, max relative L2 "
+          f"| {drift:.1e} / {drift_ema:.1e} | | |")
+    print(f"card: {card}")
+
+
+# ---- the block's elementwise chains (issue 29, route 1) ---------------------------------------------
+def part_kernels(args, device, card):
+    """Forward + backward of the trunk block's elementwise chains at DiT^DH-XL's shape (batch x 256 tokens,
+    width 1,152, SwiGLU hidden 3,072, 16 heads of 72), bf16: Inductor's fused kernels (our modules
+    compiled) against Liger's Triton kernels (RMSNorm; SiLU-mul; RoPE in its rotate-halves layout,
+    the same work), and the bytes each chain must move."""
+    from stages.models.dit import RMSNorm, RoPE2D, apply_rope, modulate
+
+    b, n, d, hidden, heads = (2, 16, 64, 96, 4) if args.smoke else (args.batches[0], 256, 1152, 3072, 16)
+    hd = d // heads
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    norm = RMSNorm(d).to(device)
+    rope = RoPE2D(hd, int(math.isqrt(n))).to(device)
+    cos, sin = rope.freqs_cos, rope.freqs_sin
+    compile_ = (lambda f: f) if args.smoke else torch.compile
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+    x, shift, scale = rand(b, n, d), rand(b, 1, d), rand(b, 1, d)
+    ab = rand(b, n, 2 * hidden)
+    q = rand(b, heads, n, hd)
+    k = rand(b, heads, n, hd)
+    chains = {
+        "RMSNorm + adaLN modulate": (compile_(lambda: modulate(norm(x), shift, scale)), (3, 1)),
+        "SiLU(a) * b": (compile_(lambda: (lambda a_, b_: torch.nn.functional.silu(a_) * b_)(*ab.chunk(2, -1))), (2, 1)),
+        "RoPE on q and k": (compile_(lambda: apply_rope(q, cos, sin) + apply_rope(k, cos, sin)), (2, 1)),
+    }
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.rope import LigerRopeFunction
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        half_cos, half_sin = cos[None].to(dtype), sin[None].to(dtype)
+        chains["Liger RMSNorm + modulate (Inductor)"] = (compile_(lambda: modulate(
+            LigerRMSNormFunction.apply(x, norm.weight, 1e-6, 0.0, "llama", False), shift, scale)), (3, 1))
+        chains["Liger SiLU-mul"] = (lambda: LigerSiLUMulFunction.apply(*ab.chunk(2, -1)), (2, 1))
+
+        def liger_rope():
+            qr, kr = LigerRopeFunction.apply(q, k, half_cos, half_sin)
+            return qr + kr
+        chains["Liger RoPE (halves layout)"] = (liger_rope, (2, 1))
+        liger = ""
+    except ImportError as e:
+        liger = f"liger-kernel not installed ({e})"
+    rows = []
+    for name, (fn, _) in chains.items():
+        try:
+            def step():
+                out = fn()
+                out.backward(torch.ones_like(out))
+            for _ in range(3):
+                step()
+            btd.sync(device)
+            t0 = time.perf_counter()
+            for _ in range(20 if not args.smoke else 2):
+                step()
+            btd.sync(device)
+            rows.append((name, (time.perf_counter() - t0) / (20 if not args.smoke else 2) * 1e3, ""))
+        except Exception as e:
+            rows.append((name, None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+        x.grad = shift.grad = scale.grad = ab.grad = q.grad = k.grad = None
+    print(f"\n## Elementwise chains of one trunk block, forward + backward, [{b} x {n}, {d}] {dtype}, {card}")
+    print("| chain | ms per block | x 28 blocks | note |\n|---|---|---|---|")
+    for name, ms, note in rows:
+        print(f"| {name} | {ms:.3f} | {ms * 28:.1f} | {note} |" if ms else f"| {name} | - | - | {note} |")
+    if liger:
+        print(f"| Liger | - | - | {liger} |")
+    print(f"card: {card}")
+
+
 # ---- attention -------------------------------------------------------------------------------
 def part_attention(args, device, card):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -278,10 +469,11 @@ def part_attention(args, device, card):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["train", "sample", "attention"], required=True)
+    ap.add_argument("--part", choices=["train", "sample", "attention", "optimizer", "kernels"], required=True)
     ap.add_argument("--reference", type=Path)
     ap.add_argument("--routes", default="bf16,fp8-tensorwise,fp8-rowwise,cudagraphs",
-                    help="training routes: bf16, fp8-tensorwise, fp8-rowwise, fp8-rowwise_with_gw_hp, cudagraphs")
+                    help="training routes: bf16, fp8-tensorwise, fp8-rowwise, fp8-rowwise_with_gw_hp, cudagraphs, "
+                    "fp8w-RECIPE (float8 on the Linears of a side >= 2048 only), liger, fused-update")
     ap.add_argument("--batches", default="64", help="training batch sizes")
     ap.add_argument("--sample-batches", default="128,256")
     ap.add_argument("--with-reference", action="store_true", help="sampling: also time the reference loop")
@@ -296,9 +488,10 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     if args.smoke:
-        args.routes = [r for r in args.routes if not r.startswith("fp8") and r != "cudagraphs"] or ["bf16"]
+        args.routes = [r for r in args.routes if not r.startswith("fp8") and r not in ("cudagraphs", "liger")] or ["bf16"]
         args.batches, args.warmup, args.iters = [2], 1, 2
-    {"train": part_train, "sample": part_sample, "attention": part_attention}[args.part](args, device, card)
+    {"train": part_train, "sample": part_sample, "attention": part_attention, "optimizer": part_optimizer,
+     "kernels": part_kernels}[args.part](args, device, card)
 
 
 if __name__ == "__main__":

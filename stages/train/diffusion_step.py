@@ -19,8 +19,11 @@ import torch.nn as nn
 
 from .. import flow
 from .config import TrainDiffusionConfig, micro_batches, rank_slice
+from .fused_update import FusedUpdate
 from .phema import PowerEMA, ema_copy
 
+# Whether compiled CUDA runs update with stages.train.fused_update (BENCHMARKS.md, issue 29's optimiser route).
+FUSED_UPDATE = False
 
 
 def learning_rate(step: int, base: float, final: float, warmup: int, decay_end: int,
@@ -90,7 +93,7 @@ class DiffusionTraining:
     """
 
     def __init__(self, model: nn.Module, cfg: TrainDiffusionConfig, device: torch.device, shift: float,
-                 null_label: int, rank: int = 0, world: int = 1):
+                 null_label: int, rank: int = 0, world: int = 1, fused_update: bool | None = None):
         self.cfg, self.device, self.shift, self.null_label = cfg, device, shift, null_label
         self.share = rank_slice(cfg.batch_size, rank, world)  # this rank's positions in the step's draws
         self.model = model.to(device).train()
@@ -113,6 +116,13 @@ class DiffusionTraining:
                            broadcast_buffers=False, gradient_as_bucket_view=True)
         if cfg.compile:
             self.net = torch.compile(self.net)
+        # The clip, AdamW and the EMA as one compiled pass over the parameters (stages.train.fused_update),
+        # or as three (clip_grad_norm_, the fused AdamW kernel, a foreach lerp).
+        if fused_update is None:
+            fused_update = FUSED_UPDATE and cfg.compile and device.type == "cuda"
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        self.fused = (FusedUpdate(self.optimizer, self.ema_params, max_norm, cfg.ema_decay, compiled=cfg.compile)
+                      if fused_update else None)
 
     def train_step(self, step: int, x: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         draws = step_draws(self.cfg, step, self.shift, self.share.start, self.share.stop)
@@ -147,6 +157,8 @@ class DiffusionTraining:
                 loss = flow.loss(v, flow.target(x0, eps))
                 (loss / accum).backward()
             total += loss.detach()
+        if self.fused is not None:
+            return total / accum, self.fused(lr)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
         for group in self.optimizer.param_groups:
