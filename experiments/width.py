@@ -62,7 +62,7 @@ def run_one(x: torch.Tensor, width: int, depth: int, args, device: torch.device)
     C, h, _ = x.shape
     model = DiT(in_channels=C, input_size=h, width=width, depth=depth, num_heads=heads_for(width), num_classes=1)
     cfg = TrainDiffusionConfig(latents="-", out="-", model="dit-s", batch_size=args.batch, lr=args.lr,
-                               label_dropout=0.0, seed=args.seed, precision=args.precision)
+                               label_dropout=0.0, seed=args.seed, precision=args.precision, compile=args.compile)
     shift = training_shift(list(x.shape))
     trainer = DiffusionTraining(model, cfg, device, shift, null_label=1)
     batch = x[None].expand(args.batch, -1, -1, -1).to(device)
@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    ap.add_argument("--compile", action="store_true", help="torch.compile each model (fewer, fused kernels: "
+                    "eager small models are bound by kernel launches on a GPU)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = dist.init(args.device).device
@@ -161,6 +163,9 @@ def main() -> None:
         if any((r["width"], r["depth"]) == (width, depth) for r in done):
             continue
         done.append(run_one(x, width, depth, args, device))
+        r = done[-1]
+        console.print(f"d={width} depth {depth}: final loss {r['final_loss']:.4f} (floor {r['floor']:.4f}), sample "
+                      f"error {r['sample_relative_rms_error']:.3f}, {r['seconds']:.0f} s", highlight=False)
         done.sort(key=lambda r: configs.index((r["width"], r["depth"])))
         write(args.out, done, meta)
     write(args.out, done, meta)
