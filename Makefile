@@ -13,7 +13,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 DEMO_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
 PRESET ?= demo
-.PHONY: all install test test-portability fuzz clean demo imagenet256 imagenet256-chain
+.PHONY: all install test test-portability fuzz clean demo imagenet256 imagenet256-chain experiments
 
 ifeq ($(PRESET),demo)
 all: install demo
@@ -81,6 +81,19 @@ imagenet256-chain:
 	$(RAE_RUN) sample --model $(REAL_OUT)/ditdh_xl --out $(REAL_OUT)/fid50k.zarr --preset imagenet256 --per-class 50 --compile
 	$(RAE_RUN) decode $(REAL_OUT)/fid50k.zarr --decoder $(REAL_OUT)/decoder_xl --out $(REAL_OUT)/fid50k --preset imagenet256
 	$(RAE_RUN) eval $(REAL_OUT)/fid50k/samples.npz --ref $(FID_REF)
+
+# The paper's findings (EXPERIMENTS.md) on one GPU, in turn, each resumable:
+# make experiments STORE=in1k_dinov2b.zarr IMAGES=/path/to/its/images [EXP_OUT=runs/experiments]
+STORE ?=
+IMAGES ?=
+EXP_OUT ?= runs/experiments
+HEAD_BUDGET ?= 200
+experiments: install
+	@test -n "$(STORE)" -a -n "$(IMAGES)" || { echo "error: make experiments STORE=<latent store, e.g. [768, 16, 16]> IMAGES=<the image folder it was encoded from> [EXP_OUT=$(EXP_OUT)]" >&2; exit 2; }
+	$(PY) experiments/width.py --latents $(STORE) --out $(EXP_OUT)/width --compile
+	$(PY) experiments/shift.py --latents $(STORE) --out $(EXP_OUT)/shift -- --compile --no-tensorboard
+	$(PY) experiments/head.py --latents $(STORE) --out $(EXP_OUT)/head --models dit-xl,ditdh-b --budget $(HEAD_BUDGET) -- --compile --no-tensorboard
+	$(PY) experiments/noise_aug.py --latents $(STORE) --images $(IMAGES) --out $(EXP_OUT)/noise_aug --diffusion $(EXP_OUT)/shift/with_shift -- --model vit-b --compile --no-tensorboard
 
 test: install
 	$(PY) -m pytest tests
