@@ -46,15 +46,17 @@ def sample_fd(run_dir: Path, step: int, num: int, batch: int, ref, device) -> fl
     return float(M.frechet_distance(mu, sigma, *ref))
 
 
-def rae(*argv) -> str:
-    """One ``rae`` command, run in this process (its own code path, as from the shell); its output."""
+def rae(*argv) -> None:
+    """One ``rae`` command, run in this process as from the shell: its progress shows as it goes, and a
+    SIGTERM or Ctrl-C reaches it (it checkpoints; the experiment resumes when run again)."""
     from rae_cli.main import app
-    from typer.testing import CliRunner
 
-    result = CliRunner().invoke(app, [str(a) for a in argv], catch_exceptions=False)
-    if result.exit_code:
-        raise SystemExit(f"rae {argv[0]} failed: {result.output[-2000:]}")
-    return result.output
+    try:
+        code = app([str(a) for a in argv], standalone_mode=False)
+    except SystemExit as e:
+        code = e.code
+    if code:
+        raise SystemExit(f"rae {argv[0]} ended with exit code {code}; run the experiment again to resume")
 
 
 def train(latents: str, out: Path, model: str, steps: int, batch: int, every: int, device: str,
