@@ -282,9 +282,9 @@ def part_sample(args, device, card):
 # ---- the update after the backward pass (issue 29, route 2) ------------------------------------------
 def part_optimizer(args, device, card):
     """Clip + AdamW + EMA over DiT^DH-XL's parameters (fp32, random gradients), per update: today's three
-    passes, the compiled one-pass FusedUpdate, and the same maths over one flat buffer of all parameters
+    passes, the compiled one pass (``ParameterUpdate(fused=True)``), and the same maths over one flat buffer of all parameters
     (one kernel: what a single pass can reach), beside the bytes each must move at the card's copy rate."""
-    from stages.train.fused_update import FusedUpdate, adamw_ema_
+    from stages.train.fused_update import ParameterUpdate, adamw_ema_
 
     (preset, overrides), _, (C, H, _) = btd.MODELS["tiny" if args.smoke else "ditdh-xl"]
     model = create_dit(preset, C, H, 1000, **overrides).to(device)
@@ -298,18 +298,7 @@ def part_optimizer(args, device, card):
             p.grad = torch.randn_like(p) * 1e-3
         emas = [p.detach().clone() for p in ps]
         opt = torch.optim.AdamW(ps, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=device.type == "cuda")
-        if fused:
-            return ps, emas, FusedUpdate(opt, emas, 1.0, 0.9995, compiled=not args.smoke)
-
-        def today(lr):
-            norm = torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(emas, ps, 1 - 0.9995)
-            return norm
-        return ps, emas, today
+        return ps, emas, ParameterUpdate(opt, emas, 1.0, 0.9995, fused=fused, compiled=fused and not args.smoke)
 
     def timed(update, iters):
         for _ in range(3):
@@ -327,9 +316,9 @@ def part_optimizer(args, device, card):
     a_ps, a_emas, today = setup(False)
     rows.append(("today: clip_grad_norm_ + fused AdamW + foreach EMA lerp", timed(today, iters), 13))
     del today
-    log("optimizer: FusedUpdate (compiles)")
+    log("optimizer: the fused update (compiles)")
     b_ps, b_emas, fused = setup(True)
-    rows.append(("FusedUpdate: grad norm, then one compiled foreach pass", timed(fused, iters), 10))
+    rows.append(("fused: grad norm, then one compiled foreach pass", timed(fused, iters), 10))
     # Same start, same number of updates: how far apart the two paths end.
     drift = max(((p - q).norm() / q.norm()).item() for p, q in zip(a_ps, b_ps))
     drift_ema = max(((p - q).norm() / q.norm()).item() for p, q in zip(a_emas, b_emas))
@@ -360,7 +349,7 @@ def part_optimizer(args, device, card):
     print("| update | ms | passes | ms at the copy rate |\n|---|---|---|---|")
     for name, ms, passes in rows:
         print(f"| {name} | {ms:.2f} | {passes} | {passes * n * 4 / gbps / 1e6:.2f} |")
-    print(f"| FusedUpdate against today after {iters + 3} updates from one start: parameters / EMA, max relative L2 "
+    print(f"| fused against today after {iters + 3} updates from one start: parameters / EMA, max relative L2 "
           f"| {drift:.1e} / {drift_ema:.1e} | | |")
     print(f"card: {card}")
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .. import flow
 from .config import TrainDiffusionConfig, micro_batches, rank_slice
-from .fused_update import FusedUpdate
+from .fused_update import ParameterUpdate
 from .phema import PowerEMA, ema_copy
 
 # Whether compiled CUDA runs update with stages.train.fused_update (BENCHMARKS.md, issue 29's optimiser route).
@@ -120,9 +120,8 @@ class DiffusionTraining:
         # or as three (clip_grad_norm_, the fused AdamW kernel, a foreach lerp).
         if fused_update is None:
             fused_update = FUSED_UPDATE and cfg.compile and device.type == "cuda"
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        self.fused = (FusedUpdate(self.optimizer, self.ema_params, max_norm, cfg.ema_decay, compiled=cfg.compile)
-                      if fused_update else None)
+        self.update = ParameterUpdate(self.optimizer, self.ema_params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
+                                      cfg.ema_decay, fused=fused_update, compiled=cfg.compile)
 
     def train_step(self, step: int, x: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         draws = step_draws(self.cfg, step, self.shift, self.share.start, self.share.stop)
@@ -157,16 +156,7 @@ class DiffusionTraining:
                 loss = flow.loss(v, flow.target(x0, eps))
                 (loss / accum).backward()
             total += loss.detach()
-        if self.fused is not None:
-            return total / accum, self.fused(lr)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        with torch.no_grad():  # ema <- ema + (1 - decay) (model - ema)
-            torch._foreach_lerp_(self.ema_params, self.params, 1 - self.cfg.ema_decay)
-        return total / accum, grad_norm
+        return total / accum, self.update(lr)
 
     @property
     def net_module(self) -> nn.Module:

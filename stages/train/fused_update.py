@@ -49,17 +49,35 @@ def adamw_ema_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     torch._foreach_lerp_(emas, params, ema_weight)
 
 
-class FusedUpdate:
-    """Clip + AdamW + EMA over ``optimizer``'s one parameter group and ``emas`` (``compiled``: one
-    torch.compile'd function; else the same function eagerly, e.g. on the CPU)."""
+class ParameterUpdate:
+    """The update after the backward pass: clip + AdamW + EMA over ``optimizer``'s one parameter group and
+    ``emas``. ``fused``: one pass (``adamw_ema_``; ``compiled``: torch.compile'd, else eager, e.g. on the
+    CPU); else, or on a step where some parameter has no gradient, the three passes (``clip_grad_norm_``,
+    ``optimizer.step()``, a foreach lerp). Returns the gradients' total norm before clipping."""
 
     def __init__(self, optimizer: torch.optim.AdamW, emas: list[torch.Tensor], max_norm: float, ema_decay: float,
-                 compiled: bool):
-        (group,) = optimizer.param_groups
-        self.optimizer, self.group, self.emas = optimizer, group, emas
+                 fused: bool = False, compiled: bool = False):
+        if len(optimizer.param_groups) != 1:
+            raise ValueError("ParameterUpdate takes an optimiser with one parameter group")
+        self.optimizer, self.emas = optimizer, emas
         self.max_norm, self.ema_weight = max_norm, 1 - ema_decay
-        self.fn = torch.compile(adamw_ema_, fullgraph=True, dynamic=False) if compiled else adamw_ema_
+        self.fused = fused
+        self.fn = (torch.compile(adamw_ema_, fullgraph=True, dynamic=False) if compiled else adamw_ema_) if fused else None
         self._lr: torch.Tensor | None = None
+
+    @property
+    def group(self) -> dict:
+        # Looked up each time: the optimiser's load_state_dict replaces its group dictionaries.
+        return self.optimizer.param_groups[0]
+
+    def three_passes(self, lr: float) -> torch.Tensor:
+        params = self.group["params"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, foreach=True)
+        self.group["lr"] = lr
+        self.optimizer.step()
+        with torch.no_grad():  # ema <- ema + (1 - decay) (model - ema)
+            torch._foreach_lerp_(self.emas, params, self.ema_weight)
+        return grad_norm
 
     def _state(self) -> tuple[list, list, list]:
         """The optimiser's moments and step counters, created as AdamW creates them on its first step."""
@@ -79,6 +97,8 @@ class FusedUpdate:
         """One update at learning rate ``lr``; returns the gradients' total norm before clipping."""
         params = self.group["params"]
         grads = [p.grad for p in params]
+        if self.fn is None or any(g is None for g in grads):
+            return self.three_passes(lr)
         exp_avgs, exp_avg_sqs, steps = self._state()
         norm = grad_norm(grads)
         device = params[0].device

@@ -41,7 +41,7 @@ def test_fused_update_is_adamw_with_the_clip_and_the_ema_in_float64():
     # A small clip, so the coefficient is below 1 and matters; and weight decay, which the recipe leaves at 0.
     for clip, wd in ((0.05, 0.1), (0.0, 0.0)):
         today, fused = _trainer(False, clip, wd), _trainer(True, clip, wd)
-        assert fused.fused is not None and today.fused is None
+        assert fused.update.fused and not today.update.fused
         norms_today, norms_fused = _train(today, range(6), x, labels), _train(fused, range(6), x, labels)
         assert all(math.isfinite(n) and n > 0 for n in norms_today)
         assert max(abs(a / b - 1) for a, b in zip(norms_today, norms_fused)) < 1e-12  # same gradients each step
@@ -73,3 +73,15 @@ def test_a_fused_run_resumes_from_a_checkpoint_of_the_three_pass_update_and_the_
         _train(b, range(3, 6), x, labels)
         _close(straight.model.state_dict(), b.model.state_dict(), 1e-12)
         _close(straight.ema.state_dict(), b.ema.state_dict(), 1e-12)
+
+
+def test_a_step_where_a_parameter_has_no_gradient_takes_the_three_passes():
+    torch.manual_seed(3)
+    x, labels = torch.randn(8, 96, 4, 4, dtype=torch.float64), torch.randint(0, 10, (8,))
+    today, fused = _trainer(False), _trainer(True)
+    for trainer in (today, fused):  # a layer the loss does not reach: no gradient at all
+        trainer.model.blocks[0].attn.proj.register_forward_hook(lambda m, i, o: o.detach())
+    _train(today, range(3), x, labels), _train(fused, range(3), x, labels)
+    assert fused.model.blocks[0].attn.proj.weight.grad is None
+    _close(today.model.state_dict(), fused.model.state_dict(), 1e-12)
+    _close(today.ema.state_dict(), fused.ema.state_dict(), 1e-12)
