@@ -300,15 +300,8 @@ def part_optimizer(args, device, card):
         opt = torch.optim.AdamW(ps, lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=device.type == "cuda")
         return ps, emas, ParameterUpdate(opt, emas, 1.0, 0.9995, fused=fused, compiled=fused and not args.smoke)
 
-    def timed(update, iters):
-        for _ in range(3):
-            update(2e-4)
-        btd.sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            update(2e-4)
-        btd.sync(device)
-        return (time.perf_counter() - t0) / iters * 1e3
+    def timed(update, iters):  # ms per update
+        return btd.time_steps(lambda: update(2e-4), device, 3, iters) / iters * 1e3
 
     iters = 2 if args.smoke else 30
     rows = []
@@ -359,7 +352,7 @@ def part_kernels(args, device, card):
     """Forward + backward of the trunk block's elementwise chains at DiT^DH-XL's shape (batch x 256 tokens,
     width 1,152, SwiGLU hidden 3,072, 16 heads of 72), bf16: Inductor's fused kernels (our modules
     compiled) against Liger's Triton kernels (RMSNorm; SiLU-mul; RoPE in its rotate-halves layout,
-    the same work), and the bytes each chain must move."""
+    the same work)."""
     from stages.models.dit import RMSNorm, RoPE2D, apply_rope, modulate
 
     b, n, d, hidden, heads = (2, 16, 64, 96, 4) if args.smoke else (args.batches[0], 256, 1152, 3072, 16)
@@ -377,10 +370,14 @@ def part_kernels(args, device, card):
     ab = rand(b, n, 2 * hidden)
     q = rand(b, heads, n, hd)
     k = rand(b, heads, n, hd)
+    def silu_mul():
+        a_, b_ = ab.chunk(2, -1)
+        return torch.nn.functional.silu(a_) * b_
+
     chains = {
-        "RMSNorm + adaLN modulate": (compile_(lambda: modulate(norm(x), shift, scale)), (3, 1)),
-        "SiLU(a) * b": (compile_(lambda: (lambda a_, b_: torch.nn.functional.silu(a_) * b_)(*ab.chunk(2, -1))), (2, 1)),
-        "RoPE on q and k": (compile_(lambda: apply_rope(q, cos, sin) + apply_rope(k, cos, sin)), (2, 1)),
+        "RMSNorm + adaLN modulate": compile_(lambda: modulate(norm(x), shift, scale)),
+        "SiLU(a) * b": compile_(silu_mul),
+        "RoPE on q and k": compile_(lambda: apply_rope(q, cos, sin) + apply_rope(k, cos, sin)),
     }
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -388,31 +385,25 @@ def part_kernels(args, device, card):
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
         half_cos, half_sin = cos[None].to(dtype), sin[None].to(dtype)
-        chains["Liger RMSNorm + modulate (Inductor)"] = (compile_(lambda: modulate(
-            LigerRMSNormFunction.apply(x, norm.weight, 1e-6, 0.0, "llama", False), shift, scale)), (3, 1))
-        chains["Liger SiLU-mul"] = (lambda: LigerSiLUMulFunction.apply(*ab.chunk(2, -1)), (2, 1))
+        chains["Liger RMSNorm + modulate (Inductor)"] = compile_(lambda: modulate(
+            LigerRMSNormFunction.apply(x, norm.weight, 1e-6, 0.0, "llama", False), shift, scale))
+        chains["Liger SiLU-mul"] = lambda: LigerSiLUMulFunction.apply(*ab.chunk(2, -1))
 
         def liger_rope():
             qr, kr = LigerRopeFunction.apply(q, k, half_cos, half_sin)
             return qr + kr
-        chains["Liger RoPE (halves layout)"] = (liger_rope, (2, 1))
+        chains["Liger RoPE (halves layout)"] = liger_rope
         liger = ""
     except ImportError as e:
         liger = f"liger-kernel not installed ({e})"
     rows = []
-    for name, (fn, _) in chains.items():
+    iters = 2 if args.smoke else 20
+    for name, fn in chains.items():
         try:
             def step():
                 out = fn()
                 out.backward(torch.ones_like(out))
-            for _ in range(3):
-                step()
-            btd.sync(device)
-            t0 = time.perf_counter()
-            for _ in range(20 if not args.smoke else 2):
-                step()
-            btd.sync(device)
-            rows.append((name, (time.perf_counter() - t0) / (20 if not args.smoke else 2) * 1e3, ""))
+            rows.append((name, btd.time_steps(step, device, 3, iters) / iters * 1e3, ""))
         except Exception as e:
             rows.append((name, None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
         x.grad = shift.grad = scale.grad = ab.grad = q.grad = k.grad = None
@@ -440,14 +431,8 @@ def part_attention(args, device, card):
                 def step():
                     out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
                     out.sum().backward()
-                for _ in range(5):
-                    step()
-                btd.sync(device)
-                t0 = time.perf_counter()
-                for _ in range(50):
-                    step()
-                btd.sync(device)
-            rows.append((backend.name, (time.perf_counter() - t0) / 50 * 1e3, ""))
+                ms = btd.time_steps(step, device, 5, 50) / 50 * 1e3
+            rows.append((backend.name, ms, ""))
         except Exception as e:
             rows.append((backend.name, None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
     print(f"\n## SDPA forward + backward, [{b}, {heads}, {tokens}, {dim}] bf16 (one DiT^DH-XL trunk block), {card}")

@@ -17,6 +17,24 @@ from stages.artifacts.store import open_complete_store  # noqa: E402
 from stages.eval import metrics as M  # noqa: E402
 
 
+def parse(ap) -> tuple:
+    """The script's own options, and the rest (after an optional ``--``) for the rae command it drives."""
+    args, extra = ap.parse_known_args()
+    return args, [a for a in extra if a != "--"]
+
+
+def parse_scored(ap) -> tuple:
+    """``parse`` for the experiments that score snapshots by ``sample_fd``: adds --num, --sample-batch and
+    --device; returns (args, extra, device, the training latents' reference statistics)."""
+    from stages import dist
+
+    ap.add_argument("--num", type=int, default=2000, help="samples per score (and reference latents)")
+    ap.add_argument("--sample-batch", type=int, default=250)
+    ap.add_argument("--device", default="auto")
+    args, extra = parse(ap)
+    return args, extra, dist.init(args.device).device, reference_stats(args.latents, args.num)
+
+
 def pooled_stats(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (float64) of the latents' mean-pooled tokens [N, C]."""
     pooled = np.asarray(latents, dtype=np.float64).mean(axis=(2, 3))

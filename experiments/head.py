@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import reference_stats, save_figure, score_snapshots, train  # noqa: E402
-from stages import dist  # noqa: E402
+from common import parse_scored, save_figure, score_snapshots, train  # noqa: E402
 from stages.artifacts.store import open_complete_store  # noqa: E402
 from stages.progress import console  # noqa: E402
 
@@ -68,14 +67,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, required=True, help="training PFLOPs each model spends")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--points", type=int, default=10, help="scores along the budget")
-    ap.add_argument("--num", type=int, default=2000, help="samples per score (and reference latents)")
-    ap.add_argument("--sample-batch", type=int, default=250)
-    ap.add_argument("--device", default="auto")
-    args, extra = ap.parse_known_args()
-    extra = [a for a in extra if a != "--"]
-    device = dist.init(args.device).device
+    args, extra, device, ref = parse_scored(ap)
     manifest, _ = open_complete_store(args.latents)
-    ref = reference_stats(args.latents, args.num)
     path = args.out / "head.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     results = old.get("models", {})

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import rae, save_figure, train  # noqa: E402
+from common import parse, rae, save_figure, train  # noqa: E402
 from stages.artifacts.image_folder import png_name, read_png  # noqa: E402
 from stages.eval.evaluate import EvalConfig, run as evaluate  # noqa: E402
 from stages.progress import console  # noqa: E402
@@ -60,8 +60,7 @@ def main() -> None:
     ap.add_argument("--diffusion-args", default="", help="more train-diffusion options, one string")
     ap.add_argument("--sample-args", default="", help="more `rae sample` options, one string")
     ap.add_argument("--device", default="auto")
-    args, extra = ap.parse_known_args()
-    extra = [a for a in extra if a != "--"]
+    args, extra = parse(ap)
     taus = [float(t) for t in args.taus.split(",")]
     metrics = tuple(m for m in args.metrics.split(",") if m)
     recon_store = args.recon or args.latents

@@ -23,8 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import reference_stats, save_figure, score_snapshots, train  # noqa: E402
-from stages import dist  # noqa: E402
+from common import parse_scored, save_figure, score_snapshots, train  # noqa: E402
 from stages.artifacts.runs import load_diffusion_run  # noqa: E402
 from stages.progress import console  # noqa: E402
 from stages.train.runlog import read_metrics  # noqa: E402
@@ -38,13 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--every", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--num", type=int, default=2000, help="samples per score (and reference latents)")
-    ap.add_argument("--sample-batch", type=int, default=250)
-    ap.add_argument("--device", default="auto")
-    args, extra = ap.parse_known_args()
-    extra = [a for a in extra if a != "--"]
-    device = dist.init(args.device).device
-    ref = reference_stats(args.latents, args.num)
+    args, extra, device, ref = parse_scored(ap)
     path = args.out / "shift.json"
     scores = json.loads(path.read_text())["scores"] if path.is_file() else {}
     curves = {}

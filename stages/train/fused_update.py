@@ -61,9 +61,12 @@ class ParameterUpdate:
             raise ValueError("ParameterUpdate takes an optimiser with one parameter group")
         self.optimizer, self.emas = optimizer, emas
         self.max_norm, self.ema_weight = max_norm, 1 - ema_decay
-        self.fused = fused
         self.fn = (torch.compile(adamw_ema_, fullgraph=True, dynamic=False) if compiled else adamw_ema_) if fused else None
         self._lr: torch.Tensor | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.fn is not None
 
     @property
     def group(self) -> dict:
@@ -81,15 +84,14 @@ class ParameterUpdate:
 
     def _state(self) -> tuple[list, list, list]:
         """The optimiser's moments and step counters, created as AdamW creates them on its first step."""
-        state = self.optimizer.state
-        for p in self.group["params"]:
+        state, params = self.optimizer.state, self.group["params"]
+        on_device = bool(self.group.get("fused")) or bool(self.group.get("capturable"))
+        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 and not on_device else torch.float32
+        for p in params:
             if p not in state or not state[p]:
-                fused = bool(self.group.get("fused")) or bool(self.group.get("capturable"))
-                dtype = torch.float64 if torch.get_default_dtype() == torch.float64 and not fused else torch.float32
-                step = torch.zeros((), dtype=dtype, device=p.device if fused else "cpu")
+                step = torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu")
                 state[p] = {"step": step, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-        params = self.group["params"]
         return ([state[p]["exp_avg"] for p in params], [state[p]["exp_avg_sq"] for p in params],
                 [state[p]["step"] for p in params])
 
