@@ -49,7 +49,13 @@ class Float8Linear(nn.Module):
         q, scale = quantize_rows(w)
         self.register_buffer("weight", q)                                # [N', K'] e4m3, row-major
         self.register_buffer("weight_scale", scale.t().contiguous())     # [1, N'] float32
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        # The bias rides in the product's epilogue (added to the float32 accumulator before the one bf16
+        # rounding), so no separate pass reads and writes the output again; padded like the output.
+        bias = None
+        if linear.bias is not None:
+            bias = torch.zeros(n, dtype=torch.bfloat16, device=linear.bias.device)
+            bias[: self.out_features] = linear.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -58,12 +64,9 @@ class Float8Linear(nn.Module):
             x = nn.functional.pad(x, (0, self.weight.shape[1] - x.shape[1]))
         q, scale = quantize_rows(x)
         # The weight's transpose is column-major, as _scaled_mm's second operand must be.
-        y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
+        y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
                              out_dtype=torch.bfloat16, use_fast_accum=True)
-        y = y[:, : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return y[:, : self.out_features].reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3 per-row"
