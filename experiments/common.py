@@ -3,6 +3,8 @@ of a run's samples to the training latents in the encoder's own space (each late
 mean-pooled: no decoder and no downloaded network)."""
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,16 +87,57 @@ def train(latents: str, out: Path, model: str, steps: int, batch: int, every: in
         "--num-samples", "0", "--device", device, *extra)
 
 
+def snapshot_steps(every: int, steps: int) -> list[str]:
+    """The steps a run is scored at, as the results files key them."""
+    return [str(step) for step in range(every, steps + 1, every)]
+
+
 def score_snapshots(name: str, run_dir: Path, every: int, steps: int, scores: dict, num: int, batch: int, ref,
-                    device) -> None:
+                    device, save=lambda: None) -> None:
     """The FD of ``run_dir``'s snapshots every ``every`` steps up to ``steps``, into ``scores`` {str(step): FD};
-    the steps already there are not scored again."""
+    the steps already there are not scored again; ``save()`` after each new score."""
     from stages.progress import console
 
-    for step in range(every, steps + 1, every):
-        if str(step) not in scores:
-            scores[str(step)] = sample_fd(run_dir, step, num, batch, ref, device)
-            console.print(f"{name} step {step}: FD {scores[str(step)]:.3f}", highlight=False)
+    for step in snapshot_steps(every, steps):
+        if step not in scores:
+            scores[step] = sample_fd(run_dir, int(step), num, batch, ref, device)
+            console.print(f"{name} step {step}: FD {scores[step]:.3f}", highlight=False)
+            save()
+
+
+# The results file: what an experiment measured so far, with the settings that measured it. It is written
+# after every score, so a killed experiment loses at most the score in progress, and a run whose scores are
+# all in it is not trained again: the small file alone carries an experiment on to another machine.
+UNSCORED = ("out", "device", "sample_batch")  # options that do not change what is measured
+
+
+def settings_of(args, extra: list[str], select: tuple[str, ...] = ()) -> dict:
+    """The options that decide what each result means. ``select``: options that only choose which parts run
+    (more models, more taus), so a result of each part stays valid when they change."""
+    skip = UNSCORED + select
+    return {**{k: str(v) for k, v in sorted(vars(args).items()) if k not in skip}, "extra": " ".join(extra)}
+
+
+def load_results(path: Path, settings: dict) -> dict:
+    """``path``'s results ({} where there is none); one that other settings made stops the experiment with one
+    line, rather than mixing two experiments' numbers."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    theirs = old.get("settings", {})
+    differ = sorted(k for k in set(settings) | set(theirs) if settings.get(k) != theirs.get(k))
+    if differ:
+        raise SystemExit(f"{path} holds results measured with other settings ({', '.join(differ)}): give another "
+                         f"--out, or move that file away to start over")
+    return old
+
+
+def save_results(path: Path, settings: dict, **parts) -> None:
+    """Write the results file whole or not at all (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"settings": settings, **parts}, indent=1))
+    os.replace(tmp, path)
 
 
 def save_figure(fig, path: Path) -> None:

@@ -6,7 +6,9 @@ distance to the training latents in the encoder's own space (``common.sample_fd`
 (294M) beats DiT-XL (677M) at a fraction of the compute on DINOv2-B latents.
 
 Writes DIR/head.json, DIR/head.md and DIR/head.png (FD against training PFLOPs), and keeps the runs
-in DIR/<model>: running the command again resumes them and scores only what is missing.
+in DIR/<model>: running the command again resumes them and scores only what is missing. head.json is saved
+after every score; a model whose scores are all in it is not trained again, so that file alone carries the
+experiment to another machine.
 
     python experiments/head.py --latents STORE --out DIR [--models dit-xl,ditdh-b] --budget PFLOP
         [--batch 256] [--num 2000] [-- other train-diffusion options, for both]
@@ -14,7 +16,6 @@ in DIR/<model>: running the command again resumes them and scores only what is m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import parse_scored, save_figure, score_snapshots, train  # noqa: E402
+from common import (load_results, parse_scored, save_figure, save_results, score_snapshots, settings_of,  # noqa: E402
+                    snapshot_steps, train)
 from stages.artifacts.store import open_complete_store  # noqa: E402
 from stages.progress import console  # noqa: E402
 
@@ -45,8 +47,9 @@ def training_flops_per_image(model: str, latent_shape, overrides: dict) -> float
 SIZES = ("width", "depth", "num_heads", "head_width", "head_depth", "head_num_heads")
 
 
-def parse_models(spec: str) -> list[tuple[str, dict]]:
-    """"dit-xl,ditdh-b", each name optionally with size overrides: "ditdh-s:width=32:head_width=96"."""
+def parse_models(spec: str) -> list[tuple[str, str, dict]]:
+    """"dit-xl,ditdh-b", each name optionally with size overrides: "ditdh-s:width=32:head_width=96"; for each,
+    (the item as given, the model's name, its sizes)."""
     models = []
     for item in spec.split(","):
         name, *pairs = item.split(":")
@@ -54,7 +57,7 @@ def parse_models(spec: str) -> list[tuple[str, dict]]:
         unknown = set(sizes) - set(SIZES)
         if unknown:
             raise SystemExit(f"{item}: unknown size override(s) {', '.join(sorted(unknown))}; choose from {SIZES}")
-        models.append((name, {k: int(v) for k, v in sizes.items()}))
+        models.append((item, name, {k: int(v) for k, v in sizes.items()}))
     return models
 
 
@@ -70,25 +73,30 @@ def main() -> None:
     args, extra, device, ref = parse_scored(ap)
     manifest, _ = open_complete_store(args.latents)
     path = args.out / "head.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    results = old.get("models", {})
-    for model, sizes in parse_models(args.models):
+    settings = settings_of(args, extra, select=("models",))
+    results = load_results(path, settings).get("models", {})
+
+    def save():
+        save_results(path, settings, models=results)
+
+    chosen = parse_models(args.models)
+    for spec, model, sizes in chosen:
         per_image = training_flops_per_image(model, manifest["latent_shape"], sizes)
         steps = max(args.points, int(args.budget * 1e15 / (per_image * args.batch)) // args.points * args.points)
         every = steps // args.points
-        run_dir = args.out / model
-        size_options = [a for k, v in sizes.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-        train(args.latents, run_dir, model, steps, args.batch, every, args.device, [*size_options, *extra])
-        mine = results.setdefault(model, {"gflop_per_image": per_image / 1e9, "steps": steps, "scores": {}})
-        score_snapshots(model, run_dir, every, steps, mine["scores"], args.num, args.sample_batch, ref, device)
-        args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "extra": extra,
-                                    "models": results}, indent=1))
+        run_dir = args.out / spec.replace(":", "_").replace("=", "")
+        mine = results.setdefault(spec, {"gflop_per_image": per_image / 1e9, "steps": steps, "scores": {}})
+        if not set(snapshot_steps(every, steps)) <= set(mine["scores"]):
+            size_options = [a for k, v in sizes.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+            train(args.latents, run_dir, model, steps, args.batch, every, args.device, [*size_options, *extra])
+        score_snapshots(spec, run_dir, every, steps, mine["scores"], args.num, args.sample_batch, ref, device, save)
+        save()
+    shown = [(spec, results[spec]) for spec, _, _ in chosen]
     lines = [f"Head experiment on {args.latents}: {args.budget:g} training PFLOPs each, batch {args.batch}; FD of "
              f"{args.num} EMA samples (50 Euler steps) to the training latents, mean-pooled tokens", "",
              "| model | GFLOP per training image | steps | FD at 1/2 of the budget | FD at the budget |",
              "|---|---|---|---|---|"]
-    for model, r in results.items():
+    for model, r in shown:
         steps = sorted(int(s) for s in r["scores"])
         half = min(steps, key=lambda s: abs(s - r["steps"] / 2))
         lines.append(f"| {model} | {r['gflop_per_image']:.2f} | {r['steps']} | {r['scores'][str(half)]:.3f} | "
@@ -100,7 +108,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
-    for model, r in results.items():
+    for model, r in shown:
         steps = sorted(int(s) for s in r["scores"])
         ax.plot([s * args.batch * r["gflop_per_image"] / 1e6 for s in steps], [r["scores"][str(s)] for s in steps],
                 marker="o", label=f"{model} ({r['gflop_per_image']:.1f} GFLOP/img)")

@@ -22,7 +22,6 @@ decoder side by side); running the command again resumes every stage it left unf
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import parse, rae, save_figure, train  # noqa: E402
+from common import load_results, parse, rae, save_figure, save_results, settings_of, train  # noqa: E402
 from stages.artifacts.image_folder import png_name, read_png  # noqa: E402
 from stages.eval.evaluate import EvalConfig, run as evaluate  # noqa: E402
 from stages.progress import console  # noqa: E402
@@ -75,7 +74,8 @@ def main() -> None:
     rae("sample", "--model", diffusion, "--out", samples, "--number", args.num, "--device", args.device,
         *shlex.split(args.sample_args))
     path = out / "noise_aug.json"
-    results = json.loads(path.read_text())["results"] if path.is_file() else {}
+    settings = settings_of(args, extra, select=("taus",))
+    results = load_results(path, settings).get("results", {})
     for tau in taus:
         key = f"{tau:g}"
         decoder = out / f"decoder_tau{key}"
@@ -91,8 +91,7 @@ def main() -> None:
         results[key] = {"recon": recon, "gen": gen}
         console.print(f"tau {key}: reconstruction PSNR {recon['psnr']:.2f} dB, FD {recon['fd_rae']:.3f}; "
                       f"decoded samples FD {gen['fd_rae']:.3f}", highlight=False)
-        path.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "extra": extra,
-                                    "diffusion": str(diffusion), "results": results}, indent=1))
+        save_results(path, settings, diffusion=str(diffusion), results=results)
     report(out, taus, results, metrics, args)
 
 

@@ -8,7 +8,8 @@ the table says what it is.
 
 Writes DIR/shift.json, DIR/shift.md and DIR/shift.png (training loss and FD against steps, both runs),
 and keeps the two runs in DIR/with_shift and DIR/no_shift: running the command again resumes them and
-scores only the steps not scored yet.
+scores only the steps not scored yet. shift.json is saved after every score; a run whose scores and loss
+curve are all in it is not trained again, so that file alone carries the experiment to another machine.
 
     python experiments/shift.py --latents STORE --out DIR [--model ditdh-s] [--steps 20000] [--every 2000]
         [--batch 256] [--num 2000] [-- other train-diffusion options]
@@ -16,15 +17,15 @@ scores only the steps not scored yet.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import parse_scored, save_figure, score_snapshots, train  # noqa: E402
-from stages.artifacts.runs import load_diffusion_run  # noqa: E402
+from common import (load_results, parse_scored, save_figure, save_results, score_snapshots, settings_of,  # noqa: E402
+                    snapshot_steps, train)
+from stages.artifacts.runs import read_config  # noqa: E402
 from stages.progress import console  # noqa: E402
 from stages.train.runlog import read_metrics  # noqa: E402
 
@@ -39,20 +40,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     args, extra, device, ref = parse_scored(ap)
     path = args.out / "shift.json"
-    scores = json.loads(path.read_text())["scores"] if path.is_file() else {}
-    curves = {}
+    settings = settings_of(args, extra)
+    saved = load_results(path, settings)
+    scores, runs = saved.get("scores", {}), saved.get("runs", {})
+
+    def save():
+        save_results(path, settings, scores=scores, runs=runs)
+
     for name, shifted in (("with_shift", True), ("no_shift", False)):
         run_dir = args.out / name
-        train(args.latents, run_dir, args.model, args.steps, args.batch, args.every, args.device,
-              [*([] if shifted else ["--no-shift"]), *extra])
         mine = scores.setdefault(name, {})
-        score_snapshots(name, run_dir, args.every, args.steps, mine, args.num, args.sample_batch, ref, device)
-        curves[name] = [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
-        args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "extra": extra,
-                                    "scores": scores}, indent=1))
-    shift = load_diffusion_run(args.out / "with_shift").shift
-    steps = sorted({int(s) for s in scores["with_shift"]})
+        if name not in runs or not set(snapshot_steps(args.every, args.steps)) <= set(mine):
+            train(args.latents, run_dir, args.model, args.steps, args.batch, args.every, args.device,
+                  [*([] if shifted else ["--no-shift"]), *extra])
+            runs[name] = {"shift": float(read_config(run_dir)["flow"]["shift"]),
+                          "loss": [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]}
+            save()
+        score_snapshots(name, run_dir, args.every, args.steps, mine, args.num, args.sample_batch, ref, device, save)
+    shift = runs["with_shift"]["shift"]
+    steps = sorted(int(s) for s in scores["with_shift"])
     lines = [f"Shift experiment: {args.model} on {args.latents}, batch {args.batch}; FD of {args.num} EMA samples "
              f"(50 Euler steps) to the training latents, mean-pooled tokens, raw encoder space", "",
              f"| step | FD with the shift a = {shift:.3f} | FD without (a = 1) |", "|---|---|---|"]
@@ -65,7 +71,7 @@ def main() -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
     for name, label in (("with_shift", f"shift a = {shift:.2f}"), ("no_shift", "no shift")):
-        s, loss = zip(*curves[name])
+        s, loss = zip(*runs[name]["loss"])
         a.plot(s, loss, lw=0.8, label=label)
         b.plot(steps, [scores[name][str(t)] for t in steps], marker="o", label=label)
     a.set(xlabel="step", ylabel="training loss", title="loss (each with its own time distribution)")

@@ -1,5 +1,6 @@
 """experiments/: the paper's findings as scripts over rae's own modules (EXPERIMENTS.md has the numbers)."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -41,7 +42,7 @@ def test_shift_experiment_trains_both_runs_through_rae_and_scores_each_snapshot(
     env = {"RAE_NO_PROGRESS": "1", "OMP_NUM_THREADS": THREADS, "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "with_shift step 5: FD" in proc.stdout + proc.stderr
+    assert "with_shift step 5: FD" in proc.stdout + proc.stderr and "done:" in proc.stdout + proc.stderr
     scores = json.loads((tmp_path / "s" / "shift.json").read_text())["scores"]
     assert set(scores) == {"with_shift", "no_shift"} and all(set(v) == {"5", "10"} for v in scores.values())
     assert all(value > 0 for v in scores.values() for value in v.values())
@@ -53,6 +54,33 @@ def test_shift_experiment_trains_both_runs_through_rae_and_scores_each_snapshot(
     output = again.stdout + again.stderr
     assert again.returncode == 0 and "step 5: FD" not in output and "Shift experiment" in output  # nothing rescored
     assert json.loads((tmp_path / "s" / "shift.json").read_text())["scores"] == scores
+    # On another machine, with shift.json alone: nothing is trained or scored, the table and plot are made again.
+    for name in ("with_shift", "no_shift", "shift.md", "shift.png"):
+        shutil.rmtree(tmp_path / "s" / name) if (tmp_path / "s" / name).is_dir() else (tmp_path / "s" / name).unlink()
+    moved = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert moved.returncode == 0 and "done:" not in moved.stdout + moved.stderr, moved.stderr
+    assert not (tmp_path / "s" / "with_shift").exists() and (tmp_path / "s" / "shift.png").is_file()
+    assert "| 10 |" in (tmp_path / "s" / "shift.md").read_text()
+    # Other settings on the same folder: one line naming them, and the results file left as it was.
+    other = subprocess.run([*argv[:argv.index("--num") + 1], "8", *argv[argv.index("--num") + 2:]], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "other settings (num)" in other.stderr and "Traceback" not in other.stderr
+    assert json.loads((tmp_path / "s" / "shift.json").read_text())["scores"] == scores
+
+
+def test_scores_are_saved_one_by_one(tmp_path, monkeypatch):
+    """A killed experiment loses at most the score in progress: the results file is written after each."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import common
+
+    monkeypatch.setattr(common, "sample_fd", lambda run_dir, step, *rest: step / 10)
+    scores, saved = {"4": 0.4}, []
+    common.score_snapshots("run", tmp_path, 2, 8, scores, 16, 8, None, "cpu", lambda: saved.append(dict(scores)))
+    assert saved == [{"4": 0.4, "2": 0.2}, {"4": 0.4, "2": 0.2, "6": 0.6}, {"4": 0.4, "2": 0.2, "6": 0.6, "8": 0.8}]
+    settings = {"steps": "8", "extra": ""}
+    common.save_results(tmp_path / "r.json", settings, scores=scores)
+    assert common.load_results(tmp_path / "r.json", settings)["scores"] == scores
+    assert not (tmp_path / "r.json.tmp").exists()
 
 
 def test_head_experiment_gives_each_model_the_same_training_flops(demo_images, tmp_path):
@@ -66,13 +94,15 @@ def test_head_experiment_gives_each_model_the_same_training_flops(demo_images, t
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "h" / "head.json").read_text())["models"]
+    dit, ditdh = models.split(",")
+    assert set(result) == {dit, ditdh}
     spent = {m: r["steps"] * 8 * r["gflop_per_image"] * 1e9 for m, r in result.items()}
     # Steps are whole multiples of the scoring points: each spends the budget to within one point's worth.
     for m, r in result.items():
         assert 8e9 - 2 * 8 * r["gflop_per_image"] * 1e9 < spent[m] <= 8e9 and len(r["scores"]) == 2
-    assert result["dit-s"]["gflop_per_image"] > result["ditdh-s"]["gflop_per_image"]  # fewer steps for the dearer
-    assert result["dit-s"]["steps"] < result["ditdh-s"]["steps"]
-    assert (tmp_path / "h" / "head.png").is_file() and "| ditdh-s |" in (tmp_path / "h" / "head.md").read_text()
+    assert result[dit]["gflop_per_image"] > result[ditdh]["gflop_per_image"]  # fewer steps for the dearer
+    assert result[dit]["steps"] < result[ditdh]["steps"]
+    assert (tmp_path / "h" / "head.png").is_file() and f"| {ditdh} |" in (tmp_path / "h" / "head.md").read_text()
 
 
 def test_noise_aug_experiment_decodes_the_same_samples_with_each_decoder(demo_images, tmp_path):
