@@ -84,22 +84,25 @@ imagenet256-chain:
 
 # The paper's findings (EXPERIMENTS.md) on one GPU, in turn, each resumable:
 # make experiments STORE=in1k_dinov2b.zarr IMAGES=/path/to/its/images [EXP_OUT=runs/experiments]
-# The sizes below fit about 20 minutes of one H200 (the scripts' own defaults are larger); each *_ARGS
-# variable replaces them, e.g. SHIFT_ARGS="--steps 20000 --every 2000 --batch 256".
+# The sizes below take about half an hour of one H200 (the scripts' own defaults are larger). Measured
+# there on 2026-12-02 (EXPERIMENTS.md): width ~100-120 s a model, compiled; shift ~3 min a run and head
+# ~3 min a model, uncompiled, with ~20 s a score; noise-aug ~3.5 min a decoder. Each *_ARGS variable
+# replaces them, e.g. SHIFT_ARGS="--steps 20000 --every 2000 --batch 256". Every result file is saved
+# after each score: an interrupted `make experiments` resumes where it stopped.
 STORE ?=
 IMAGES ?=
 EXP_OUT ?= runs/experiments
 WIDTH_ARGS ?= --compile
-SHIFT_ARGS ?= --model ditdh-s --steps 600 --every 150 --batch 128 --num 1000
+SHIFT_ARGS ?= --model ditdh-s --steps 480 --every 120 --batch 128 --num 1000
 HEAD_ARGS ?= --models dit-b,ditdh-s --budget 10 --batch 128 --points 4 --num 1000
-NA_ARGS ?= --num 2000 -- --model vit-b --steps 1000 --batch-size 64
-TRAIN_ARGS ?= --compile --ema-decay 0.995 --no-tensorboard
+NA_ARGS ?= --num 1000 -- --model vit-b --steps 400 --batch-size 64
+TRAIN_ARGS ?= --ema-decay 0.995 --no-tensorboard
 experiments: install
 	@test -n "$(STORE)" -a -n "$(IMAGES)" || { echo "error: make experiments STORE=<latent store, e.g. [768, 16, 16]> IMAGES=<the image folder it was encoded from> [EXP_OUT=$(EXP_OUT)]" >&2; exit 2; }
 	$(PY) experiments/width.py --latents $(STORE) --out $(EXP_OUT)/width $(WIDTH_ARGS)
 	$(PY) experiments/shift.py --latents $(STORE) --out $(EXP_OUT)/shift $(SHIFT_ARGS) -- $(TRAIN_ARGS)
 	$(PY) experiments/head.py --latents $(STORE) --out $(EXP_OUT)/head $(HEAD_ARGS) -- $(TRAIN_ARGS)
-	$(PY) experiments/noise_aug.py --latents $(STORE) --images $(IMAGES) --out $(EXP_OUT)/noise_aug --diffusion $(EXP_OUT)/shift/with_shift $(NA_ARGS) --compile --no-tensorboard
+	$(PY) experiments/noise_aug.py --latents $(STORE) --images $(IMAGES) --out $(EXP_OUT)/noise_aug --diffusion $(EXP_OUT)/shift/with_shift $(NA_ARGS) --no-tensorboard
 
 test: install
 	$(PY) -m pytest tests
