@@ -9,7 +9,8 @@ train   DiT^DH-XL training step (``DiffusionTraining.train_step``, compiled, bf1
         is, with torchao float8 training (tensorwise and rowwise recipes) on the token-wise Linear
         layers (qkv, proj, SwiGLU w12/w3, the head projector and final linear: M = batch x 256
         rows; the adaLN and embedding Linears have M = batch rows and stay bf16), and with
-        torch.compile's CUDA-graph mode; the reference's compiled loop re-run in the same call.
+        torch.compile's CUDA-graph mode, with Inductor's kernel tuning (INDUCTOR_ROUTES); the reference's
+        compiled loop re-run in the same call.
 sample  AutoGuidance sampling (DiT^DH-XL guided by DiT^DH-S, 50 steps, compiled) + ViT-XL decode,
         bf16 as today and ``--precision fp8`` (stages.models.fp8: float8 e4m3, per-row scales, on the
         models' per-token Linears) at the first of --sample-batches, fp8 also at the others; the
@@ -92,6 +93,14 @@ def use_liger(model: torch.nn.Module) -> int:
 
 
 # ---- training --------------------------------------------------------------------------------
+# Routes that change only how Inductor tunes the kernels it generates (the step's elementwise quarter):
+# coordinate descent over each Triton kernel's block sizes and warps, and benchmarking several configurations
+# of each pointwise and reduction kernel. Both cost compile time, not code.
+INDUCTOR_ROUTES = {"inductor-cdt": {"coordinate_descent_tuning": True},
+                   "inductor-pointwise": {"max_autotune_pointwise": True},
+                   "inductor-cdt-pointwise": {"coordinate_descent_tuning": True, "max_autotune_pointwise": True}}
+
+
 def build_train(name, device, batch, route, precision):
     from stages.train.diffusion_step import DiffusionTraining
     from stages.train.config import TrainDiffusionConfig
@@ -137,11 +146,12 @@ def part_train(args, device, card):
     for batch, route in plan:
         log(f"train: {route}, batch {batch}")
         try:
-            if route == "reference":
-                step, _ = btd.build_reference(name, device, batch, precision, not args.smoke, ref)
-            else:
-                step = build_train(name, device, batch, route, precision)
-            seconds = btd.time_steps(step, device, args.warmup, args.iters)
+            with torch._inductor.config.patch(INDUCTOR_ROUTES.get(route, {})):  # compiles in the warm-up
+                if route == "reference":
+                    step, _ = btd.build_reference(name, device, batch, precision, not args.smoke, ref)
+                else:
+                    step = build_train(name, device, batch, route, precision)
+                seconds = btd.time_steps(step, device, args.warmup, args.iters)
             ips = batch * args.iters / seconds
             peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
             rows.append((route, batch, ips, ips * flops / 1e12, peak, ""))
@@ -201,7 +211,9 @@ def part_sample(args, device, card):
     scale = 1.42
     xl8, s8 = (fp8.to_float8(copy.deepcopy(m), m.per_token_linears()) for m in (xl, s))
     log(f"sample: float8 copies made ({len(xl.per_token_linears())} + {len(s.per_token_linears())} layers)")
-    models = {"bf16": (compile_(xl), compile_(s)), "fp8": (compile_(xl8), compile_(s8))}
+    models = {"bf16": (xl, s), "fp8": (xl8, s8)}
+    models.update({f"{k}-{tuning}": models[k] for k in ("bf16", "fp8") for tuning in INDUCTOR_ROUTES})
+    models = {k: (compile_(a), compile_(b)) for k, (a, b) in models.items()}
 
     def ours(kind):
         m_xl, m_s = models[kind]
@@ -240,6 +252,9 @@ def part_sample(args, device, card):
     yb = torch.randint(0, classes, (b0,), generator=gen).to(device)
     plan = (["reference"] if args.with_reference else []) + ["bf16", "fp8"]
     plan = [(k, b0) for k in plan] + [("fp8", b) for b in ([] if smoke else args.sample_batches[1:])]
+    # The Inductor-tuned kinds last: each starts from a reset compiler cache, so it compiles under its own
+    # settings (the kinds before it are not called again).
+    plan += [(k, b0) for k in args.sample_kinds if k not in ("bf16", "fp8")]
     rows, first = [], {}
     for kind, b in plan:
         log(f"sample: {kind}, batch {b} (its first batch compiles)")
@@ -248,7 +263,10 @@ def part_sample(args, device, card):
                 ips = bs.time_loop(reference, n, b, device)
             else:
                 if kind not in first:
-                    with torch.inference_mode():
+                    tuning = kind.split("-", 1)[1] if "-" in kind else None
+                    if tuning:
+                        torch._dynamo.reset()
+                    with torch.inference_mode(), torch._inductor.config.patch(INDUCTOR_ROUTES.get(tuning, {})):
                         first[kind] = ours(kind)(b, z, yb)
                 with torch.inference_mode():
                     ips = bs.time_loop(lambda bb: ours(kind)(bb)[1], n, b, device)
@@ -448,9 +466,13 @@ def main():
     ap.add_argument("--reference", type=Path)
     ap.add_argument("--routes", default="bf16,fp8-tensorwise,fp8-rowwise,cudagraphs",
                     help="training routes: bf16, fp8-tensorwise, fp8-rowwise, fp8-rowwise_with_gw_hp, cudagraphs, "
-                    "fp8w-RECIPE (float8 on the Linears of a side >= 2048 only), liger, fused-update")
+                    "fp8w-RECIPE (float8 on the Linears of a side >= 2048 only), liger, fused-update, "
+                    + ", ".join(INDUCTOR_ROUTES))
     ap.add_argument("--batches", default="64", help="training batch sizes")
     ap.add_argument("--sample-batches", default="128,256")
+    ap.add_argument("--sample-kinds", default="bf16,fp8",
+                    help="sampling: bf16 and fp8 always; also bf16-TUNING or fp8-TUNING, TUNING one of "
+                    + ", ".join(INDUCTOR_ROUTES))
     ap.add_argument("--with-reference", action="store_true", help="sampling: also time the reference loop")
     ap.add_argument("--n", type=int, default=512, help="images timed per sampling row")
     ap.add_argument("--warmup", type=int, default=8)
@@ -460,6 +482,10 @@ def main():
     args.routes = args.routes.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.sample_batches = [int(b) for b in args.sample_batches.split(",")]
+    args.sample_kinds = args.sample_kinds.split(",")
+    unknown = set(args.sample_kinds) - {f"{k}-{t}" for k in ("bf16", "fp8") for t in INDUCTOR_ROUTES} - {"bf16", "fp8"}
+    if unknown:
+        raise SystemExit(f"--sample-kinds: unknown {', '.join(sorted(unknown))}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     if args.smoke:
