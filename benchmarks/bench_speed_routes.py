@@ -114,6 +114,10 @@ def build_train(name, device, batch, route, precision):
         to_float8_training(model, route[5:], wide_linear)
     elif route == "liger":
         use_liger(model)
+    elif route == "adaln-triton":
+        from stages.models import adaln_triton
+
+        adaln_triton.enable(model)
     cfg = TrainDiffusionConfig(latents="-", out="-", model=preset, batch_size=batch, precision=precision,
                                compile=route != "cudagraphs")
     trainer = DiffusionTraining(model, cfg, device, shift=btd._shift(C, H), null_label=1000,
@@ -466,7 +470,8 @@ def main():
     ap.add_argument("--reference", type=Path)
     ap.add_argument("--routes", default="bf16,fp8-tensorwise,fp8-rowwise,cudagraphs",
                     help="training routes: bf16, fp8-tensorwise, fp8-rowwise, fp8-rowwise_with_gw_hp, cudagraphs, "
-                    "fp8w-RECIPE (float8 on the Linears of a side >= 2048 only), liger, fused-update, "
+                    "fp8w-RECIPE (float8 on the Linears of a side >= 2048 only), liger, adaln-triton (the trunk's "
+                    "RMSNorm + modulation as stages.models.adaln_triton's kernels), fused-update, "
                     + ", ".join(INDUCTOR_ROUTES))
     ap.add_argument("--batches", default="64", help="training batch sizes")
     ap.add_argument("--sample-batches", default="128,256")
@@ -489,7 +494,8 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     if args.smoke:
-        args.routes = [r for r in args.routes if not r.startswith("fp8") and r not in ("cudagraphs", "liger")] or ["bf16"]
+        args.routes = [r for r in args.routes if not r.startswith("fp8")
+                       and r not in ("cudagraphs", "liger", "adaln-triton")] or ["bf16"]
         args.batches, args.warmup, args.iters = [2], 1, 2
     {"train": part_train, "sample": part_sample, "attention": part_attention, "optimizer": part_optimizer,
      "kernels": part_kernels}[args.part](args, device, card)
