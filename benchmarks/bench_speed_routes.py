@@ -374,7 +374,7 @@ def part_kernels(args, device, card):
     """Forward + backward of the trunk block's elementwise chains at DiT^DH-XL's shape (batch x 256 tokens,
     width 1,152, SwiGLU hidden 3,072, 16 heads of 72), bf16: Inductor's fused kernels (our modules
     compiled) against Liger's Triton kernels (RMSNorm; SiLU-mul; RoPE in its rotate-halves layout,
-    the same work)."""
+    the same work) and rae's own RMSNorm + modulation kernel (stages.models.adaln_triton)."""
     from stages.models.dit import RMSNorm, RoPE2D, apply_rope, modulate
 
     b, n, d, hidden, heads = (2, 16, 64, 96, 4) if args.smoke else (args.batches[0], 256, 1152, 3072, 16)
@@ -418,6 +418,11 @@ def part_kernels(args, device, card):
         liger = ""
     except ImportError as e:
         liger = f"liger-kernel not installed ({e})"
+    if device.type == "cuda":  # the hand-written kernel (Triton needs the GPU here)
+        from stages.models import adaln_triton
+
+        chains["rae Triton RMSNorm + modulate (adaln_triton)"] = (
+            lambda: adaln_triton.norm_modulate(x, norm.weight, shift, scale, norm.eps))
     rows = []
     iters = 2 if args.smoke else 20
     for name, fn in chains.items():
