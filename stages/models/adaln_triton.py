@@ -160,32 +160,28 @@ def norm_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, sc
     return _norm_modulate(x, weight, shift, scale, float(eps), out_dtype or x.dtype)[0]
 
 
-def _block_forward(block, x: torch.Tensor, c: torch.Tensor, rope) -> torch.Tensor:
-    """``DiTBlock.forward`` with both norm + modulation pairs as ``norm_modulate`` (same maths); a block this
-    kernel does not cover (a per-token condition, no shift, LayerNorm) runs its own forward."""
-    from .dit import DiTBlock, RMSNorm
+def _norm_modulate_method(block, norm: torch.nn.Module, x: torch.Tensor, shift: torch.Tensor | None,
+                          scale: torch.Tensor) -> torch.Tensor:
+    """``DiTBlock.norm_modulate`` as ``norm_modulate`` (same maths) where this kernel covers it: an RMSNorm
+    and a per-sample shift and scale [B, 1, D]; else (the head's per-token condition, no shift, LayerNorm)
+    the block's own."""
+    from .dit import RMSNorm, modulate
 
-    per_sample = c.dim() == 2 or c.shape[1] == 1
-    if not per_sample or block.wo_shift or not isinstance(block.norm1, RMSNorm):
-        return DiTBlock.forward(block, x, c, rope)
-    c = c.unsqueeze(1) if c.dim() == 2 else c
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=-1)
+    if shift is None or shift.shape[1] != 1 or not isinstance(norm, RMSNorm):
+        return modulate(norm(x), shift, scale)
     # Under autocast the next Linear reads bf16: written so here, the same rounding of the same value.
     out = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    h = norm_modulate(x, block.norm1.weight, shift_msa, scale_msa, block.norm1.eps, out)
-    x = x + gate_msa * block.attn(h, rope)
-    h = norm_modulate(x, block.norm2.weight, shift_mlp, scale_mlp, block.norm2.eps, out)
-    return x + gate_mlp * block.mlp(h)
+    return norm_modulate(x, norm.weight, shift, scale, norm.eps, out)
 
 
 def enable(model: torch.nn.Module) -> int:
-    """Switch every ``DiTBlock`` of ``model`` to ``_block_forward``; returns how many. Opt-in: the benchmark's
-    ``adaln-triton`` route (BENCHMARKS.md says what it measured)."""
+    """Switch every ``DiTBlock`` of ``model`` to ``norm_modulate`` where it applies; returns how many blocks.
+    Opt-in: the benchmark's ``adaln-triton`` route (BENCHMARKS.md says what it measured)."""
     import types
 
     from .dit import DiTBlock
 
     blocks = [m for m in model.modules() if isinstance(m, DiTBlock)]
     for block in blocks:
-        block.forward = types.MethodType(_block_forward, block)
+        block.norm_modulate = types.MethodType(_norm_modulate_method, block)
     return len(blocks)

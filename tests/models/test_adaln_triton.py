@@ -56,7 +56,11 @@ CHECKS = textwrap.dedent("""
     assert adaln_triton.enable(fused) == 3
     x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
     t, y = torch.rand(3, dtype=torch.float64), torch.tensor([1, 2, 10])
+    calls, kernel = [], adaln_triton.norm_modulate
+    adaln_triton.norm_modulate = lambda *args: calls.append(1) or kernel(*args)
     a, b = ours(x, t, y), fused(x, t, y)
+    adaln_triton.norm_modulate = kernel
+    assert len(calls) == 4  # two trunk blocks, two norms each; the head's per-token condition is its own
     assert (a - b).abs().max() < 1e-13
     a.square().sum().backward()
     b.square().sum().backward()
