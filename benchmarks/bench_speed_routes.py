@@ -216,7 +216,7 @@ def part_sample(args, device, card):
     xl8, s8 = (fp8.to_float8(copy.deepcopy(m), m.per_token_linears()) for m in (xl, s))
     log(f"sample: float8 copies made ({len(xl.per_token_linears())} + {len(s.per_token_linears())} layers)")
     models = {"bf16": (xl, s), "fp8": (xl8, s8)}
-    models.update({f"{k}-{tuning}": models[k] for k in ("bf16", "fp8") for tuning in INDUCTOR_ROUTES})
+    models.update({k: models[k.split("-", 1)[0]] for k in args.sample_kinds if "-" in k})  # the tuned kinds asked for
     models = {k: (compile_(a), compile_(b)) for k, (a, b) in models.items()}
 
     def ours(kind):
