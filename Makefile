@@ -87,8 +87,9 @@ imagenet256-chain:
 # The sizes below take about half an hour of one H200 (the scripts' own defaults are larger). Measured
 # there on 2026-12-02 (EXPERIMENTS.md): width ~100-120 s a model, compiled; shift ~3 min a run and head
 # ~3 min a model, uncompiled, with ~20 s a score; noise-aug ~3.5 min a decoder. Each *_ARGS variable
-# replaces them, e.g. SHIFT_ARGS="--steps 20000 --every 2000 --batch 256". Every result file is saved
-# after each score: an interrupted `make experiments` resumes where it stopped.
+# replaces them, e.g. SHIFT_ARGS="--steps 20000 --every 2000 --batch 256". An interrupted `make
+# experiments` resumes where it stopped (results kept after each score, width's after each model,
+# noise-aug's after each decoder).
 STORE ?=
 IMAGES ?=
 EXP_OUT ?= runs/experiments
