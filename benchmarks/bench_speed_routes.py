@@ -369,6 +369,17 @@ def part_optimizer(args, device, card):
     print(f"card: {card}")
 
 
+def kernel_ms(step, iters: int, device) -> float | None:
+    """Milliseconds per ``step`` that the GPU spends inside kernels (profile_train_step's profile, summed over
+    its categories): the host's share (Python, autograd, launches) left out. None off the GPU."""
+    if device.type != "cuda":
+        return None
+    import profile_train_step
+
+    step()
+    return sum(profile_train_step.profile(step, device, iters)[0].values())
+
+
 # ---- the block's elementwise chains (issue 29, route 1) ---------------------------------------------
 def part_kernels(args, device, card):
     """Forward + backward of the trunk block's elementwise chains at DiT^DH-XL's shape (batch x 256 tokens,
@@ -425,21 +436,33 @@ def part_kernels(args, device, card):
             lambda: adaln_triton.norm_modulate(x, norm.weight, shift, scale, norm.eps))
     rows = []
     iters = 2 if args.smoke else 20
+    leaves = (x, shift, scale, ab, q, k)
     for name, fn in chains.items():
         try:
+            grad = torch.ones_like(fn())  # made once: the steps time the chain, not a fill
+
             def step():
-                out = fn()
-                out.backward(torch.ones_like(out))
-            rows.append((name, btd.time_steps(step, device, 3, iters) / iters * 1e3, ""))
+                fn().backward(grad)
+                for t in leaves:  # no accumulation into last step's gradients
+                    t.grad = None
+            wall = btd.time_steps(step, device, 3, iters) / iters * 1e3
+            rows.append((name, wall, kernel_ms(step, iters, device), ""))
         except Exception as e:
-            rows.append((name, None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
-        x.grad = shift.grad = scale.grad = ab.grad = q.grad = k.grad = None
+            rows.append((name, None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+        for t in leaves:
+            t.grad = None
     print(f"\n## Elementwise chains of one trunk block, forward + backward, [{b} x {n}, {d}] {dtype}, {card}")
-    print("| chain | ms per block | x 28 blocks | note |\n|---|---|---|---|")
-    for name, ms, note in rows:
-        print(f"| {name} | {ms:.3f} | {ms * 28:.1f} | {note} |" if ms else f"| {name} | - | - | {note} |")
+    print("(wall: the step's time, host included; kernels: the time the GPU spends in kernels, from the profiler. "
+          "Where wall is well above kernels, the host (autograd, launches) bounds the step and wall ranks nothing.)")
+    print("| chain | wall ms per block | kernels ms per block | kernels x 28 blocks | note |\n|---|---|---|---|---|")
+    for name, ms, kms, note in rows:
+        if ms is None:
+            print(f"| {name} | - | - | - | {note} |")
+        else:
+            k_text = (f"{kms:.3f} | {kms * 28:.1f}") if kms is not None else "- | -"
+            print(f"| {name} | {ms:.3f} | {k_text} | {note} |")
     if liger:
-        print(f"| Liger | - | - | {liger} |")
+        print(f"| Liger | - | - | - | {liger} |")
     print(f"card: {card}")
 
 

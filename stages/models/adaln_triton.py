@@ -16,6 +16,11 @@ Triton runs on CUDA; with ``TRITON_INTERPRET=1`` the same kernels run on the CPU
 in float64 against the module; the interpreter rounds float32 to bf16 by truncation, so agreement in bf16 is
 for the GPU to show). Registered as ``torch.library.custom_op``s with their output shapes, so
 ``torch.compile`` keeps them in its graph as opaque kernels.
+
+Measured on one H200 (BENCHMARKS.md, 2026-12-02): the DiT^DH-XL step at batch 128 ran at 425 img/s with
+the trunk's norms switched to these kernels against 430 with Inductor's, so nothing is gained and the
+module stays opt-in (``bench_speed_routes.py --routes adaln-triton``). In the step Inductor fuses the norm
+with the residual add and gate before it; an opaque kernel splits that fusion.
 """
 from __future__ import annotations
 
