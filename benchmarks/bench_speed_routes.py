@@ -95,10 +95,15 @@ def use_liger(model: torch.nn.Module) -> int:
 # ---- training --------------------------------------------------------------------------------
 # Routes that change only how Inductor tunes the kernels it generates (the step's elementwise quarter):
 # coordinate descent over each Triton kernel's block sizes and warps, and benchmarking several configurations
-# of each pointwise and reduction kernel. Both cost compile time, not code.
+# of each pointwise and reduction kernel. "inductor-gemm" autotunes the products too, between cuBLAS and
+# Inductor's Triton GEMM templates, where a template can take the elementwise work after a product (bias,
+# gate, residual add) into its epilogue: one pass over the product's output fewer. All cost compile time,
+# not code.
 INDUCTOR_ROUTES = {"inductor-cdt": {"coordinate_descent_tuning": True},
                    "inductor-pointwise": {"max_autotune_pointwise": True},
-                   "inductor-cdt-pointwise": {"coordinate_descent_tuning": True, "max_autotune_pointwise": True}}
+                   "inductor-cdt-pointwise": {"coordinate_descent_tuning": True, "max_autotune_pointwise": True},
+                   "inductor-gemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
+                                     "epilogue_fusion": True}}
 
 
 def build_train(name, device, batch, route, precision):
