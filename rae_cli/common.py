@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import sys
 import threading
@@ -43,24 +44,61 @@ def user_errors(fn):
             previous = signal.signal(signal.SIGTERM, _terminate_handler(os.getpid()))
         try:
             return fn(*args, **kwargs)
-        except RaeError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
-        except OSError as e:  # the environment: a full disk, a read-only folder, a file where a folder goes
-            err_console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
-        except Terminated:
-            err_console.print("terminated (SIGTERM): run the same command again to resume", highlight=False)
-            sys.exit(143)
-        except KeyboardInterrupt:
-            err_console.print("interrupted: run the same command again to resume", highlight=False)
-            sys.exit(130)
+        except BaseException as e:  # noqa: BLE001 (sorted below; anything else goes on up)
+            stop = stopped_by(e)
+            if stop is not None and previous is not None and hasattr(signal, "SIGCHLD"):
+                # Exiting: the workers that the same stop ended must not raise from torch's SIGCHLD handler
+                # again at interpreter exit (an "Exception ignored in atexit callback" traceback).
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            if isinstance(stop, Terminated):
+                err_console.print("terminated (SIGTERM): run the same command again to resume", highlight=False)
+                sys.exit(143)
+            if stop is not None:
+                err_console.print("interrupted: run the same command again to resume", highlight=False)
+                sys.exit(130)
+            if isinstance(e, RaeError):
+                err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1)
+            if isinstance(e, OSError):  # the environment: a full disk, a read-only folder, a file where a folder goes
+                err_console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1)
+            worker = _WORKER_KILLED.search(str(e)) if isinstance(e, RuntimeError) else None
+            if worker:
+                err_console.print(f"[bold red]error:[/] a data-loading worker was killed (signal {worker[1]}; the "
+                                  "system's out-of-memory killer sends Killed): run the same command again, with a "
+                                  "smaller --num-workers if it recurs; it resumes from its last checkpoint",
+                                  highlight=False, soft_wrap=True)
+                raise typer.Exit(1)
+            raise
         finally:
             release_writers()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+# torch.utils.data's message when a worker process dies of a signal (its SIGCHLD handler raises it).
+_WORKER_KILLED = re.compile(r"DataLoader worker \(pids? ?[^)]*\) (?:is )?killed by signal: ([A-Za-z][A-Za-z ]*)")
+
+
+def stopped_by(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind ``e``, if it is one or was raised while one unwound the stage. A stop
+    sent to the whole process group (a scheduler's time limit, ``timeout``, ``kill -- -PGID``) also ends
+    the data-loading workers; torch then raises "DataLoader worker ... killed by signal: Terminated" in
+    the middle of the unwinding, which is the same stop, not a second error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        worker = _WORKER_KILLED.search(str(e)) if isinstance(e, RuntimeError) else None
+        if worker and worker[1] == "Terminated":
+            return Terminated()
+        if worker and worker[1] == "Interrupt":
+            return KeyboardInterrupt()
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def describe_os_error(e: OSError) -> str:

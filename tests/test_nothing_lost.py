@@ -243,6 +243,71 @@ def test_sigterm_ends_a_stage_with_the_resume_line(chain, tmp_path):
     assert not lock_path(tmp_path / "dit").exists()
 
 
+def test_sigterm_to_the_whole_process_group_is_the_same_one_line(chain, tmp_path):
+    # A scheduler's time limit, `timeout` and `kill -- -PGID` stop every process of the job: the data-loading
+    # workers die of the same SIGTERM, and torch raises "DataLoader worker ... killed by signal: Terminated"
+    # while the stage unwinds. That is the one stop, not a second error with a traceback (seen on the GPU).
+    out = tmp_path / "dec"
+    argv = [sys.executable, "-m", "rae_cli.main", "train-decoder", "--latents", str(chain / "lat.zarr"), "--out",
+            str(out), *map(str, DECODER_ARGS), "--steps", "100000", "--checkpoint-every", "100000",
+            "--preview-every", "100000", "--num-workers", "2"]
+    env = {**os.environ, "RAE_NO_PROGRESS": "1", "OMP_NUM_THREADS": THREADS}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few steps on: the workers are reading
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM): run the same command again to resume" in err and "Traceback" not in err, err
+    assert not lock_path(out).exists()
+
+
+def test_a_stop_raised_again_while_unwinding_is_still_the_stop(capsys):
+    import typer
+
+    from rae_cli.common import Terminated, stopped_by, user_errors
+
+    def worker_died(signal_name):
+        return RuntimeError(f"DataLoader worker (pid 1034) is killed by signal: {signal_name}. ")
+
+    def chained(first, then):
+        try:
+            try:
+                raise first
+            except BaseException:
+                raise then
+        except BaseException as e:
+            return e
+
+    assert isinstance(stopped_by(chained(Terminated(), worker_died("Terminated"))), Terminated)
+    assert isinstance(stopped_by(chained(KeyboardInterrupt(), ValueError("in a finally"))), KeyboardInterrupt)
+    assert isinstance(stopped_by(worker_died("Terminated")), Terminated)  # the worker's SIGCHLD came first
+    assert stopped_by(worker_died("Killed")) is None and stopped_by(ValueError("x")) is None
+
+    def raising(e):
+        return user_errors(lambda: (_ for _ in ()).throw(e))
+
+    child_handler = signal.getsignal(signal.SIGCHLD)  # a stop resets it (the stage is exiting): put it back
+    try:
+        with pytest.raises(SystemExit) as stop:
+            raising(chained(Terminated(), worker_died("Terminated")))()
+    finally:
+        signal.signal(signal.SIGCHLD, child_handler)
+    assert stop.value.code == 143
+    assert "terminated (SIGTERM): run the same command again to resume" in capsys.readouterr().err
+    # A worker killed alone (the out-of-memory killer's SIGKILL) is an error of one line, not a traceback.
+    with pytest.raises(typer.Exit) as failed:
+        raising(worker_died("Killed"))()
+    assert failed.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert "a data-loading worker was killed (signal Killed" in err and "--num-workers" in err
+    with pytest.raises(ValueError):  # anything else goes on up as before
+        raising(ValueError("a bug"))()
+
+
 def test_train_diffusion_names_the_option_that_differs(chain, tmp_path):
     out = tmp_path / "dit"
     shutil.copytree(chain / "dit", out)
