@@ -148,7 +148,7 @@ def part_train(args, device, card):
     ref = btd.import_reference(args.reference) if args.reference else None
     flops = btd.flops_per_image(name, device)
     btd.free(device)
-    rows = []
+    rows, profiles = [], {}
     plan = [(b, r) for b in args.batches for r in args.routes]
     if ref is not None:
         plan = [(args.batches[0], "reference")] + plan
@@ -161,6 +161,10 @@ def part_train(args, device, card):
                 else:
                     step = build_train(name, device, batch, route, precision)
                 seconds = btd.time_steps(step, device, args.warmup, args.iters)
+                if args.profile_steps:
+                    import profile_train_step
+
+                    profiles[(route, batch)] = profile_train_step.profile(step, device, args.profile_steps)[0]
             ips = batch * args.iters / seconds
             peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
             rows.append((route, batch, ips, ips * flops / 1e12, peak, ""))
@@ -182,6 +186,15 @@ def part_train(args, device, card):
         vs_b = f(ips / base[batch], ".2f") + "x" if ips and batch in base else "-"
         vs_r = f(ips / ref_ips, ".2f") + "x" if ips and ref_ips else "-"
         print(f"| {route} | {batch} | {f(ips, ',.0f')} | {f(tf, '.0f')} | {f(peak, '.1f')} | {vs_b} | {vs_r} | {note} |")
+    if profiles:  # where each route's step goes: what it changed, and what bounds it
+        unit = "GPU kernel ms" if device.type == "cuda" else "CPU operator ms (smoke)"
+        keys = list(profiles)
+        cats = sorted({c for p in profiles.values() for c in p}, key=lambda c: -max(p.get(c, 0) for p in profiles.values()))
+        print(f"\n## The same steps by kernel category ({unit} per step, {args.profile_steps} profiled steps), {card}")
+        print("| category | " + " | ".join(f"{r} ({b})" for r, b in keys) + " |\n|---|" + "---|" * len(keys))
+        for c in cats + ["total"]:
+            vals = [sum(p.values()) if c == "total" else p.get(c, 0.0) for p in profiles.values()]
+            print(f"| {c} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
     print(f"card: {card}")
 
 
@@ -507,6 +520,8 @@ def main():
                     "RMSNorm + modulation as stages.models.adaln_triton's kernels), fused-update, "
                     + ", ".join(INDUCTOR_ROUTES))
     ap.add_argument("--batches", default="64", help="training batch sizes")
+    ap.add_argument("--profile-steps", type=int, default=3,
+                    help="train: steps of each route profiled after its timing, for a table by kernel category (0: none)")
     ap.add_argument("--sample-batches", default="128,256")
     ap.add_argument("--sample-kinds", default="bf16,fp8",
                     help="sampling: bf16 and fp8 always; also bf16-TUNING or fp8-TUNING, TUNING one of "
