@@ -19,9 +19,9 @@ for the GPU to show). Registered as ``torch.library.custom_op``s with their outp
 
 Measured on one H200 (BENCHMARKS.md, 2026-12-02): the DiT^DH-XL step at batch 128 ran at 425 img/s with
 the trunk's norms switched to these kernels against 430 with Inductor's, so nothing is gained and the
-module stays opt-in (``bench_speed_routes.py --routes adaln-triton``). In the step Inductor fuses the norm
-with the residual add and gate before it; an opaque kernel splits that fusion
-(the likely cause, not profiled).
+module stays opt-in (``bench_speed_routes.py --routes adaln-triton``). The likely cause, not profiled: in the
+step Inductor can fuse each norm with the residual add and gate before it, and an opaque kernel splits that
+fusion.
 """
 from __future__ import annotations
 
