@@ -14,7 +14,9 @@ same store when RUN does not exist (--diffusion-model, --diffusion-steps, --diff
 decoder, so the decoders see the very same latents.
 
 Writes DIR/noise_aug.json, .md and .png (the metrics per tau, and the same samples decoded by each
-decoder side by side); running the command again resumes every stage it left unfinished.
+decoder side by side); running the command again resumes every stage it left unfinished. A tau whose
+scores are in noise_aug.json is not trained, sampled or scored again: that file alone, copied to another
+machine, remakes the table and the plot (without the pictures it did not carry).
 
     python experiments/noise_aug.py --latents STORE --images DIR --out DIR [--taus 0,0.8] [--num 2000]
         [--diffusion RUN] [-- other train-decoder options]
@@ -66,23 +68,24 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     diffusion = args.diffusion or out / "diffusion"
-    if not (diffusion / "config.json").is_file() or args.diffusion is None:
-        every = max(args.diffusion_steps // 4, 1)
-        train(args.latents, diffusion, args.diffusion_model, args.diffusion_steps, args.diffusion_batch, every,
-              args.device, shlex.split(args.diffusion_args))
-    samples = out / "samples.zarr"
-    rae("sample", "--model", diffusion, "--out", samples, "--number", args.num, "--device", args.device,
-        *shlex.split(args.sample_args))
     path = out / "noise_aug.json"
     settings = settings_of(args, extra, select=("taus",))
     results = load_results(path, settings).get("results", {})
-    for tau in taus:
+    # A decoder whose scores are in the file is not trained again: the file alone carries them to another machine.
+    missing = [tau for tau in taus if f"{tau:g}" not in results]
+    samples = out / "samples.zarr"
+    if missing:
+        if not (diffusion / "config.json").is_file() or args.diffusion is None:
+            every = max(args.diffusion_steps // 4, 1)
+            train(args.latents, diffusion, args.diffusion_model, args.diffusion_steps, args.diffusion_batch, every,
+                  args.device, shlex.split(args.diffusion_args))
+        rae("sample", "--model", diffusion, "--out", samples, "--number", args.num, "--device", args.device,
+            *shlex.split(args.sample_args))
+    for tau in missing:
         key = f"{tau:g}"
         decoder = out / f"decoder_tau{key}"
         rae("train-decoder", "--latents", args.latents, "--out", decoder, "--noise-tau", tau, "--device", args.device,
             *extra)
-        if key in results:
-            continue
         rae("decode", recon_store, "--decoder", decoder, "--out", out / f"recon_tau{key}", "--device", args.device)
         rae("decode", samples, "--decoder", decoder, "--out", out / f"gen_tau{key}", "--device", args.device)
         recon = scores(out / f"recon_tau{key}", args.images, recon_store, metrics, True,
@@ -126,9 +129,13 @@ def report(out: Path, taus: list[float], results: dict, metrics: tuple[str, ...]
         ax.set_title(title, fontsize=10)
     for row, k in enumerate(keys, start=1):
         ax = fig.add_subplot(grid[row, :])
-        tiles = [read_png(out / f"gen_tau{k}" / png_name(i)) for i in range(min(show, args.num))]
-        ax.imshow(np.concatenate(tiles, axis=1))
         ax.set_axis_off()
+        names = [out / f"gen_tau{k}" / png_name(i) for i in range(min(show, args.num))]
+        if not all(n.is_file() for n in names):  # scores carried in the JSON file, images left on another machine
+            ax.set_title(f"tau {k}: the decoded samples are not in {out} (scores from noise_aug.json)", fontsize=9)
+            continue
+        tiles = [read_png(n) for n in names]
+        ax.imshow(np.concatenate(tiles, axis=1))
         ax.set_title(f"samples 0-{len(tiles) - 1} decoded by the tau {k} decoder", fontsize=9)
     save_figure(fig, out / "noise_aug.png")
     console.print((out / "noise_aug.md").read_text(), highlight=False)

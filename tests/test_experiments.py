@@ -132,3 +132,12 @@ def test_noise_aug_experiment_decodes_the_same_samples_with_each_decoder(demo_im
     again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "tau 0:" not in again.stdout + again.stderr
     assert json.loads((out / "noise_aug.json").read_text())["results"] == result
+    # The results file alone (another machine): nothing trained, sampled or decoded; the table and plot remade.
+    for child in out.iterdir():
+        if child.name != "noise_aug.json":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    alone = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr
+    assert sorted(c.name for c in out.iterdir()) == ["noise_aug.json", "noise_aug.md", "noise_aug.png"]
+    assert json.loads((out / "noise_aug.json").read_text())["results"] == result
+    assert f"| 0.8 | {result['0.8']['recon']['psnr']:.2f} |" in (out / "noise_aug.md").read_text()
