@@ -92,6 +92,11 @@ def snapshot_steps(every: int, steps: int) -> list[str]:
     return [str(step) for step in range(every, steps + 1, every)]
 
 
+def all_scored(every: int, steps: int, scores: dict) -> bool:
+    """Whether ``scores`` holds every snapshot's score: then the run need not be trained (again) here."""
+    return set(snapshot_steps(every, steps)) <= set(scores)
+
+
 def score_snapshots(name: str, run_dir: Path, every: int, steps: int, scores: dict, num: int, batch: int, ref,
                     device, save=lambda: None) -> None:
     """The FD of ``run_dir``'s snapshots every ``every`` steps up to ``steps``, into ``scores`` {str(step): FD};

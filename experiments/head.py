@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import (load_results, parse_scored, save_figure, save_results, score_snapshots, settings_of,  # noqa: E402
-                    snapshot_steps, train)
+from common import (all_scored, load_results, parse_scored, save_figure, save_results, score_snapshots,  # noqa: E402
+                    settings_of, train)
 from stages.artifacts.store import open_complete_store  # noqa: E402
 from stages.progress import console  # noqa: E402
 
@@ -86,7 +86,7 @@ def main() -> None:
         every = steps // args.points
         run_dir = args.out / spec.replace(":", "_").replace("=", "")
         mine = results.setdefault(spec, {"gflop_per_image": per_image / 1e9, "steps": steps, "scores": {}})
-        if not set(snapshot_steps(every, steps)) <= set(mine["scores"]):
+        if not all_scored(every, steps, mine["scores"]):
             size_options = [a for k, v in sizes.items() for a in (f"--{k.replace('_', '-')}", str(v))]
             train(args.latents, run_dir, model, steps, args.batch, every, args.device, [*size_options, *extra])
         score_snapshots(spec, run_dir, every, steps, mine["scores"], args.num, args.sample_batch, ref, device, save)

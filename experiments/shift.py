@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (load_results, parse_scored, save_figure, save_results, score_snapshots, settings_of,  # noqa: E402
-                    snapshot_steps, train)
+from common import (all_scored, load_results, parse_scored, save_figure, save_results, score_snapshots,  # noqa: E402
+                    settings_of, train)
 from stages.artifacts.runs import read_config  # noqa: E402
 from stages.progress import console  # noqa: E402
 from stages.train.runlog import read_metrics  # noqa: E402
@@ -50,7 +50,7 @@ def main() -> None:
     for name, shifted in (("with_shift", True), ("no_shift", False)):
         run_dir = args.out / name
         mine = scores.setdefault(name, {})
-        if name not in runs or not set(snapshot_steps(args.every, args.steps)) <= set(mine):
+        if name not in runs or not all_scored(args.every, args.steps, mine):
             train(args.latents, run_dir, args.model, args.steps, args.batch, args.every, args.device,
                   [*([] if shifted else ["--no-shift"]), *extra])
             runs[name] = {"shift": float(read_config(run_dir)["flow"]["shift"]),

@@ -62,9 +62,9 @@ def user_errors(fn):
             if isinstance(e, OSError):  # the environment: a full disk, a read-only folder, a file where a folder goes
                 err_console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1)
-            worker = _WORKER_KILLED.search(str(e)) if isinstance(e, RuntimeError) else None
+            worker = worker_signal(e)
             if worker:
-                err_console.print(f"[bold red]error:[/] a data-loading worker was killed (signal {worker[1]}; the "
+                err_console.print(f"[bold red]error:[/] a data-loading worker was killed (signal {worker}; the "
                                   "system's out-of-memory killer sends Killed): run the same command again, with a "
                                   "smaller --num-workers if it recurs; it resumes from its last checkpoint",
                                   highlight=False, soft_wrap=True)
@@ -82,6 +82,13 @@ def user_errors(fn):
 _WORKER_KILLED = re.compile(r"DataLoader worker \(pids? ?[^)]*\) (?:is )?killed by signal: ([A-Za-z][A-Za-z ]*)")
 
 
+def worker_signal(e: BaseException) -> str | None:
+    """The signal's name ("Terminated", "Killed", ...) if ``e`` is torch's error for a data-loading worker that
+    died of one."""
+    found = _WORKER_KILLED.search(str(e)) if isinstance(e, RuntimeError) else None
+    return found[1] if found else None
+
+
 def stopped_by(e: BaseException) -> KeyboardInterrupt | None:
     """The Ctrl-C or SIGTERM behind ``e``, if it is one or was raised while one unwound the stage. A stop
     sent to the whole process group (a scheduler's time limit, ``timeout``, ``kill -- -PGID``) also ends
@@ -92,10 +99,10 @@ def stopped_by(e: BaseException) -> KeyboardInterrupt | None:
         seen.add(id(e))
         if isinstance(e, KeyboardInterrupt):
             return e
-        worker = _WORKER_KILLED.search(str(e)) if isinstance(e, RuntimeError) else None
-        if worker and worker[1] == "Terminated":
+        worker = worker_signal(e)
+        if worker == "Terminated":
             return Terminated()
-        if worker and worker[1] == "Interrupt":
+        if worker == "Interrupt":
             return KeyboardInterrupt()
         e = e.__cause__ or e.__context__
     return None
