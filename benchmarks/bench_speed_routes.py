@@ -92,6 +92,16 @@ def use_liger(model: torch.nn.Module) -> int:
     return n
 
 
+def unalign(model: torch.nn.Module) -> torch.nn.Module:
+    """Every SwiGLU computed at its stored hidden width (the head's 5,461), as before ``SwiGLU.align``."""
+    from stages.models.dit import SwiGLU
+
+    for m in model.modules():
+        if isinstance(m, SwiGLU):
+            m.align = 1
+    return model
+
+
 # ---- training --------------------------------------------------------------------------------
 # Routes that change only how Inductor tunes the kernels it generates (the step's elementwise quarter):
 # coordinate descent over each Triton kernel's block sizes and warps, and benchmarking several configurations
@@ -123,6 +133,8 @@ def build_train(name, device, batch, route, precision):
         from stages.models import adaln_triton
 
         adaln_triton.enable(model)
+    elif route == "unaligned":
+        unalign(model)
     cfg = TrainDiffusionConfig(latents="-", out="-", model=preset, batch_size=batch, precision=precision,
                                compile=route != "cudagraphs")
     trainer = DiffusionTraining(model, cfg, device, shift=btd._shift(C, H), null_label=1000,
@@ -188,14 +200,20 @@ def part_train(args, device, card):
         print(f"| {route} | {batch} | {f(ips, ',.0f')} | {f(tf, '.0f')} | {f(peak, '.1f')} | {vs_b} | {vs_r} | {note} |")
     if profiles:  # where each route's step goes: what it changed, and what bounds it
         unit = "GPU kernel ms" if device.type == "cuda" else "CPU operator ms (smoke)"
-        keys = list(profiles)
-        cats = sorted({c for p in profiles.values() for c in p}, key=lambda c: -max(p.get(c, 0) for p in profiles.values()))
-        print(f"\n## The same steps by kernel category ({unit} per step, {args.profile_steps} profiled steps), {card}")
-        print("| category | " + " | ".join(f"{r} ({b})" for r, b in keys) + " |\n|---|" + "---|" * len(keys))
-        for c in cats + ["total"]:
-            vals = [sum(p.values()) if c == "total" else p.get(c, 0.0) for p in profiles.values()]
-            print(f"| {c} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+        print_profiles(profiles, f"The same steps by kernel category ({unit} per step, {args.profile_steps} "
+                       f"profiled steps), {card}")
     print(f"card: {card}")
+
+
+def print_profiles(profiles: dict, title: str) -> None:
+    """{(route, batch): {category: ms}} as one table, the routes side by side, the largest category first."""
+    keys = list(profiles)
+    cats = sorted({c for p in profiles.values() for c in p}, key=lambda c: -max(p.get(c, 0) for p in profiles.values()))
+    print(f"\n## {title}")
+    print("| category | " + " | ".join(f"{r} ({b})" for r, b in keys) + " |\n|---|" + "---|" * len(keys))
+    for c in cats + ["total"]:
+        vals = [sum(p.values()) if c == "total" else p.get(c, 0.0) for p in profiles.values()]
+        print(f"| {c} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -231,10 +249,15 @@ def part_sample(args, device, card):
     compile_ = (lambda f: f) if smoke else torch.compile
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=True)
     scale = 1.42
-    xl8, s8 = (fp8.to_float8(copy.deepcopy(m), m.per_token_linears()) for m in (xl, s))
+    models = {"bf16": (xl, s)}
+    for kind in ["fp8"] + args.sample_kinds:  # variants with models of their own: copies
+        if kind == "fp8" or kind == "fp8-tensor":
+            models[kind] = tuple(fp8.to_float8(copy.deepcopy(m), m.per_token_linears(), "tensor" if "-" in kind
+                                               else "row") for m in (xl, s))
+        elif kind == "bf16-unaligned":
+            models[kind] = tuple(unalign(copy.deepcopy(m)) for m in (xl, s))
     log(f"sample: float8 copies made ({len(xl.per_token_linears())} + {len(s.per_token_linears())} layers)")
-    models = {"bf16": (xl, s), "fp8": (xl8, s8)}
-    models.update({k: models[k.split("-", 1)[0]] for k in args.sample_kinds if "-" in k})  # the tuned kinds asked for
+    models.update({k: models[k.split("-", 1)[0]] for k in args.sample_kinds if k not in models})  # the tuned kinds
     models = {k: (compile_(a), compile_(b)) for k, (a, b) in models.items()}
 
     def ours(kind):
@@ -276,33 +299,40 @@ def part_sample(args, device, card):
     plan = [(k, b0) for k in plan] + [("fp8", b) for b in ([] if smoke else args.sample_batches[1:])]
     # The Inductor-tuned kinds last: each starts from a reset compiler cache, so it compiles under its own
     # settings (the kinds before it are not called again).
-    plan += [(k, b0) for k in args.sample_kinds if k not in ("bf16", "fp8")]
-    rows, first = [], {}
+    plan += [(k, b0) for k in args.sample_kinds if k not in ("bf16", "fp8") and k.split("-", 1)[1] in INDUCTOR_ROUTES]
+    plan[2 + args.with_reference:2 + args.with_reference] = [  # the variants with models of their own: no reset
+        (k, b0) for k in args.sample_kinds if k in ("fp8-tensor", "bf16-unaligned")]
+    rows, first, profiles = [], {}, {}
     for kind, b in plan:
         log(f"sample: {kind}, batch {b} (its first batch compiles)")
         try:
             if kind == "reference":
                 ips = bs.time_loop(reference, n, b, device)
             else:
+                tuning = kind.split("-", 1)[1] if "-" in kind else None
                 if kind not in first:
-                    tuning = kind.split("-", 1)[1] if "-" in kind else None
-                    if tuning:
+                    if tuning in INDUCTOR_ROUTES:
                         torch._dynamo.reset()
                     with torch.inference_mode(), torch._inductor.config.patch(INDUCTOR_ROUTES.get(tuning, {})):
                         first[kind] = ours(kind)(b, z, yb)
                 with torch.inference_mode():
                     ips = bs.time_loop(lambda bb: ours(kind)(bb)[1], n, b, device)
+                    if b == b0 and args.profile_steps:  # one batch (50 steps + decode) by kernel category
+                        import profile_train_step
+
+                        profiles[kind] = profile_train_step.profile(lambda: ours(kind)(b), device, 1)
             note = ""
         except Exception as e:
             ips, note = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         rows.append((kind, b, ips, note))
         print(rows[-1], flush=True)
-    drift, pix, mean_pix = float("nan"), -1, float("nan")
-    if "fp8" in first:
-        (x16, img16), (x8, img8) = first["bf16"], first["fp8"]
-        drift = ((x8.float() - x16.float()).norm() / x16.float().norm()).item()
-        diff = (img8.astype(int) - img16.astype(int))
-        pix, mean_pix = int(abs(diff).max()), float(abs(diff).mean())
+    drifts = {}  # each kind against bf16, from the same noise and labels
+    for kind, (x_k, img_k) in first.items():
+        if kind != "bf16" and "bf16" in first:
+            x16, img16 = first["bf16"]
+            diff = abs(img_k.astype(int) - img16.astype(int))
+            drifts[kind] = (((x_k.float() - x16.float()).norm() / x16.float().norm()).item(), int(diff.max()),
+                            float(diff.mean()))
     base = next((ips for k, b, ips, _ in rows if k == "bf16" and ips), None)
     print(f"\n## AutoGuidance sampling (DiT^DH-XL + DiT^DH-S, 50 points) + ViT-XL decode + uint8, {card}, "
           f"models compiled, {n} images per row after a compiling batch")
@@ -314,8 +344,18 @@ def part_sample(args, device, card):
             print(f"| {kind} | {bb} | {ips:.2f} | {50000 / ips / 60:.1f} min | {vs} | {note} |")
         else:
             print(f"| {kind} | {bb} | - | - | - | {note} |")
-    print(f"| fp8 vs bf16, same noise and labels (random weights): sample relative L2 | | {drift:.2e} | | | "
-          f"uint8 max {pix}, mean {mean_pix:.2f} |")
+    for kind, (drift, pix, mean_pix) in drifts.items():
+        print(f"| {kind} vs bf16, same noise and labels (random weights): sample relative L2 | | {drift:.2e} | | | "
+              f"uint8 max {pix}, mean {mean_pix:.2f} |")
+    if profiles:
+        unit = "GPU kernel ms" if device.type == "cuda" else "CPU operator ms (smoke)"
+        print_profiles({(k, b0): p[0] for k, p in profiles.items()},
+                       f"One batch of {b0} (50 points of both models + decode) by kernel category ({unit}), {card}")
+        for kind, (_, kernels) in profiles.items():
+            print(f"\n## {kind}: the 12 longest kernels of that batch ({unit})\n| kernel | ms | share |\n|---|---|---|")
+            total = sum(kernels.values())
+            for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
+                print(f"| {name[:90]} | {ms:.1f} | {ms / total:.0%} |")
     print(f"card: {card}")
 
 
@@ -484,6 +524,53 @@ def part_kernels(args, device, card):
     print(f"card: {card}")
 
 
+# ---- the SwiGLU products at an aligned and an unaligned hidden width (issue 29) -------------------------
+def part_gemm(args, device, card):
+    """The products of one SwiGLU MLP (w12: D -> 2H, w3: H -> D), forward and forward + backward, bf16, at
+    M = batch x 256 tokens: the wide head's H = 5,461 (each bf16 row 10,922 bytes, not a multiple of 16, so
+    Hopper's tensor-copy engine cannot load it) against the same product zero-padded to 5,464, 5,472 and
+    5,504 (what ``SwiGLU.align`` computes), and the trunk's aligned 3,072 for scale. TFLOP/s counts the
+    unpadded H: the useful work."""
+    m = 64 if args.smoke else args.batches[0] * 256
+    shapes = [(32, 40), (32, 48)] if args.smoke else [(2048, 5461), (2048, 5464), (2048, 5472), (2048, 5504),
+                                                      (1152, 3072)]
+    useful = {d: h for d, h in shapes if h % 8}  # the stored width each padded row stands for
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for d, h in shapes:
+        x = torch.randn(m, d, device=device, dtype=dtype, requires_grad=True)
+        w12 = torch.randn(2 * h, d, device=device, dtype=dtype, requires_grad=True)
+        w3 = torch.randn(d, h, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(m, d, device=device, dtype=dtype)
+        ab = torch.randn(m, 2 * h, device=device, dtype=dtype)
+
+        def forward():
+            return torch.nn.functional.linear(ab[:, :h], w3), torch.nn.functional.linear(x, w12)
+
+        def both():
+            y = torch.nn.functional.linear(ab[:, :h].detach().requires_grad_(), w3)
+            y.backward(g)
+            torch.nn.functional.linear(x, w12).backward(ab)
+            x.grad = w12.grad = w3.grad = None
+        iters = 2 if args.smoke else 20
+        h_useful = min(h, useful.get(d, h))
+        flop = 2 * m * d * 3 * h_useful  # w12 (2H outputs) + w3 (H inputs)
+        per = {}
+        with torch.no_grad():
+            per["forward"] = btd.time_steps(forward, device, 3, iters) / iters
+        per["forward + backward"] = btd.time_steps(both, device, 3, iters) / iters
+        rows.append((d, h, per["forward"] * 1e3, flop / per["forward"] / 1e12,
+                     per["forward + backward"] * 1e3, 3 * flop / per["forward + backward"] / 1e12))
+        del x, w12, w3, g, ab
+        btd.free(device)
+    print(f"\n## One SwiGLU MLP's products (w12 + w3), M = {m} rows, {dtype}, {card}")
+    print("| D | H computed | forward ms | forward TFLOP/s (useful) | fwd + bwd ms | fwd + bwd TFLOP/s (useful) |")
+    print("|---|---|---|---|---|---|")
+    for d, h, f_ms, f_tf, b_ms, b_tf in rows:
+        print(f"| {d} | {h} | {f_ms:.3f} | {f_tf:.0f} | {b_ms:.3f} | {b_tf:.0f} |")
+    print(f"card: {card}")
+
+
 # ---- attention -------------------------------------------------------------------------------
 def part_attention(args, device, card):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -512,20 +599,20 @@ def part_attention(args, device, card):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["train", "sample", "attention", "optimizer", "kernels"], required=True)
+    ap.add_argument("--part", choices=["train", "sample", "attention", "optimizer", "kernels", "gemm"], required=True)
     ap.add_argument("--reference", type=Path)
     ap.add_argument("--routes", default="bf16,fp8-tensorwise,fp8-rowwise,cudagraphs",
                     help="training routes: bf16, fp8-tensorwise, fp8-rowwise, fp8-rowwise_with_gw_hp, cudagraphs, "
                     "fp8w-RECIPE (float8 on the Linears of a side >= 2048 only), liger, adaln-triton (the trunk's "
-                    "RMSNorm + modulation as stages.models.adaln_triton's kernels), fused-update, "
+                    "RMSNorm + modulation as stages.models.adaln_triton's kernels), fused-update, unaligned (SwiGLUs at the stored hidden width), "
                     + ", ".join(INDUCTOR_ROUTES))
     ap.add_argument("--batches", default="64", help="training batch sizes")
     ap.add_argument("--profile-steps", type=int, default=3,
                     help="train: steps of each route profiled after its timing, for a table by kernel category (0: none)")
     ap.add_argument("--sample-batches", default="128,256")
     ap.add_argument("--sample-kinds", default="bf16,fp8",
-                    help="sampling: bf16 and fp8 always; also bf16-TUNING or fp8-TUNING, TUNING one of "
-                    + ", ".join(INDUCTOR_ROUTES))
+                    help="sampling: bf16 and fp8 always; also fp8-tensor (per-tensor scales), bf16-unaligned (the "
+                    "SwiGLUs at their stored width), bf16-TUNING or fp8-TUNING, TUNING one of " + ", ".join(INDUCTOR_ROUTES))
     ap.add_argument("--with-reference", action="store_true", help="sampling: also time the reference loop")
     ap.add_argument("--n", type=int, default=512, help="images timed per sampling row")
     ap.add_argument("--warmup", type=int, default=8)
@@ -536,7 +623,8 @@ def main():
     args.batches = [int(b) for b in args.batches.split(",")]
     args.sample_batches = [int(b) for b in args.sample_batches.split(",")]
     args.sample_kinds = args.sample_kinds.split(",")
-    unknown = set(args.sample_kinds) - {f"{k}-{t}" for k in ("bf16", "fp8") for t in INDUCTOR_ROUTES} - {"bf16", "fp8"}
+    unknown = (set(args.sample_kinds) - {f"{k}-{t}" for k in ("bf16", "fp8") for t in INDUCTOR_ROUTES}
+               - {"bf16", "fp8", "fp8-tensor", "bf16-unaligned"})
     if unknown:
         raise SystemExit(f"--sample-kinds: unknown {', '.join(sorted(unknown))}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -546,7 +634,7 @@ def main():
                        and r not in ("cudagraphs", "liger", "adaln-triton")] or ["bf16"]
         args.batches, args.warmup, args.iters = [2], 1, 2
     {"train": part_train, "sample": part_sample, "attention": part_attention, "optimizer": part_optimizer,
-     "kernels": part_kernels}[args.part](args, device, card)
+     "kernels": part_kernels, "gemm": part_gemm}[args.part](args, device, card)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,18 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU MLP: w3(silu(a) * b) with [a, b] = w12(x)."""
+    """SwiGLU MLP: w3(silu(a) * b) with [a, b] = w12(x).
+
+    A hidden width that is not a multiple of ``align`` (the wide head's 5,461) is computed zero-padded to
+    the next multiple: w12 gets zero rows after each half and w3 zero columns, so a and b are 0 there,
+    silu(0) * 0 = 0, and w3 adds nothing: the same sums. The parameters keep the checkpoints' shapes; the
+    padding is made on the fly (under ``torch.compile`` it joins the weights' cast to bf16). It is for
+    speed: a bf16 matrix whose rows are not a whole number of 16 bytes cannot be loaded by Hopper's
+    tensor-copy engine, and cuBLAS falls back to slower kernels (BENCHMARKS.md, issue 29). ``align = 1``
+    computes at the stored width. Layers already replaced (float8, which pads by itself) are called as they are.
+    """
+
+    align = 8
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -119,8 +130,16 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        hidden = self.w3.in_features
+        pad = -hidden % self.align if type(self.w12) is nn.Linear and type(self.w3) is nn.Linear else 0
+        if not pad:
+            a, b = self.w12(x).chunk(2, dim=-1)
+            return self.w3(F.silu(a) * b)
+        w12 = F.pad(self.w12.weight.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
+        b12 = self.w12.bias
+        b12 = None if b12 is None else F.pad(b12.unflatten(0, (2, hidden)), (0, pad)).flatten()
+        a, b = F.linear(x, w12, b12).chunk(2, dim=-1)
+        return F.linear(F.silu(a) * b, F.pad(self.w3.weight, (0, pad)), self.w3.bias)
 
 
 class GeluMlp(nn.Module):

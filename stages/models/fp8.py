@@ -29,26 +29,43 @@ def _ceil(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+SCALINGS = ("row", "tensor")
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] -> (e4m3 [M, K], float32 scales [M, 1]) with x ~= q * scale, each row's max |x| at 448."""
+    return quantize(x, "row")
+
+
+def quantize(x: torch.Tensor, scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (e4m3 [M, K], float32 scales) with x ~= q * scale: per row ([M, 1], each row's max |x| at
+    448) or per tensor (a 0-d scale, the whole matrix's max |x| at 448)."""
     xf = x.float()
-    scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=_TINY) / E4M3_MAX
+    amax = xf.abs().amax(dim=1, keepdim=True) if scaling == "row" else xf.abs().amax()
+    scale = amax.clamp(min=_TINY) / E4M3_MAX
     return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 class Float8Linear(nn.Module):
-    """Inference-only float8 version of an ``nn.Linear`` (see the module docstring). Output: bf16."""
+    """Inference-only float8 version of an ``nn.Linear`` (see the module docstring). Output: bf16.
 
-    def __init__(self, linear: nn.Linear):
+    ``scaling="tensor"``: one scale for the whole input and one for the whole weight instead of one per
+    row (cuBLASLt's own float8 path rather than CUTLASS's per-row kernel; coarser where rows differ in size).
+    """
+
+    def __init__(self, linear: nn.Linear, scaling: str = "row"):
         super().__init__()
+        if scaling not in SCALINGS:
+            raise ValueError(f"float8 scaling {scaling!r}: one of {', '.join(SCALINGS)}")
+        self.scaling = scaling
         self.in_features, self.out_features = linear.in_features, linear.out_features
         k, n = _ceil(self.in_features), _ceil(self.out_features)
         w = torch.zeros(n, k, dtype=torch.float32, device=linear.weight.device)
         # Scale from the bf16-rounded weight: what the bf16 path multiplies by.
         w[: self.out_features, : self.in_features] = linear.weight.detach().to(torch.bfloat16).float()
-        q, scale = quantize_rows(w)
+        q, scale = quantize(w, scaling)
         self.register_buffer("weight", q)                                # [N', K'] e4m3, row-major
-        self.register_buffer("weight_scale", scale.t().contiguous())     # [1, N'] float32
+        self.register_buffer("weight_scale", scale.t().contiguous())     # [1, N'] (or 0-d) float32
         # The bias rides in the product's epilogue (added to the float32 accumulator before the one bf16
         # rounding), so no separate pass reads and writes the output again; padded like the output.
         bias = None
@@ -62,17 +79,17 @@ class Float8Linear(nn.Module):
         x = x.reshape(-1, self.in_features)
         if x.shape[1] != self.weight.shape[1]:
             x = nn.functional.pad(x, (0, self.weight.shape[1] - x.shape[1]))
-        q, scale = quantize_rows(x)
+        q, scale = quantize(x, self.scaling)
         # The weight's transpose is column-major, as _scaled_mm's second operand must be.
         y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
                              out_dtype=torch.bfloat16, use_fast_accum=True)
         return y[:, : self.out_features].reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3 per-row"
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3 per-{self.scaling}"
 
 
-def to_float8(model: nn.Module, names: list[str]) -> nn.Module:
+def to_float8(model: nn.Module, names: list[str], scaling: str = "row") -> nn.Module:
     """Replace the ``nn.Linear`` modules called ``names`` (``model.per_token_linears()``) in place; the
     model is for inference from here on (no gradients through the float8 layers)."""
     for name in names:
@@ -81,7 +98,7 @@ def to_float8(model: nn.Module, names: list[str]) -> nn.Module:
         linear = getattr(parent, child)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
-        setattr(parent, child, Float8Linear(linear))
+        setattr(parent, child, Float8Linear(linear, scaling))
     return model
 
 
