@@ -561,7 +561,6 @@ def part_gemm(args, device, card):
         per["forward + backward"] = btd.time_steps(both, device, 3, iters) / iters
         rows.append((d, h, per["forward"] * 1e3, flop / per["forward"] / 1e12,
                      per["forward + backward"] * 1e3, 3 * flop / per["forward + backward"] / 1e12))
-        del x, w12, w3, g, ab
         btd.free(device)
     print(f"\n## One SwiGLU MLP's products (w12 + w3), M = {m} rows, {dtype}, {card}")
     print("| D | H computed | forward ms | forward TFLOP/s (useful) | fwd + bwd ms | fwd + bwd TFLOP/s (useful) |")
