@@ -411,3 +411,27 @@ def test_without_shift_the_modulation_only_scales():
     assert block.adaLN_modulation[-1].out_features == 4 * 32
     with pytest.raises(TypeError, match="unknown architecture switch"):
         DiT(in_channels=C, input_size=S, width=32, depth=1, num_heads=2, num_classes=K, use_flash=True)
+
+
+def test_swiglu_padded_to_its_alignment_computes_the_stored_widths_sums():
+    """A hidden width off ``SwiGLU.align`` (the head's 5,461) is multiplied zero-padded: the same output and
+    gradients as at the stored width, the parameters untouched."""
+    import copy
+
+    from stages.models.dit import SwiGLU
+
+    torch.manual_seed(0)
+    padded = SwiGLU(32, 85).double()  # 85: off 8
+    stored = copy.deepcopy(padded)
+    stored.align = 1
+    x = torch.randn(3, 7, 32, dtype=torch.double)
+    outs, grads = [], []
+    for m in (padded, stored):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    assert torch.allclose(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(*grads))
+    assert padded.w12.weight.shape == (170, 32) and padded.w3.weight.shape == (32, 85)
