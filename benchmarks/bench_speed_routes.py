@@ -92,6 +92,10 @@ def use_liger(model: torch.nn.Module) -> int:
     return n
 
 
+# Sampling kinds with models of their own (copies made once, compiled under the default settings).
+OWN_MODEL_KINDS = ("fp8-tensor", "bf16-unaligned")
+
+
 def unalign(model: torch.nn.Module) -> torch.nn.Module:
     """Every SwiGLU computed at its stored hidden width (the head's 5,461), as before ``SwiGLU.align``."""
     from stages.models.dit import SwiGLU
@@ -250,11 +254,12 @@ def part_sample(args, device, card):
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=True)
     scale = 1.42
     models = {"bf16": (xl, s)}
-    for kind in ["fp8"] + args.sample_kinds:  # variants with models of their own: copies
-        if kind == "fp8" or kind == "fp8-tensor":
-            models[kind] = tuple(fp8.to_float8(copy.deepcopy(m), m.per_token_linears(), "tensor" if "-" in kind
-                                               else "row") for m in (xl, s))
-        elif kind == "bf16-unaligned":
+    own = [k for k in args.sample_kinds if k in OWN_MODEL_KINDS]
+    for kind in ["fp8"] + own:
+        if kind.startswith("fp8"):
+            scaling = "tensor" if kind == "fp8-tensor" else "row"
+            models[kind] = tuple(fp8.to_float8(copy.deepcopy(m), m.per_token_linears(), scaling) for m in (xl, s))
+        else:  # bf16-unaligned
             models[kind] = tuple(unalign(copy.deepcopy(m)) for m in (xl, s))
     log(f"sample: float8 copies made ({len(xl.per_token_linears())} + {len(s.per_token_linears())} layers)")
     models.update({k: models[k.split("-", 1)[0]] for k in args.sample_kinds if k not in models})  # the tuned kinds
@@ -295,13 +300,11 @@ def part_sample(args, device, card):
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(b0, C, H, H, generator=gen).to(device)
     yb = torch.randint(0, classes, (b0,), generator=gen).to(device)
-    plan = (["reference"] if args.with_reference else []) + ["bf16", "fp8"]
+    plan = (["reference"] if args.with_reference else []) + ["bf16", "fp8"] + own  # own models: no reset
     plan = [(k, b0) for k in plan] + [("fp8", b) for b in ([] if smoke else args.sample_batches[1:])]
     # The Inductor-tuned kinds last: each starts from a reset compiler cache, so it compiles under its own
     # settings (the kinds before it are not called again).
-    plan += [(k, b0) for k in args.sample_kinds if k not in ("bf16", "fp8") and k.split("-", 1)[1] in INDUCTOR_ROUTES]
-    plan[2 + args.with_reference:2 + args.with_reference] = [  # the variants with models of their own: no reset
-        (k, b0) for k in args.sample_kinds if k in ("fp8-tensor", "bf16-unaligned")]
+    plan += [(k, b0) for k in args.sample_kinds if k not in ("bf16", "fp8") and k not in OWN_MODEL_KINDS]
     rows, first, profiles = [], {}, {}
     for kind, b in plan:
         log(f"sample: {kind}, batch {b} (its first batch compiles)")
@@ -534,7 +537,6 @@ def part_gemm(args, device, card):
     m = 64 if args.smoke else args.batches[0] * 256
     shapes = [(32, 40), (32, 48)] if args.smoke else [(2048, 5461), (2048, 5464), (2048, 5472), (2048, 5504),
                                                       (1152, 3072)]
-    useful = {d: h for d, h in shapes if h % 8}  # the stored width each padded row stands for
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for d, h in shapes:
@@ -553,8 +555,8 @@ def part_gemm(args, device, card):
             torch.nn.functional.linear(x, w12).backward(ab)
             x.grad = w12.grad = w3.grad = None
         iters = 2 if args.smoke else 20
-        h_useful = min(h, useful.get(d, h))
-        flop = 2 * m * d * 3 * h_useful  # w12 (2H outputs) + w3 (H inputs)
+        stored = min(hh for dd, hh in shapes if dd == d)  # the width a padded row stands for
+        flop = 2 * m * d * 3 * stored  # w12 (2H outputs) + w3 (H inputs)
         per = {}
         with torch.no_grad():
             per["forward"] = btd.time_steps(forward, device, 3, iters) / iters
@@ -623,7 +625,7 @@ def main():
     args.sample_batches = [int(b) for b in args.sample_batches.split(",")]
     args.sample_kinds = args.sample_kinds.split(",")
     unknown = (set(args.sample_kinds) - {f"{k}-{t}" for k in ("bf16", "fp8") for t in INDUCTOR_ROUTES}
-               - {"bf16", "fp8", "fp8-tensor", "bf16-unaligned"})
+               - {"bf16", "fp8", *OWN_MODEL_KINDS})
     if unknown:
         raise SystemExit(f"--sample-kinds: unknown {', '.join(sorted(unknown))}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
