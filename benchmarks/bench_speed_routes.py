@@ -16,6 +16,7 @@ sample  AutoGuidance sampling (DiT^DH-XL guided by DiT^DH-S, 50 steps, compiled)
         models' per-token Linears) at the first of --sample-batches, fp8 also at the others; the
         reference loop with --with-reference.
 attention  SDPA forward + backward at DiT^DH-XL's shape per backend (cuDNN, flash, efficient).
+casts   float8 sampling's casts (stages.models.fp8_triton's one-pass kernels against Inductor's).
 
 Each prints a table last, naming the card.
 """
@@ -93,7 +94,7 @@ def use_liger(model: torch.nn.Module) -> int:
 
 
 # Sampling kinds with models of their own (copies made once, compiled under the default settings).
-OWN_MODEL_KINDS = ("fp8-tensor", "bf16-unaligned")
+OWN_MODEL_KINDS = ("fp8-tensor", "fp8-unfused", "bf16-unaligned")
 
 
 def unalign(model: torch.nn.Module) -> torch.nn.Module:
@@ -259,6 +260,9 @@ def part_sample(args, device, card):
         if kind.startswith("fp8"):
             scaling = "tensor" if kind == "fp8-tensor" else "row"
             models[kind] = tuple(fp8.to_float8(copy.deepcopy(m), m.per_token_linears(), scaling) for m in (xl, s))
+            if kind == "fp8":  # as rae sample: the casts fused on CUDA; fp8-unfused: Inductor's casts
+                for m in models[kind]:
+                    fp8.fuse_casts(m)
         else:  # bf16-unaligned
             models[kind] = tuple(unalign(copy.deepcopy(m)) for m in (xl, s))
     log(f"sample: float8 copies made ({len(xl.per_token_linears())} + {len(s.per_token_linears())} layers)")
@@ -336,6 +340,12 @@ def part_sample(args, device, card):
             diff = abs(img_k.astype(int) - img16.astype(int))
             drifts[kind] = (((x_k.float() - x16.float()).norm() / x16.float().norm()).item(), int(diff.max()),
                             float(diff.mean()))
+    if "fp8" in first and "fp8-unfused" in first:  # the fused casts against Inductor's, same noise
+        x_u, img_u = first["fp8-unfused"]
+        x_f, img_f = first["fp8"]
+        diff = abs(img_f.astype(int) - img_u.astype(int))
+        drifts["fp8 vs fp8-unfused"] = (((x_f.float() - x_u.float()).norm() / x_u.float().norm()).item(),
+                                        int(diff.max()), float(diff.mean()))
     base = next((ips for k, b, ips, _ in rows if k == "bf16" and ips), None)
     print(f"\n## AutoGuidance sampling (DiT^DH-XL + DiT^DH-S, 50 points) + ViT-XL decode + uint8, {card}, "
           f"models compiled, {n} images per row after a compiling batch")
@@ -348,7 +358,8 @@ def part_sample(args, device, card):
         else:
             print(f"| {kind} | {bb} | - | - | - | {note} |")
     for kind, (drift, pix, mean_pix) in drifts.items():
-        print(f"| {kind} vs bf16, same noise and labels (random weights): sample relative L2 | | {drift:.2e} | | | "
+        vs = "" if " vs " in kind else " vs bf16"
+        print(f"| {kind}{vs}, same noise and labels (random weights): sample relative L2 | | {drift:.2e} | | | "
               f"uint8 max {pix}, mean {mean_pix:.2f} |")
     if profiles:
         unit = "GPU kernel ms" if device.type == "cuda" else "CPU operator ms (smoke)"
@@ -572,6 +583,71 @@ def part_gemm(args, device, card):
     print(f"card: {card}")
 
 
+# ---- float8 sampling's casts (issue 29, route 3) ---------------------------------------------------
+def part_casts(args, device, card):
+    """Float8 sampling's casts at DiT^DH-XL's shapes (M = batch x 256 rows): ``stages.models.fp8_triton``'s
+    one-pass kernels against the same maths compiled by Inductor (what ``--precision fp8`` ran before), in GPU
+    ms per call and GB/s of the bytes each must move (its inputs read once, the float8 rows written), and the
+    share of float8 bytes equal to eager ``fp8.quantize``'s. Off CUDA (``--smoke``) it needs
+    ``TRITON_INTERPRET=1``."""
+    from stages.models import fp8, fp8_triton
+    from stages.models.dit import RMSNorm, modulate
+
+    F = torch.nn.functional
+    b, t = (2, 4) if args.smoke else (args.batches[0], 256)
+    compile_ = (lambda f: f) if args.smoke else torch.compile
+    bf16 = torch.bfloat16
+    rows = []
+
+    def norm_case(name, d, x_dtype, per_token):
+        norm = RMSNorm(d).to(device)
+        with torch.no_grad():
+            norm.weight.normal_(1.0, 0.1)
+        x = torch.randn(b, t, d, device=device).to(x_dtype)
+        shift, scale = torch.randn(b, t if per_token else 1, 6 * d, device=device, dtype=bf16)[..., :2 * d].chunk(2, -1)
+        width = -(-d // 16) * 16
+        fused = lambda: fp8_triton.norm_modulate_float8(x, norm.weight, shift, scale, norm.eps, width)  # noqa: E731
+        maths = lambda: fp8.quantize(F.pad(modulate(norm(x), shift, scale).reshape(-1, d), (0, width - d)), "row")  # noqa: E731
+        moved = x.numel() * x.element_size() + 2 * shift.numel() * 2 + b * t * (width + 4)
+        return name, fused, compile_(maths), maths, moved
+
+    def gate_case(name, h):
+        wide = torch.randn(b * t, -(-2 * h // 16) * 16, device=device, dtype=bf16) * 2
+        h12 = wide[:, :2 * h]  # as the float8 w12 hands it on: its padded output's first 2H columns
+        width = -(-h // 16) * 16
+        fused = lambda: fp8_triton.swiglu_float8(h12, width)  # noqa: E731
+
+        def maths():
+            a, g = h12.chunk(2, -1)
+            return fp8.quantize(F.pad(F.silu(a) * g, (0, width - h)), "row")
+        return name, fused, compile_(maths), maths, h12.numel() * 2 + b * t * (width + 4)
+
+    d, dh, h, hh = (32, 48, 40, 85) if args.smoke else (1152, 2048, 3072, 5461)
+    cases = [norm_case(f"trunk RMSNorm + modulate + cast, D {d}, x float32", d, torch.float32, False),
+             norm_case(f"head RMSNorm + modulate (per token) + cast, D {dh}, x bf16", dh, bf16, True),
+             gate_case(f"trunk SiLU gate + cast, H {h}", h), gate_case(f"head SiLU gate + cast, H {hh} -> pad 16", hh)]
+    iters = 2 if args.smoke else 50
+    for name, fused, inductor, eager, moved in cases:
+        with torch.no_grad():
+            q_ref, s_ref = eager()
+            got = fused()
+            q_ind, _ = inductor()
+            same = (got.q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item()
+            same_ind = (q_ind.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item()
+            scale_err = ((got.scale - s_ref).abs() / s_ref).max().item()
+            ms = {k: btd.time_steps(f, device, 3, iters) / iters * 1e3 for k, f in (("fused", fused), ("inductor", inductor))}
+        rows.append((name, ms["inductor"], ms["fused"], moved, same, same_ind, scale_err))
+        log(f"casts: {name} done")
+    print(f"\n## Float8 sampling's casts, M = {b * t} rows, {card} (GPU ms per call; GB/s of the bytes each must move)")
+    print("| cast | Inductor ms | GB/s | one-pass kernel ms | GB/s | speed-up | bytes as eager quantize: kernel / Inductor | "
+          "scale rel. diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, ind, fus, moved, same, same_ind, scale_err in rows:
+        print(f"| {name} | {ind:.3f} | {moved / ind / 1e6:.0f} | {fus:.3f} | {moved / fus / 1e6:.0f} | {ind / fus:.2f}x | "
+              f"{same:.4%} / {same_ind:.4%} | {scale_err:.1e} |")
+    print(f"card: {card}")
+
+
 # ---- attention -------------------------------------------------------------------------------
 def part_attention(args, device, card):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -600,7 +676,8 @@ def part_attention(args, device, card):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["train", "sample", "attention", "optimizer", "kernels", "gemm"], required=True)
+    ap.add_argument("--part", choices=["train", "sample", "attention", "optimizer", "kernels", "gemm", "casts"],
+                    required=True)
     ap.add_argument("--reference", type=Path)
     ap.add_argument("--routes", default="bf16,fp8-tensorwise,fp8-rowwise,cudagraphs",
                     help="training routes: bf16, fp8-tensorwise, fp8-rowwise, fp8-rowwise_with_gw_hp, cudagraphs, "
@@ -612,7 +689,8 @@ def main():
                     help="train: steps of each route profiled after its timing, for a table by kernel category (0: none)")
     ap.add_argument("--sample-batches", default="128,256")
     ap.add_argument("--sample-kinds", default="bf16,fp8",
-                    help="sampling: bf16 and fp8 always; also fp8-tensor (per-tensor scales), bf16-unaligned (the "
+                    help="sampling: bf16 and fp8 always; also fp8-tensor (per-tensor scales), fp8-unfused (the casts as "
+                    "Inductor's kernels, not fp8_triton's), bf16-unaligned (the "
                     "SwiGLUs at their stored width), bf16-TUNING or fp8-TUNING, TUNING one of " + ", ".join(INDUCTOR_ROUTES))
     ap.add_argument("--with-reference", action="store_true", help="sampling: also time the reference loop")
     ap.add_argument("--n", type=int, default=512, help="images timed per sampling row")
@@ -635,7 +713,7 @@ def main():
                        and r not in ("cudagraphs", "liger", "adaln-triton")] or ["bf16"]
         args.batches, args.warmup, args.iters = [2], 1, 2
     {"train": part_train, "sample": part_sample, "attention": part_attention, "optimizer": part_optimizer,
-     "kernels": part_kernels, "gemm": part_gemm}[args.part](args, device, card)
+     "kernels": part_kernels, "gemm": part_gemm, "casts": part_casts}[args.part](args, device, card)
 
 
 if __name__ == "__main__":

@@ -42,18 +42,27 @@ def _acc(dtype: torch.dtype):
 
 
 @triton.jit
+def norm_modulate_row(X_ROW, W, SHIFT_ROW, SCALE_ROW, D, eps, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One row of ``modulate(RMSNorm(x), shift, scale)`` from pointers to its x, shift and scale: the row in ACC
+    (0 past D) and its 1 / rms. Also ``stages.models.fp8_triton``'s, before its cast to float8."""
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(X_ROW + cols, mask=mask, other=0.0).to(ACC)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    normed = (x * rstd).to(X_ROW.dtype.element_ty).to(ACC) * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+    scale = tl.load(SCALE_ROW + cols, mask=mask, other=0.0)
+    one_plus = (scale.to(ACC) + 1.0).to(SCALE_ROW.dtype.element_ty).to(ACC)
+    shift = tl.load(SHIFT_ROW + cols, mask=mask, other=0.0).to(ACC)
+    return normed * one_plus + shift, rstd
+
+
+@triton.jit
 def _forward_kernel(X, W, SHIFT, SCALE, Y, RSTD, T, D, eps, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
     b = row // T
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(ACC)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    normed = (x * rstd).to(X.dtype.element_ty).to(ACC) * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-    scale = tl.load(SCALE + b * D + cols, mask=mask, other=0.0)
-    one_plus = (scale.to(ACC) + 1.0).to(SCALE.dtype.element_ty).to(ACC)
-    shift = tl.load(SHIFT + b * D + cols, mask=mask, other=0.0).to(ACC)
-    tl.store(Y + row * D + cols, (normed * one_plus + shift).to(Y.dtype.element_ty), mask=mask)
+    y, rstd = norm_modulate_row(X + row * D, W, SHIFT + b * D, SCALE + b * D, D, eps, ACC, BLOCK_D)
+    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=cols < D)
     tl.store(RSTD + row, rstd)
 
 

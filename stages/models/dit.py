@@ -133,13 +133,17 @@ class SwiGLU(nn.Module):
         hidden = self.w3.in_features
         pad = -hidden % self.align if type(self.w12) is nn.Linear and type(self.w3) is nn.Linear else 0
         if not pad:
-            a, b = self.w12(x).chunk(2, dim=-1)
-            return self.w3(F.silu(a) * b)
+            return self.w3(self.gate(self.w12(x)))
         w12 = F.pad(self.w12.weight.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
         b12 = self.w12.bias
         b12 = None if b12 is None else F.pad(b12.unflatten(0, (2, hidden)), (0, pad)).flatten()
-        a, b = F.linear(x, w12, b12).chunk(2, dim=-1)
-        return F.linear(F.silu(a) * b, F.pad(self.w3.weight, (0, pad)), self.w3.bias)
+        return F.linear(self.gate(F.linear(x, w12, b12)), F.pad(self.w3.weight, (0, pad)), self.w3.bias)
+
+    def gate(self, h12: torch.Tensor) -> torch.Tensor:
+        """``silu(a) * b`` for [a, b] = h12, one method so that a fused kernel can stand in for it (float8
+        sampling: ``stages.models.fp8_triton.enable``)."""
+        a, b = h12.chunk(2, dim=-1)
+        return F.silu(a) * b
 
 
 class GeluMlp(nn.Module):
@@ -274,7 +278,7 @@ class DiTBlock(nn.Module):
     def norm_modulate(self, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor | None,
                       scale: torch.Tensor) -> torch.Tensor:
         """``modulate(norm(x), shift, scale)``, one method so that a fused kernel can stand in for it
-        (``stages.models.adaln_triton.enable``)."""
+        (``stages.models.adaln_triton.enable``; for float8 sampling ``stages.models.fp8_triton.enable``)."""
         return modulate(norm(x), shift, scale)
 
 

@@ -13,8 +13,14 @@ precision, measured in BENCHMARKS.md. ``torch._scaled_mm`` needs float8 matrix u
 capability 8.9 or later: Ada, Hopper); on the CPU it runs too (slowly: it is how the tests check it).
 Dimensions that are not multiples of 16 (DiT^DH's 5,461-wide head MLP) are zero-padded, which leaves
 the product unchanged.
+
+On CUDA, ``fuse_casts`` makes the casts before the blocks' products one-pass Triton kernels
+(``stages.models.fp8_triton``): RMSNorm + modulation + cast before ``qkv`` and ``w12``, SiLU-gate + cast
+before ``w3``. They hand the layer a ``Float8Input``, an activation already in float8 with its row scales.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +36,14 @@ def _ceil(n: int) -> int:
 
 
 SCALINGS = ("row", "tensor")
+
+
+class Float8Input(NamedTuple):
+    """An activation of shape ``shape`` ([..., K]) already cast to float8: ``q`` [M, K'] e4m3 (K' = K padded to
+    16, the padding 0) and ``scale`` [M, 1] float32 per row, what a fused kernel hands a per-row ``Float8Linear``."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, ...]
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,13 +65,14 @@ class Float8Linear(nn.Module):
 
     ``scaling="tensor"``: one scale for the whole input and one for the whole weight instead of one per
     row (cuBLASLt's own float8 path rather than CUTLASS's per-row kernel; coarser where rows differ in size).
+    ``out_dtype``: the output's (and the bias's) dtype, bf16 as the bf16 path's Linears give under autocast.
     """
 
-    def __init__(self, linear: nn.Linear, scaling: str = "row"):
+    def __init__(self, linear: nn.Linear, scaling: str = "row", out_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         if scaling not in SCALINGS:
             raise ValueError(f"float8 scaling {scaling!r}: one of {', '.join(SCALINGS)}")
-        self.scaling = scaling
+        self.scaling, self.out_dtype = scaling, out_dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
         k, n = _ceil(self.in_features), _ceil(self.out_features)
         w = torch.zeros(n, k, dtype=torch.float32, device=linear.weight.device)
@@ -70,26 +85,32 @@ class Float8Linear(nn.Module):
         # rounding), so no separate pass reads and writes the output again; padded like the output.
         bias = None
         if linear.bias is not None:
-            bias = torch.zeros(n, dtype=torch.bfloat16, device=linear.bias.device)
-            bias[: self.out_features] = linear.bias.detach().to(torch.bfloat16)
+            bias = torch.zeros(n, dtype=out_dtype, device=linear.bias.device)
+            bias[: self.out_features] = linear.bias.detach().to(torch.bfloat16).to(out_dtype)
         self.register_buffer("bias", bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Float8Input) -> torch.Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
-        if x.shape[1] != self.weight.shape[1]:
-            x = nn.functional.pad(x, (0, self.weight.shape[1] - x.shape[1]))
-        q, scale = quantize(x, self.scaling)
+        if isinstance(x, Float8Input):
+            if self.scaling != "row" or x.q.shape[1] != self.weight.shape[1]:
+                raise ValueError(f"a float8 input [M, {x.q.shape[1]}] with row scales for a layer of {self.extra_repr()}")
+            q, scale = x.q, x.scale
+        else:
+            x = x.reshape(-1, self.in_features)
+            if x.shape[1] != self.weight.shape[1]:
+                x = nn.functional.pad(x, (0, self.weight.shape[1] - x.shape[1]))
+            q, scale = quantize(x, self.scaling)
         # The weight's transpose is column-major, as _scaled_mm's second operand must be.
         y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
-                             out_dtype=torch.bfloat16, use_fast_accum=True)
+                             out_dtype=self.out_dtype, use_fast_accum=True)
         return y[:, : self.out_features].reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3 per-{self.scaling}"
 
 
-def to_float8(model: nn.Module, names: list[str], scaling: str = "row") -> nn.Module:
+def to_float8(model: nn.Module, names: list[str], scaling: str = "row",
+              out_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Replace the ``nn.Linear`` modules called ``names`` (``model.per_token_linears()``) in place; the
     model is for inference from here on (no gradients through the float8 layers)."""
     for name in names:
@@ -98,8 +119,19 @@ def to_float8(model: nn.Module, names: list[str], scaling: str = "row") -> nn.Mo
         linear = getattr(parent, child)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
-        setattr(parent, child, Float8Linear(linear, scaling))
+        setattr(parent, child, Float8Linear(linear, scaling, out_dtype))
     return model
+
+
+def fuse_casts(model: nn.Module) -> int:
+    """For a model on CUDA (where Triton runs) after ``to_float8``: the blocks' casts into float8 as one-pass
+    kernels (``stages.models.fp8_triton.enable``); returns how many blocks, 0 on another device."""
+    tensor = next(model.buffers(), None)
+    if tensor is None or tensor.device.type != "cuda":
+        return 0
+    from . import fp8_triton
+
+    return fp8_triton.enable(model)
 
 
 def float8_supported(device: torch.device) -> str | None:

@@ -1,0 +1,194 @@
+"""Float8 sampling's casts as one-pass Triton kernels (issue 29, route 3): ``rae sample --precision fp8`` on CUDA.
+
+A per-row ``Float8Linear`` casts its input to e4m3 with one scale per row: the row's max |x| first, then the
+cast. Compiled, Inductor fuses that with the elementwise work before it, but as a looped reduction that reads
+the input rows twice, once for the maximum and once for the cast (three times after an RMSNorm, whose own
+reduction comes first). Here one program per row holds the whole row in registers (DiT^DH-XL's rows are
+1,152 to 5,472 wide) and reads it once:
+
+- ``norm_modulate_float8``: ``modulate(RMSNorm(x), shift, scale)``, then the row's scale and the cast, the
+  input of ``attn.qkv`` and of the MLP's first Linear. The norm and modulation are
+  ``adaln_triton.norm_modulate_row``, the same maths as ``DiTBlock.norm_modulate``; the condition is per sample
+  [B, 1, D] (the trunk) or per token [B, T, D] (the head).
+- ``swiglu_float8``: ``silu(a) * b`` of the first Linear's output [a, b], each rounded to the activations'
+  dtype as PyTorch does, then the scale and the cast, the input of ``w3``; the padded columns (the head's 5,461
+  to 5,472) are written as zeros, so no separate pad.
+
+The cast is ``fp8.quantize``'s: scale = max(row max |x|, 1e-12) / 448 and e4m3(clamp(x / scale)), except
+that x / scale is x * (1 / scale), one division per row instead of one per element (the kernels must not
+become bound by arithmetic); the two differ in the last float32 bit at most, which moves an e4m3 rounding
+only for a value within that bit of a rounding boundary. Each returns an
+``fp8.Float8Input`` that the next ``Float8Linear`` multiplies as it is. Registered as ``torch.library``
+custom ops, so ``torch.compile`` keeps them as opaque kernels in its graph. With ``TRITON_INTERPRET=1`` they
+run on the CPU (how the tests check them).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op
+
+from . import fp8
+from .adaln_triton import norm_modulate_row
+
+_E4M3_MAX = tl.constexpr(fp8.E4M3_MAX)
+_TINY = tl.constexpr(fp8._TINY)
+
+
+def _warps(block: int) -> int:
+    return 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+@triton.jit
+def _store_float8_row(Q_ROW, S_ROW, v, WIDTH, BLOCK: tl.constexpr):
+    """Cast the float32 row v (0 past the input's width) to e4m3 with its own scale, as ``fp8.quantize``."""
+    cols = tl.arange(0, BLOCK)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), _TINY), _E4M3_MAX)
+    q = tl.clamp(v * tl.math.div_rn(1.0, scale), -_E4M3_MAX, _E4M3_MAX)
+    tl.store(Q_ROW + cols, q.to(Q_ROW.dtype.element_ty), mask=cols < WIDTH)
+    tl.store(S_ROW, scale)
+
+
+@triton.jit
+def _norm_modulate_float8_kernel(X, W, SHIFT, SCALE, Q, S, T, D, WIDTH, shift_b, shift_t, scale_b, scale_t, eps,
+                                 BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b, t = row // T, row % T
+    v, _ = norm_modulate_row(X + row * D, W, SHIFT + b * shift_b + t * shift_t, SCALE + b * scale_b + t * scale_t,
+                             D, eps, tl.float32, BLOCK)
+    _store_float8_row(Q + row * WIDTH, S + row, v, WIDTH, BLOCK)
+
+
+@triton.jit
+def _swiglu_float8_kernel(H12, Q, S, row_stride, HIDDEN, WIDTH, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    a = tl.load(H12 + row * row_stride + cols, mask=mask, other=0.0)
+    b = tl.load(H12 + row * row_stride + HIDDEN + cols, mask=mask, other=0.0)
+    a32 = a.to(tl.float32)
+    silu = (a32 / (1.0 + tl.exp(-a32))).to(a.dtype)
+    v = (silu.to(tl.float32) * b.to(tl.float32)).to(a.dtype).to(tl.float32)
+    _store_float8_row(Q + row * WIDTH, S + row, v, WIDTH, BLOCK)
+
+
+def _cond_strides(c: torch.Tensor) -> tuple[int, int]:
+    """Element strides of a condition [B, 1 or T, D] between samples and between tokens (0: one per sample)."""
+    return c.stride(0), (c.stride(1) if c.shape[1] > 1 else 0)
+
+
+# The kernels write into q [rows, width] of e4m3, or (the tests, on Triton's CPU interpreter, whose own float8
+# conversion is wrong where rounding carries into the next power of two) of float32: the scaled, clamped row
+# before its rounding to e4m3.
+def _norm_modulate_rows(x, weight, shift, scale, eps, q, s):
+    B, T, D = x.shape
+    x = x.contiguous()
+    shift, scale = (c if c.stride(-1) == 1 else c.contiguous() for c in (shift, scale))
+    block = triton.next_power_of_2(q.shape[1])
+    _norm_modulate_float8_kernel[(B * T,)](x, weight, shift, scale, q, s, T, D, q.shape[1], *_cond_strides(shift),
+                                           *_cond_strides(scale), eps, BLOCK=block, num_warps=_warps(block))
+
+
+def _swiglu_rows(rows, q, s):
+    block = triton.next_power_of_2(q.shape[1])
+    _swiglu_float8_kernel[(rows.shape[0],)](rows, q, s, rows.stride(0), rows.shape[1] // 2, q.shape[1],
+                                            BLOCK=block, num_warps=_warps(block))
+
+
+def _outputs(rows: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((rows, width), dtype=fp8.E4M3, device=device),
+            torch.empty((rows, 1), dtype=torch.float32, device=device))
+
+
+@custom_op("rae::norm_modulate_float8", mutates_args=())
+def _norm_modulate_float8(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                          width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = _outputs(x.shape[0] * x.shape[1], width, x.device)
+    _norm_modulate_rows(x, weight, shift, scale, eps, q, s)
+    return q, s
+
+
+@_norm_modulate_float8.register_fake
+def _norm_modulate_float8_shapes(x, weight, shift, scale, eps, width):
+    return _outputs(x.shape[0] * x.shape[1], width, x.device)
+
+
+@custom_op("rae::swiglu_float8", mutates_args=())
+def _swiglu_float8(h12: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = h12.reshape(-1, h12.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    q, s = _outputs(rows.shape[0], width, h12.device)
+    _swiglu_rows(rows, q, s)
+    return q, s
+
+
+@_swiglu_float8.register_fake
+def _swiglu_float8_shapes(h12, width):
+    return _outputs(h12.numel() // h12.shape[-1], width, h12.device)
+
+
+def norm_modulate_float8(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                         width: int) -> fp8.Float8Input:
+    """``fp8.quantize(modulate(RMSNorm(x), shift, scale), "row")`` for x [B, T, D], a condition [B, 1, D] or
+    [B, T, D], zero-padded to ``width`` >= D columns."""
+    B, T, D = x.shape
+    for name, c in (("shift", shift), ("scale", scale)):
+        if c.dim() != 3 or c.shape[0] != B or c.shape[1] not in (1, T) or c.shape[2] != D:
+            raise ValueError(f"norm_modulate_float8: {name} must be [B, 1, D] or [B, T, D] for x {list(x.shape)}, "
+                             f"not {list(c.shape)}")
+    if width < D:
+        raise ValueError(f"norm_modulate_float8: width {width} < the rows' {D}")
+    q, s = _norm_modulate_float8(x, weight, shift, scale, float(eps), width)
+    return fp8.Float8Input(q, s, tuple(x.shape))
+
+
+def swiglu_float8(h12: torch.Tensor, width: int) -> fp8.Float8Input:
+    """``fp8.quantize(silu(a) * b, "row")`` for [a, b] = h12 (chunks of the last dimension), zero-padded to
+    ``width`` >= the hidden width."""
+    hidden = h12.shape[-1] // 2
+    if h12.shape[-1] % 2 or width < hidden:
+        raise ValueError(f"swiglu_float8: {h12.shape[-1]} columns are not [a, b] of a hidden width <= {width}")
+    q, s = _swiglu_float8(h12, width)
+    return fp8.Float8Input(q, s, (*h12.shape[:-1], hidden))
+
+
+def _row_float8(layer) -> bool:
+    return isinstance(layer, fp8.Float8Linear) and layer.scaling == "row"
+
+
+def _norm_modulate_method(block, norm, x, shift, scale):
+    """``DiTBlock.norm_modulate`` cast for the block's float8 ``qkv`` and MLP input where this kernel covers it
+    (an RMSNorm with a shift, x of a float dtype below float64); else the block's own maths."""
+    from .dit import RMSNorm, modulate
+
+    if shift is None or not isinstance(norm, RMSNorm) or x.dtype == torch.float64:
+        return modulate(norm(x), shift, scale)
+    return norm_modulate_float8(x, norm.weight, shift, scale, norm.eps, block.attn.qkv.weight.shape[1])
+
+
+def _gate_method(mlp, h12):
+    return swiglu_float8(h12, mlp.w3.weight.shape[1])
+
+
+def enable(model: torch.nn.Module) -> int:
+    """Switch the ``DiTBlock``s of a model after ``fp8.to_float8`` (per-row scales) to these kernels: the norm +
+    modulation where ``attn.qkv`` and the MLP's first Linear are float8, the SwiGLU gate where ``w3`` is.
+    Returns how many blocks changed."""
+    from .dit import DiTBlock, SwiGLU
+
+    changed = 0
+    for block in (m for m in model.modules() if isinstance(m, DiTBlock)):
+        first = block.mlp.w12 if isinstance(block.mlp, SwiGLU) else block.mlp.fc1
+        fused_norm = _row_float8(block.attn.qkv) and _row_float8(first) and (
+            block.attn.qkv.weight.shape[1] == first.weight.shape[1])
+        fused_gate = isinstance(block.mlp, SwiGLU) and _row_float8(block.mlp.w3)
+        if fused_norm:
+            block.norm_modulate = types.MethodType(_norm_modulate_method, block)
+        if fused_gate:
+            block.mlp.gate = types.MethodType(_gate_method, block.mlp)
+        changed += fused_norm or fused_gate
+    return changed
