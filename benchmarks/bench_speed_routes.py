@@ -318,7 +318,7 @@ def part_sample(args, device, card):
             else:
                 tuning = kind.split("-", 1)[1] if "-" in kind else None
                 if kind not in first:
-                    if tuning in INDUCTOR_ROUTES:
+                    if tuning in INDUCTOR_ROUTES or kind in OWN_MODEL_KINDS:  # a compile of its own
                         torch._dynamo.reset()
                     with torch.inference_mode(), torch._inductor.config.patch(INDUCTOR_ROUTES.get(tuning, {})):
                         first[kind] = ours(kind)(b, z, yb)
@@ -585,11 +585,11 @@ def part_gemm(args, device, card):
 
 # ---- float8 sampling's casts (issue 29, route 3) ---------------------------------------------------
 def part_casts(args, device, card):
-    """Float8 sampling's casts at DiT^DH-XL's shapes (M = batch x 256 rows): ``stages.models.fp8_triton``'s
+    """Float8 sampling's casts at DiT^DH-XL's and -S's shapes (M = batch x 256 rows): ``stages.models.fp8_triton``'s
     one-pass kernels against the same maths compiled by Inductor (what ``--precision fp8`` ran before), in GPU
     ms per call and GB/s of the bytes each must move (its inputs read once, the float8 rows written), and the
-    share of float8 bytes equal to eager ``fp8.quantize``'s. Off CUDA (``--smoke``) it needs
-    ``TRITON_INTERPRET=1``."""
+    share of float8 bytes equal to eager ``fp8.quantize``'s; then each kernel's launch configurations (rows
+    per program, warps) swept. Off CUDA (``--smoke``) it needs ``TRITON_INTERPRET=1``."""
     from stages.models import fp8, fp8_triton
     from stages.models.dit import RMSNorm, modulate
 
@@ -597,7 +597,7 @@ def part_casts(args, device, card):
     b, t = (2, 4) if args.smoke else (args.batches[0], 256)
     compile_ = (lambda f: f) if args.smoke else torch.compile
     bf16 = torch.bfloat16
-    rows = []
+    ceil16 = lambda n: -(-n // 16) * 16  # noqa: E731
 
     def norm_case(name, d, x_dtype, per_token):
         norm = RMSNorm(d).to(device)
@@ -605,29 +605,36 @@ def part_casts(args, device, card):
             norm.weight.normal_(1.0, 0.1)
         x = torch.randn(b, t, d, device=device).to(x_dtype)
         shift, scale = torch.randn(b, t if per_token else 1, 6 * d, device=device, dtype=bf16)[..., :2 * d].chunk(2, -1)
-        width = -(-d // 16) * 16
+        width = ceil16(d)
         fused = lambda: fp8_triton.norm_modulate_float8(x, norm.weight, shift, scale, norm.eps, width)  # noqa: E731
         maths = lambda: fp8.quantize(F.pad(modulate(norm(x), shift, scale).reshape(-1, d), (0, width - d)), "row")  # noqa: E731
+        q, s, _ = fused()
+        launch = lambda config: fp8_triton._norm_modulate_rows(x, norm.weight, shift, scale, norm.eps, q, s, config)  # noqa: E731
         moved = x.numel() * x.element_size() + 2 * shift.numel() * 2 + b * t * (width + 4)
-        return name, fused, compile_(maths), maths, moved
+        return name, width, fused, compile_(maths), maths, launch, moved
 
     def gate_case(name, h):
-        wide = torch.randn(b * t, -(-2 * h // 16) * 16, device=device, dtype=bf16) * 2
+        wide = torch.randn(b * t, ceil16(2 * h), device=device, dtype=bf16) * 2
         h12 = wide[:, :2 * h]  # as the float8 w12 hands it on: its padded output's first 2H columns
-        width = -(-h // 16) * 16
+        width = ceil16(h)
         fused = lambda: fp8_triton.swiglu_float8(h12, width)  # noqa: E731
 
         def maths():
             a, g = h12.chunk(2, -1)
             return fp8.quantize(F.pad(F.silu(a) * g, (0, width - h)), "row")
-        return name, fused, compile_(maths), maths, h12.numel() * 2 + b * t * (width + 4)
+        q, s, _ = fused()
+        launch = lambda config: fp8_triton._swiglu_rows(h12, q, s, config)  # noqa: E731
+        return name, width, fused, compile_(maths), maths, launch, h12.numel() * 2 + b * t * (width + 4)
 
-    d, dh, h, hh = (32, 48, 40, 85) if args.smoke else (1152, 2048, 3072, 5461)
-    cases = [norm_case(f"trunk RMSNorm + modulate + cast, D {d}, x float32", d, torch.float32, False),
-             norm_case(f"head RMSNorm + modulate (per token) + cast, D {dh}, x bf16", dh, bf16, True),
-             gate_case(f"trunk SiLU gate + cast, H {h}", h), gate_case(f"head SiLU gate + cast, H {hh} -> pad 16", hh)]
+    xl, sm, head, h_xl, h_s, h_head = (32, 16, 48, 40, 24, 85) if args.smoke else (1152, 384, 2048, 3072, 1024, 5461)
+    cases = [norm_case(f"XL trunk RMSNorm + modulate + cast, D {xl}, x float32", xl, torch.float32, False),
+             norm_case(f"S trunk RMSNorm + modulate + cast, D {sm}, x float32", sm, torch.float32, False),
+             norm_case(f"head RMSNorm + modulate (per token) + cast, D {head}, x bf16", head, bf16, True),
+             gate_case(f"XL trunk SiLU gate + cast, H {h_xl}", h_xl), gate_case(f"S trunk SiLU gate + cast, H {h_s}", h_s),
+             gate_case(f"head SiLU gate + cast, H {h_head} -> pad 16", h_head)]
     iters = 2 if args.smoke else 50
-    for name, fused, inductor, eager, moved in cases:
+    rows, sweep = [], []
+    for name, width, fused, inductor, eager, launch, moved in cases:
         with torch.no_grad():
             q_ref, s_ref = eager()
             got = fused()
@@ -636,8 +643,20 @@ def part_casts(args, device, card):
             same_ind = (q_ind.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item()
             scale_err = ((got.scale - s_ref).abs() / s_ref).max().item()
             ms = {k: btd.time_steps(f, device, 3, iters) / iters * 1e3 for k, f in (("fused", fused), ("inductor", inductor))}
+            block = fp8_triton._config(width)["BLOCK"]
+            for rows_per in (1, 2, 4, 8, 16, 32):
+                for warps in (4, 8, 16):
+                    if rows_per * block > 32768 or (rows_per * block) // (32 * warps) < 4 or (args.smoke and warps > 4):
+                        continue
+                    config = dict(BLOCK=block, ROWS=rows_per, num_warps=warps)
+                    sweep.append((name, rows_per, warps, btd.time_steps(lambda: launch(config), device, 3, iters)
+                                  / iters * 1e3, moved, config == fp8_triton._config(width)))
         rows.append((name, ms["inductor"], ms["fused"], moved, same, same_ind, scale_err))
         log(f"casts: {name} done")
+    print(f"\n## Launch configurations swept, M = {b * t} rows, {card} (* = the kernel's choice)")
+    print("| cast | rows per program | warps | ms | GB/s |\n|---|---|---|---|---|")
+    for name, rows_per, warps, ms, moved, chosen in sweep:
+        print(f"| {name} | {rows_per} | {warps} | {ms:.4f}{' *' if chosen else ''} | {moved / ms / 1e6:.0f} |")
     print(f"\n## Float8 sampling's casts, M = {b * t} rows, {card} (GPU ms per call; GB/s of the bytes each must move)")
     print("| cast | Inductor ms | GB/s | one-pass kernel ms | GB/s | speed-up | bytes as eager quantize: kernel / Inductor | "
           "scale rel. diff |")

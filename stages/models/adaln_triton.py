@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op
 
+from .dit import DiTBlock, RMSNorm
+
 ROWS_PER_BLOCK = 32  # backward: rows of one sample per program (partial sums: B x ceil(T / 32) x D, x 3)
 
 
@@ -42,27 +44,28 @@ def _acc(dtype: torch.dtype):
 
 
 @triton.jit
-def norm_modulate_row(X_ROW, W, SHIFT_ROW, SCALE_ROW, D, eps, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One row of ``modulate(RMSNorm(x), shift, scale)`` from pointers to its x, shift and scale: the row in ACC
-    (0 past D) and its 1 / rms. Also ``stages.models.fp8_triton``'s, before its cast to float8."""
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    x = tl.load(X_ROW + cols, mask=mask, other=0.0).to(ACC)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    normed = (x * rstd).to(X_ROW.dtype.element_ty).to(ACC) * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-    scale = tl.load(SCALE_ROW + cols, mask=mask, other=0.0)
-    one_plus = (scale.to(ACC) + 1.0).to(SCALE_ROW.dtype.element_ty).to(ACC)
-    shift = tl.load(SHIFT_ROW + cols, mask=mask, other=0.0).to(ACC)
+def norm_modulate_rows(X, W, SHIFT, SCALE, mask, D, eps, ACC: tl.constexpr):
+    """Rows of ``modulate(RMSNorm(x), shift, scale)`` from blocks of pointers [R, BLOCK_D] to their x, shift and
+    scale (and the norm's weight; ``mask``: the columns below D of the rows that exist): the rows in ACC (0 where
+    masked) and their 1 / rms [R, 1]. Also ``stages.models.fp8_triton``'s, before its cast to float8."""
+    x = tl.load(X, mask=mask, other=0.0).to(ACC)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1, keep_dims=True) / D + eps)
+    normed = (x * rstd).to(X.dtype.element_ty).to(ACC) * tl.load(W, mask=mask, other=0.0).to(ACC)
+    scale = tl.load(SCALE, mask=mask, other=0.0)
+    one_plus = (scale.to(ACC) + 1.0).to(SCALE.dtype.element_ty).to(ACC)
+    shift = tl.load(SHIFT, mask=mask, other=0.0).to(ACC)
     return normed * one_plus + shift, rstd
 
 
 @triton.jit
 def _forward_kernel(X, W, SHIFT, SCALE, Y, RSTD, T, D, eps, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0) + tl.arange(0, 1)[:, None]  # [1, 1]: one row per program
     b = row // T
-    cols = tl.arange(0, BLOCK_D)
-    y, rstd = norm_modulate_row(X + row * D, W, SHIFT + b * D, SCALE + b * D, D, eps, ACC, BLOCK_D)
-    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=cols < D)
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    mask = cols < D
+    y, rstd = norm_modulate_rows(X + row * D + cols, W + cols, SHIFT + b * D + cols, SCALE + b * D + cols, mask, D,
+                                 eps, ACC)
+    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
 
 
@@ -175,28 +178,23 @@ def norm_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, sc
     return _norm_modulate(x, weight, shift, scale, float(eps), out_dtype or x.dtype)[0]
 
 
-def _norm_modulate_method(block, norm: torch.nn.Module, x: torch.Tensor, shift: torch.Tensor | None,
-                          scale: torch.Tensor) -> torch.Tensor:
-    """``DiTBlock.norm_modulate`` as ``norm_modulate`` (same maths) where this kernel covers it: an RMSNorm
-    and a per-sample shift and scale [B, 1, D]; else (the head's per-token condition, no shift, LayerNorm)
-    the block's own."""
-    from .dit import RMSNorm, modulate
+class TritonNormBlock(DiTBlock):
+    """A ``DiTBlock`` whose ``norm_modulate`` is this module's kernel where it covers it: an RMSNorm and a
+    per-sample shift and scale [B, 1, D]; else (the head's per-token condition, no shift, LayerNorm) the
+    block's own. (A class, not a method set on the instance: torch.compile guards on a module's class.)"""
 
-    if shift is None or shift.shape[1] != 1 or not isinstance(norm, RMSNorm):
-        return modulate(norm(x), shift, scale)
-    # Under autocast the next Linear reads bf16: written so here, the same rounding of the same value.
-    out = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return norm_modulate(x, norm.weight, shift, scale, norm.eps, out)
+    def norm_modulate(self, norm, x, shift, scale):
+        if shift is None or shift.shape[1] != 1 or not isinstance(norm, RMSNorm):
+            return super().norm_modulate(norm, x, shift, scale)
+        # Under autocast the next Linear reads bf16: written so here, the same rounding of the same value.
+        out = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return norm_modulate(x, norm.weight, shift, scale, norm.eps, out)
 
 
 def enable(model: torch.nn.Module) -> int:
     """Switch every ``DiTBlock`` of ``model`` to ``norm_modulate`` where it applies; returns how many blocks.
     Opt-in: the benchmark's ``adaln-triton`` route (BENCHMARKS.md says what it measured)."""
-    import types
-
-    from .dit import DiTBlock
-
-    blocks = [m for m in model.modules() if isinstance(m, DiTBlock)]
+    blocks = [m for m in model.modules() if type(m) is DiTBlock]
     for block in blocks:
-        block.norm_modulate = types.MethodType(_norm_modulate_method, block)
+        block.__class__ = TritonNormBlock
     return len(blocks)

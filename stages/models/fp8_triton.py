@@ -8,7 +8,7 @@ reduction comes first). Here one program per row holds the whole row in register
 
 - ``norm_modulate_float8``: ``modulate(RMSNorm(x), shift, scale)``, then the row's scale and the cast, the
   input of ``attn.qkv`` and of the MLP's first Linear. The norm and modulation are
-  ``adaln_triton.norm_modulate_row``, the same maths as ``DiTBlock.norm_modulate``; the condition is per sample
+  ``adaln_triton.norm_modulate_rows``, the same maths as ``DiTBlock.norm_modulate``; the condition is per sample
   [B, 1, D] (the trunk) or per token [B, T, D] (the head).
 - ``swiglu_float8``: ``silu(a) * b`` of the first Linear's output [a, b], each rounded to the activations'
   dtype as PyTorch does, then the scale and the cast, the input of ``w3``; the padded columns (the head's 5,461
@@ -24,55 +24,63 @@ run on the CPU (how the tests check them).
 """
 from __future__ import annotations
 
-import types
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import custom_op
 
 from . import fp8
-from .adaln_triton import norm_modulate_row
+from .adaln_triton import norm_modulate_rows
+from .dit import DiTBlock, RMSNorm, SwiGLU
 
 _E4M3_MAX = tl.constexpr(fp8.E4M3_MAX)
 _TINY = tl.constexpr(fp8._TINY)
 
 
-def _warps(block: int) -> int:
-    return 16 if block >= 8192 else 8 if block >= 2048 else 4
+def _config(width: int) -> dict:
+    """Rows per program and warps for rows ``width`` wide: whole rows of at least 8,192 elements per program,
+    so that a narrow row (DiT^DH-S's 384) does not leave a program's fixed cost (two reductions, each across its
+    warps) to a few kilobytes."""
+    block = triton.next_power_of_2(width)
+    return dict(BLOCK=block, ROWS=max(1, 8192 // block), num_warps=16 if block >= 8192 else 8)
 
 
 @triton.jit
-def _store_float8_row(Q_ROW, S_ROW, v, WIDTH, BLOCK: tl.constexpr):
-    """Cast the float32 row v (0 past the input's width) to e4m3 with its own scale, as ``fp8.quantize``."""
-    cols = tl.arange(0, BLOCK)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), _TINY), _E4M3_MAX)
+def _store_float8_rows(Q, S, rows, row_ok, v, WIDTH):
+    """Cast the float32 rows v [R, BLOCK] (0 past the input's width) to e4m3, each with its own scale, as
+    ``fp8.quantize``: q at Q + rows * WIDTH + columns, the scales at S + rows (rows [R, 1], those that exist
+    ``row_ok``)."""
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=1, keep_dims=True), _TINY), _E4M3_MAX)
     q = tl.clamp(v * tl.math.div_rn(1.0, scale), -_E4M3_MAX, _E4M3_MAX)
-    tl.store(Q_ROW + cols, q.to(Q_ROW.dtype.element_ty), mask=cols < WIDTH)
-    tl.store(S_ROW, scale)
+    cols = tl.arange(0, v.shape[1])[None, :]
+    tl.store(Q + rows * WIDTH + cols, q.to(Q.dtype.element_ty), mask=row_ok & (cols < WIDTH))
+    tl.store(S + rows, scale, mask=row_ok)
 
 
 @triton.jit
-def _norm_modulate_float8_kernel(X, W, SHIFT, SCALE, Q, S, T, D, WIDTH, shift_b, shift_t, scale_b, scale_t, eps,
-                                 BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b, t = row // T, row % T
-    v, _ = norm_modulate_row(X + row * D, W, SHIFT + b * shift_b + t * shift_t, SCALE + b * scale_b + t * scale_t,
-                             D, eps, tl.float32, BLOCK)
-    _store_float8_row(Q + row * WIDTH, S + row, v, WIDTH, BLOCK)
+def _norm_modulate_float8_kernel(X, W, SHIFT, SCALE, Q, S, M, T, D, WIDTH, shift_b, shift_t, scale_b, scale_t, eps,
+                                 BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    row_ok = rows < M
+    b, t = rows // T, rows % T
+    v, _ = norm_modulate_rows(X + rows * D + cols, W + cols, SHIFT + b * shift_b + t * shift_t + cols,
+                              SCALE + b * scale_b + t * scale_t + cols, row_ok & (cols < D), D, eps, tl.float32)
+    _store_float8_rows(Q, S, rows, row_ok, v, WIDTH)
 
 
 @triton.jit
-def _swiglu_float8_kernel(H12, Q, S, row_stride, HIDDEN, WIDTH, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < HIDDEN
-    a = tl.load(H12 + row * row_stride + cols, mask=mask, other=0.0)
-    b = tl.load(H12 + row * row_stride + HIDDEN + cols, mask=mask, other=0.0)
+def _swiglu_float8_kernel(H12, Q, S, M, row_stride, HIDDEN, WIDTH, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    row_ok = rows < M
+    mask = row_ok & (cols < HIDDEN)
+    a = tl.load(H12 + rows * row_stride + cols, mask=mask, other=0.0)
+    b = tl.load(H12 + rows * row_stride + HIDDEN + cols, mask=mask, other=0.0)
     a32 = a.to(tl.float32)
     silu = (a32 / (1.0 + tl.exp(-a32))).to(a.dtype)
     v = (silu.to(tl.float32) * b.to(tl.float32)).to(a.dtype).to(tl.float32)
-    _store_float8_row(Q + row * WIDTH, S + row, v, WIDTH, BLOCK)
+    _store_float8_rows(Q, S, rows, row_ok, v, WIDTH)
 
 
 def _cond_strides(c: torch.Tensor) -> tuple[int, int]:
@@ -82,20 +90,21 @@ def _cond_strides(c: torch.Tensor) -> tuple[int, int]:
 
 # The kernels write into q [rows, width] of e4m3, or (the tests, on Triton's CPU interpreter, whose own float8
 # conversion is wrong where rounding carries into the next power of two) of float32: the scaled, clamped row
-# before its rounding to e4m3.
-def _norm_modulate_rows(x, weight, shift, scale, eps, q, s):
+# before its rounding to e4m3. ``config``: the launch's (``_config``'s keys), for the benchmark's sweep.
+def _norm_modulate_rows(x, weight, shift, scale, eps, q, s, config=None):
     B, T, D = x.shape
     x = x.contiguous()
     shift, scale = (c if c.stride(-1) == 1 else c.contiguous() for c in (shift, scale))
-    block = triton.next_power_of_2(q.shape[1])
-    _norm_modulate_float8_kernel[(B * T,)](x, weight, shift, scale, q, s, T, D, q.shape[1], *_cond_strides(shift),
-                                           *_cond_strides(scale), eps, BLOCK=block, num_warps=_warps(block))
+    config = config or _config(q.shape[1])
+    _norm_modulate_float8_kernel[(triton.cdiv(B * T, config["ROWS"]),)](
+        x, weight, shift, scale, q, s, B * T, T, D, q.shape[1], *_cond_strides(shift), *_cond_strides(scale), eps,
+        **config)
 
 
-def _swiglu_rows(rows, q, s):
-    block = triton.next_power_of_2(q.shape[1])
-    _swiglu_float8_kernel[(rows.shape[0],)](rows, q, s, rows.stride(0), rows.shape[1] // 2, q.shape[1],
-                                            BLOCK=block, num_warps=_warps(block))
+def _swiglu_rows(rows, q, s, config=None):
+    config = config or _config(q.shape[1])
+    _swiglu_float8_kernel[(triton.cdiv(rows.shape[0], config["ROWS"]),)](
+        rows, q, s, rows.shape[0], rows.stride(0), rows.shape[1] // 2, q.shape[1], **config)
 
 
 def _outputs(rows: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,35 +169,38 @@ def _row_float8(layer) -> bool:
     return isinstance(layer, fp8.Float8Linear) and layer.scaling == "row"
 
 
-def _norm_modulate_method(block, norm, x, shift, scale):
-    """``DiTBlock.norm_modulate`` cast for the block's float8 ``qkv`` and MLP input where this kernel covers it
-    (an RMSNorm with a shift, x of a float dtype below float64); else the block's own maths."""
-    from .dit import RMSNorm, modulate
+# The switch changes a block's class, not an attribute of it: torch.compile guards on a module's class, so a
+# switched and an unswitched model of one architecture never share a compiled graph. (torch 2.11 was seen
+# running a model with its methods replaced on the instance through the graph compiled for another without.)
+class Float8CastBlock(DiTBlock):
+    """A ``DiTBlock`` whose norm + modulation hands its float8 ``qkv`` and MLP input float8 rows (see module)."""
 
-    if shift is None or not isinstance(norm, RMSNorm) or x.dtype == torch.float64:
-        return modulate(norm(x), shift, scale)
-    return norm_modulate_float8(x, norm.weight, shift, scale, norm.eps, block.attn.qkv.weight.shape[1])
+    def norm_modulate(self, norm, x, shift, scale):
+        if shift is None or not isinstance(norm, RMSNorm) or x.dtype == torch.float64:  # not this kernel's
+            return super().norm_modulate(norm, x, shift, scale)
+        return norm_modulate_float8(x, norm.weight, shift, scale, norm.eps, self.attn.qkv.weight.shape[1])
 
 
-def _gate_method(mlp, h12):
-    return swiglu_float8(h12, mlp.w3.weight.shape[1])
+class Float8CastSwiGLU(SwiGLU):
+    """A ``SwiGLU`` whose gate hands its float8 ``w3`` float8 rows (see module)."""
+
+    def gate(self, h12):
+        return swiglu_float8(h12, self.w3.weight.shape[1])
 
 
 def enable(model: torch.nn.Module) -> int:
     """Switch the ``DiTBlock``s of a model after ``fp8.to_float8`` (per-row scales) to these kernels: the norm +
     modulation where ``attn.qkv`` and the MLP's first Linear are float8, the SwiGLU gate where ``w3`` is.
     Returns how many blocks changed."""
-    from .dit import DiTBlock, SwiGLU
-
     changed = 0
     for block in (m for m in model.modules() if isinstance(m, DiTBlock)):
         first = block.mlp.w12 if isinstance(block.mlp, SwiGLU) else block.mlp.fc1
         fused_norm = _row_float8(block.attn.qkv) and _row_float8(first) and (
             block.attn.qkv.weight.shape[1] == first.weight.shape[1])
         fused_gate = isinstance(block.mlp, SwiGLU) and _row_float8(block.mlp.w3)
-        if fused_norm:
-            block.norm_modulate = types.MethodType(_norm_modulate_method, block)
-        if fused_gate:
-            block.mlp.gate = types.MethodType(_gate_method, block.mlp)
+        if fused_norm and type(block) is DiTBlock:
+            block.__class__ = Float8CastBlock
+        if fused_gate and type(block.mlp) is SwiGLU:
+            block.mlp.__class__ = Float8CastSwiGLU
         changed += fused_norm or fused_gate
     return changed
