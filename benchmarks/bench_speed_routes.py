@@ -588,8 +588,8 @@ def part_casts(args, device, card):
     """Float8 sampling's casts at DiT^DH-XL's and -S's shapes (M = batch x 256 rows): ``stages.models.fp8_triton``'s
     one-pass kernels against the same maths compiled by Inductor (what ``--precision fp8`` ran before), in GPU
     ms per call and GB/s of the bytes each must move (its inputs read once, the float8 rows written), and the
-    share of float8 bytes equal to eager ``fp8.quantize``'s; then each kernel's launch configurations (rows
-    per program, warps) swept. Off CUDA (``--smoke``) it needs ``TRITON_INTERPRET=1``."""
+    share of float8 bytes equal to eager ``fp8.quantize``'s; with ``--sweep`` each kernel's launch
+    configurations (rows per program, warps) too. Off CUDA (``--smoke``) it needs ``TRITON_INTERPRET=1``."""
     from stages.models import fp8, fp8_triton
     from stages.models.dit import RMSNorm, modulate
 
@@ -613,9 +613,10 @@ def part_casts(args, device, card):
         moved = x.numel() * x.element_size() + 2 * shift.numel() * 2 + b * t * (width + 4)
         return name, width, fused, compile_(maths), maths, launch, moved
 
-    def gate_case(name, h):
-        wide = torch.randn(b * t, ceil16(2 * h), device=device, dtype=bf16) * 2
-        h12 = wide[:, :2 * h]  # as the float8 w12 hands it on: its padded output's first 2H columns
+    def gate_case(name, h, aligned=False):
+        # as the float8 w12 hands it on: its padded output's first 2H columns, or (aligned) [a, 0, b, 0]
+        wide = torch.randn(b * t, 2 * ceil16(h) if aligned else ceil16(2 * h), device=device, dtype=bf16) * 2
+        h12 = wide if aligned else wide[:, :2 * h]
         width = ceil16(h)
         fused = lambda: fp8_triton.swiglu_float8(h12, width)  # noqa: E731
 
@@ -631,7 +632,8 @@ def part_casts(args, device, card):
              norm_case(f"S trunk RMSNorm + modulate + cast, D {sm}, x float32", sm, torch.float32, False),
              norm_case(f"head RMSNorm + modulate (per token) + cast, D {head}, x bf16", head, bf16, True),
              gate_case(f"XL trunk SiLU gate + cast, H {h_xl}", h_xl), gate_case(f"S trunk SiLU gate + cast, H {h_s}", h_s),
-             gate_case(f"head SiLU gate + cast, H {h_head} -> pad 16", h_head)]
+             gate_case(f"head SiLU gate + cast, H {h_head} -> pad 16", h_head),
+             gate_case(f"head SiLU gate + cast, H {h_head}, halves aligned (as switched)", h_head, aligned=True)]
     iters = 2 if args.smoke else 50
     rows, sweep = [], []
     for name, width, fused, inductor, eager, launch, moved in cases:
@@ -644,7 +646,7 @@ def part_casts(args, device, card):
             scale_err = ((got.scale - s_ref).abs() / s_ref).max().item()
             ms = {k: btd.time_steps(f, device, 3, iters) / iters * 1e3 for k, f in (("fused", fused), ("inductor", inductor))}
             block = fp8_triton._config(width)["BLOCK"]
-            for rows_per in (1, 2, 4, 8, 16, 32):
+            for rows_per in (1, 2, 4, 8, 16, 32) if args.sweep else ():
                 for warps in (4, 8, 16):
                     if rows_per * block > 32768 or (rows_per * block) // (32 * warps) < 4 or (args.smoke and warps > 4):
                         continue
@@ -653,8 +655,9 @@ def part_casts(args, device, card):
                                   / iters * 1e3, moved, config == fp8_triton._config(width)))
         rows.append((name, ms["inductor"], ms["fused"], moved, same, same_ind, scale_err))
         log(f"casts: {name} done")
-    print(f"\n## Launch configurations swept, M = {b * t} rows, {card} (* = the kernel's choice)")
-    print("| cast | rows per program | warps | ms | GB/s |\n|---|---|---|---|---|")
+    if sweep:
+        print(f"\n## Launch configurations swept, M = {b * t} rows, {card} (* = the kernel's choice)")
+        print("| cast | rows per program | warps | ms | GB/s |\n|---|---|---|---|---|")
     for name, rows_per, warps, ms, moved, chosen in sweep:
         print(f"| {name} | {rows_per} | {warps} | {ms:.4f}{' *' if chosen else ''} | {moved / ms / 1e6:.0f} |")
     print(f"\n## Float8 sampling's casts, M = {b * t} rows, {card} (GPU ms per call; GB/s of the bytes each must move)")
@@ -715,6 +718,7 @@ def main():
     ap.add_argument("--n", type=int, default=512, help="images timed per sampling row")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--sweep", action="store_true", help="casts: also sweep each kernel's launch configurations")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     args.routes = args.routes.split(",")

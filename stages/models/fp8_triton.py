@@ -12,7 +12,8 @@ reduction comes first). Here one program per row holds the whole row in register
   [B, 1, D] (the trunk) or per token [B, T, D] (the head).
 - ``swiglu_float8``: ``silu(a) * b`` of the first Linear's output [a, b], each rounded to the activations'
   dtype as PyTorch does, then the scale and the cast, the input of ``w3``; the padded columns (the head's 5,461
-  to 5,472) are written as zeros, so no separate pad.
+  to 5,472) are written as zeros, so no separate pad. Where the hidden width is not a multiple of 16, the
+  switch lays ``w12``'s float8 rows out so that b starts aligned (``_align_halves``).
 
 The cast is ``fp8.quantize``'s: scale = max(row max |x|, 1e-12) / 448 and e4m3(clamp(x / scale)), except
 that x / scale is x * (1 / scale), one division per row instead of one per element (the kernels must not
@@ -38,11 +39,12 @@ _TINY = tl.constexpr(fp8._TINY)
 
 
 def _config(width: int) -> dict:
-    """Rows per program and warps for rows ``width`` wide: whole rows of at least 8,192 elements per program,
-    so that a narrow row (DiT^DH-S's 384) does not leave a program's fixed cost (two reductions, each across its
-    warps) to a few kilobytes."""
+    """Rows per program and warps for rows ``width`` wide: 4 warps over whole rows of at least 4,096 elements,
+    so that a narrow row (DiT^DH-S's 384) does not leave a program's fixed cost (two reductions across its
+    warps) to a few kilobytes. Chosen from ``bench_speed_routes.py --part casts --sweep`` on an H200
+    (BENCHMARKS.md): the fastest or within 3% of it at each of DiT^DH-XL's and -S's widths."""
     block = triton.next_power_of_2(width)
-    return dict(BLOCK=block, ROWS=max(1, 8192 // block), num_warps=16 if block >= 8192 else 8)
+    return dict(BLOCK=block, ROWS=max(1, 4096 // block), num_warps=4)
 
 
 @triton.jit
@@ -182,10 +184,33 @@ class Float8CastBlock(DiTBlock):
 
 
 class Float8CastSwiGLU(SwiGLU):
-    """A ``SwiGLU`` whose gate hands its float8 ``w3`` float8 rows (see module)."""
+    """A ``SwiGLU`` whose gate hands its float8 ``w3`` float8 rows (see module). Its float8 ``w12`` holds each
+    half at a multiple of 16 rows, [a; 0; b; 0] (``_align_halves``), which the gate reads as [a, b]."""
 
     def gate(self, h12):
         return swiglu_float8(h12, self.w3.weight.shape[1])
+
+
+def _align_halves(w12: fp8.Float8Linear, hidden: int) -> None:
+    """Lay a float8 ``w12``'s halves [a; b] out as [a; 0; b; 0], each padded to a multiple of 16 rows, so that b
+    starts 16-byte aligned in every row of its output: at the head's 5,461, b would start at an odd element
+    and the gate kernel would load it one element at a time. The zero rows give a = b = 0 there, and
+    silu(0) * 0 = 0: the gate's padded columns, which ``w3`` multiplies by its own zero columns."""
+    half = -(-hidden // 16) * 16
+    if half == hidden:
+        return
+
+    def spread(t: torch.Tensor, dim: int) -> torch.Tensor:
+        bytes_ = t.view(torch.uint8) if t.dtype == fp8.E4M3 else t
+        out = bytes_.new_zeros(bytes_.shape[:dim] + (2 * half,) + bytes_.shape[dim + 1:])
+        out.narrow(dim, 0, hidden).copy_(bytes_.narrow(dim, 0, hidden))
+        out.narrow(dim, half, hidden).copy_(bytes_.narrow(dim, hidden, hidden))
+        return out.view(t.dtype)
+
+    w12.weight, w12.weight_scale = spread(w12.weight, 0), spread(w12.weight_scale, 1)
+    if w12.bias is not None:
+        w12.bias = spread(w12.bias, 0)
+    w12.out_features = 2 * half
 
 
 def enable(model: torch.nn.Module) -> int:
@@ -201,6 +226,7 @@ def enable(model: torch.nn.Module) -> int:
         if fused_norm and type(block) is DiTBlock:
             block.__class__ = Float8CastBlock
         if fused_gate and type(block.mlp) is SwiGLU:
+            _align_halves(block.mlp.w12, block.mlp.w3.in_features)
             block.mlp.__class__ = Float8CastSwiGLU
         changed += fused_norm or fused_gate
     return changed
