@@ -622,7 +622,7 @@ def part_casts(args, device, card):
 
         def maths():
             a, g = h12.chunk(2, -1)
-            return fp8.quantize(F.pad(F.silu(a) * g, (0, width - h)), "row")
+            return fp8.quantize(F.pad(F.silu(a) * g, (0, width - a.shape[-1])), "row")
         q, s, _ = fused()
         launch = lambda config: fp8_triton._swiglu_rows(h12, q, s, config)  # noqa: E731
         return name, width, fused, compile_(maths), maths, launch, h12.numel() * 2 + b * t * (width + 4)
