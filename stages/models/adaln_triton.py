@@ -17,11 +17,12 @@ in float64 against the module; the interpreter rounds float32 to bf16 by truncat
 for the GPU to show). Registered as ``torch.library.custom_op``s with their output shapes, so
 ``torch.compile`` keeps them in its graph as opaque kernels.
 
-Measured on one H200 (BENCHMARKS.md, 2026-12-02): the DiT^DH-XL step at batch 128 ran at 425 img/s with
-the trunk's norms switched to these kernels against 430 with Inductor's, so nothing is gained and the
-module stays opt-in (``bench_speed_routes.py --routes adaln-triton``). The likely cause, not profiled: in the
-step Inductor can fuse each norm with the residual add and gate before it, and an opaque kernel splits that
-fusion.
+Measured on one H200 (BENCHMARKS.md, 2026-12-03, the switch by class so that the route compiles a graph of
+its own): the DiT^DH-XL step at batch 128 ran at 429 img/s with the trunk's norms on these kernels against 435
+with Inductor's. Profiled, Inductor's fused kernels lose 9.3 ms per step and these take 14.8 (13.6 in the
+kernels, 1.2 adding the partial sums): Inductor fuses each norm with the residual add and gate before it,
+which an opaque kernel splits into one more pass. Nothing is gained, so the module stays opt-in
+(``bench_speed_routes.py --routes adaln-triton``).
 """
 from __future__ import annotations
 

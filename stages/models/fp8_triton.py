@@ -22,6 +22,11 @@ only for a value within that bit of a rounding boundary. Each returns an
 ``fp8.Float8Input`` that the next ``Float8Linear`` multiplies as it is. Registered as ``torch.library``
 custom ops, so ``torch.compile`` keeps them as opaque kernels in its graph. With ``TRITON_INTERPRET=1`` they
 run on the CPU (how the tests check them).
+
+Measured on one H200 (BENCHMARKS.md, 2026-12-03): 1.45-3.8x faster than Inductor's kernels for the same
+casts at DiT^DH-XL's and -S's shapes (2.4-4.0 TB/s at the XL's and the head's widths), giving the bytes of
+eager ``fp8.quantize`` for 99.87-99.9999% of the values (Inductor's: 95.7-97.4%); AutoGuidance sampling +
+decoding at batch 128 went from 29.95 to 31.7 img/s (FID-50K in 26.3 minutes against 27.8).
 """
 from __future__ import annotations
 
