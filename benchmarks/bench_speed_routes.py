@@ -94,7 +94,7 @@ def use_liger(model: torch.nn.Module) -> int:
 
 
 # Sampling kinds with models of their own (copies made once, compiled under the default settings).
-OWN_MODEL_KINDS = ("fp8-tensor", "fp8-unfused", "bf16-unaligned")
+OWN_MODEL_KINDS = ("fp8-tensor", "fp8-unfused", "fp8-linears", "bf16-unaligned", "bf16-linears")
 
 
 def unalign(model: torch.nn.Module) -> torch.nn.Module:
@@ -230,7 +230,7 @@ def part_sample(args, device, card):
 
     import bench_sample as bs
 
-    from stages import flow
+    from stages import flow, generation
     from stages.models.decoder import to_uint8
     from stages.models import fp8
     from stages.models.decoder import ViTDecoder, create_decoder
@@ -260,11 +260,15 @@ def part_sample(args, device, card):
         if kind.startswith("fp8"):
             scaling = "tensor" if kind == "fp8-tensor" else "row"
             models[kind] = tuple(fp8.to_float8(copy.deepcopy(m), m.per_token_linears(), scaling) for m in (xl, s))
-            if kind == "fp8":  # as rae sample: the casts fused on CUDA; fp8-unfused: Inductor's casts
+            if kind in ("fp8", "fp8-linears"):  # the casts fused on CUDA; fp8-unfused: Inductor's casts
                 for m in models[kind]:
                     fp8.fuse_casts(m)
-        else:  # bf16-unaligned
+        elif kind == "bf16-unaligned":
             models[kind] = tuple(unalign(copy.deepcopy(m)) for m in (xl, s))
+        else:  # bf16-linears: the Linears' weights held in bf16
+            models[kind] = tuple(copy.deepcopy(m) for m in (xl, s))
+        if kind.endswith("-linears"):  # as rae sample (generation.ready)
+            models[kind] = tuple(generation.cast_linears(m, torch.bfloat16) for m in models[kind])
     log(f"sample: float8 copies made ({len(xl.per_token_linears())} + {len(s.per_token_linears())} layers)")
     models.update({k: models[k.split("-", 1)[0]] for k in args.sample_kinds if k not in models})  # the tuned kinds
     models = {k: (compile_(a), compile_(b)) for k, (a, b) in models.items()}
@@ -712,7 +716,8 @@ def main():
     ap.add_argument("--sample-batches", default="128,256")
     ap.add_argument("--sample-kinds", default="bf16,fp8",
                     help="sampling: bf16 and fp8 always; also fp8-tensor (per-tensor scales), fp8-unfused (the casts as "
-                    "Inductor's kernels, not fp8_triton's), bf16-unaligned (the "
+                    "Inductor's kernels, not fp8_triton's), bf16-linears and fp8-linears (the other Linears' weights "
+                    "held in bf16, as rae sample), bf16-unaligned (the "
                     "SwiGLUs at their stored width), bf16-TUNING or fp8-TUNING, TUNING one of " + ", ".join(INDUCTOR_ROUTES))
     ap.add_argument("--with-reference", action="store_true", help="sampling: also time the reference loop")
     ap.add_argument("--n", type=int, default=512, help="images timed per sampling row")
