@@ -79,6 +79,15 @@ def _run_in_process(argv: list[str]) -> subprocess.CompletedProcess:
 
 # ---- encode: a store of the demo images --------------------------------------------------------
 
+def run_triton_interpreted(script: str) -> None:
+    """Run ``script`` in a process of its own under Triton's CPU interpreter (Triton picks it when a kernel is
+    defined, at import); it must print "checked" at its end."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": THREADS}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "checked" in proc.stdout, proc.stderr[-3000:]
+
+
 def encode_config(data, out, **kw):
     """``rae encode``'s configuration at the demo encoder's smallest sizes, on the CPU."""
     from stages.encode import EncodeConfig

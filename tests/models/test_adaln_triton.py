@@ -1,18 +1,14 @@
 """The hand-written RMSNorm + adaLN kernel (issue 29's route 1), run by Triton's interpreter on the CPU: the
 same maths as the module, in float64, forward and backward, alone and inside a DiT^DH."""
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from tests.helpers import REPO, THREADS
+from tests.helpers import run_triton_interpreted
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
-# Triton picks its interpreter when a kernel is defined (at import), so the checks run in a process of their own.
 CHECKS = textwrap.dedent("""
     import torch
     from stages.models import adaln_triton
@@ -88,7 +84,4 @@ CHECKS = textwrap.dedent("""
 
 
 def test_norm_modulate_kernel_is_the_modules_maths_forward_and_backward():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": THREADS}
-    proc = subprocess.run([sys.executable, "-c", CHECKS], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and "checked" in proc.stdout, proc.stderr[-3000:]
+    run_triton_interpreted(CHECKS)

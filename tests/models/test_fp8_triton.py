@@ -2,18 +2,14 @@
 CPU: each kernel's scaled row and scale as ``fp8.quantize`` computes them from the module's maths, and a
 DiT^DH switched to them giving the unswitched model's output, eager and compiled."""
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from tests.helpers import REPO, THREADS
+from tests.helpers import run_triton_interpreted
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
-# Triton picks its interpreter when a kernel is defined (at import), so the checks run in a process of their own.
 # The interpreter rounds to bf16 by truncation and to float8 wrongly where rounding carries into the next power
 # of two, so the kernels' values are compared in float32, before the rounding to e4m3, which PyTorch then does.
 CHECKS = textwrap.dedent("""
@@ -115,7 +111,4 @@ CHECKS = textwrap.dedent("""
 
 
 def test_float8_cast_kernels_are_quantize_of_the_modules_maths_and_a_model_switched_to_them_agrees():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": THREADS}
-    proc = subprocess.run([sys.executable, "-c", CHECKS], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and "checked" in proc.stdout, proc.stderr[-3000:]
+    run_triton_interpreted(CHECKS)
