@@ -222,6 +222,16 @@ def print_profiles(profiles: dict, title: str) -> None:
 
 
 # ---- sampling --------------------------------------------------------------------------------
+def cast_linears(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Every ``nn.Linear``'s weight and bias in ``dtype``, in place (the ``-linears`` sampling kinds). Under autocast
+    to that dtype autocast casts them so at every call: the same values (bit for bit on the CPU), made once
+    instead of by a copy kernel per product. Not timed yet; if it pays, ``generation.ready`` is its place."""
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.to(dtype)
+    return model
+
+
 def part_sample(args, device, card):
     """bf16 (rae sample's default on CUDA) against ``--precision fp8`` (``stages.models.fp8``: the models'
     per-token Linears as float8 e4m3 with per-row scales), each as ``rae sample`` sets it up: fp32
@@ -230,7 +240,7 @@ def part_sample(args, device, card):
 
     import bench_sample as bs
 
-    from stages import flow, generation
+    from stages import flow
     from stages.models.decoder import to_uint8
     from stages.models import fp8
     from stages.models.decoder import ViTDecoder, create_decoder
@@ -267,8 +277,8 @@ def part_sample(args, device, card):
             models[kind] = tuple(unalign(copy.deepcopy(m)) for m in (xl, s))
         else:  # bf16-linears: the Linears' weights held in bf16
             models[kind] = tuple(copy.deepcopy(m) for m in (xl, s))
-        if kind.endswith("-linears"):  # as rae sample (generation.ready)
-            models[kind] = tuple(generation.cast_linears(m, torch.bfloat16) for m in models[kind])
+        if kind.endswith("-linears"):
+            models[kind] = tuple(cast_linears(m, torch.bfloat16) for m in models[kind])
     log(f"sample: float8 copies made ({len(xl.per_token_linears())} + {len(s.per_token_linears())} layers)")
     models.update({k: models[k.split("-", 1)[0]] for k in args.sample_kinds if k not in models})  # the tuned kinds
     models = {k: (compile_(a), compile_(b)) for k, (a, b) in models.items()}
@@ -717,7 +727,7 @@ def main():
     ap.add_argument("--sample-kinds", default="bf16,fp8",
                     help="sampling: bf16 and fp8 always; also fp8-tensor (per-tensor scales), fp8-unfused (the casts as "
                     "Inductor's kernels, not fp8_triton's), bf16-linears and fp8-linears (the other Linears' weights "
-                    "held in bf16, as rae sample), bf16-unaligned (the "
+                    "held in bf16, cast_linears), bf16-unaligned (the "
                     "SwiGLUs at their stored width), bf16-TUNING or fp8-TUNING, TUNING one of " + ", ".join(INDUCTOR_ROUTES))
     ap.add_argument("--with-reference", action="store_true", help="sampling: also time the reference loop")
     ap.add_argument("--n", type=int, default=512, help="images timed per sampling row")

@@ -163,27 +163,14 @@ def load_models(cfg, device) -> tuple[DiffusionRun, DiffusionRun | None]:
     return model_run, guide_run
 
 
-def cast_linears(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Every ``nn.Linear``'s weight and bias in ``dtype``, in place. Under autocast to that dtype (how bf16 and fp8
-    sample), autocast casts them so at every call: the same values, made once instead of by a copy kernel per
-    product (140 ms of a 5.7 s batch of DiT^DH-XL + -S on an H200, BENCHMARKS.md)."""
-    for m in model.modules():
-        if type(m) is torch.nn.Linear:
-            m.to(dtype)
-    return model
-
-
 def ready(model_run: DiffusionRun, guide_run: DiffusionRun | None, precision: str, compile: bool):
-    """The networks that sample: float8 products with ``precision`` fp8, the other Linears' weights in bf16 with
-    bf16 or fp8 (``cast_linears``), compiled with ``compile``."""
+    """The networks that sample: float8 products with ``precision`` fp8, compiled with ``compile``."""
     model, guide = model_run.model, guide_run.model if guide_run else None
     if precision == "fp8":  # on CUDA with the casts before the blocks' products fused (fp8.fuse_casts)
         model, guide = (fp8.to_float8(m, m.per_token_linears()) if m is not None else None for m in (model, guide))
         for m in (model, guide):
             if m is not None:
                 fp8.fuse_casts(m)
-    if precision in ("bf16", "fp8"):
-        model, guide = (cast_linears(m, torch.bfloat16) if m is not None else None for m in (model, guide))
     if compile:
         model = torch.compile(model)
         guide = torch.compile(guide) if guide is not None else None
