@@ -244,6 +244,8 @@ def part_sample(args, device, card):
     from stages.models.decoder import to_uint8
     from stages.models import fp8
     from stages.models.decoder import ViTDecoder, create_decoder
+    if device.type == "cuda":
+        from stages.models import fp8_triton
 
     torch._dynamo.config.automatic_dynamic_shapes = False  # another batch size: a static recompile
     # Four models share DiTDH.forward's code object, each compiled for plain and inference-mode inputs.
@@ -271,8 +273,8 @@ def part_sample(args, device, card):
             scaling = "tensor" if kind == "fp8-tensor" else "row"
             models[kind] = tuple(fp8.to_float8(copy.deepcopy(m), m.per_token_linears(), scaling) for m in (xl, s))
             if kind in ("fp8", "fp8-linears"):  # the casts fused on CUDA; fp8-unfused: Inductor's casts
-                for m in models[kind]:
-                    fp8.fuse_casts(m)
+                for m in models[kind] if device.type == "cuda" else ():
+                    fp8_triton.enable(m)
         elif kind == "bf16-unaligned":
             models[kind] = tuple(unalign(copy.deepcopy(m)) for m in (xl, s))
         else:  # bf16-linears: the Linears' weights held in bf16

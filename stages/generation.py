@@ -166,11 +166,13 @@ def load_models(cfg, device) -> tuple[DiffusionRun, DiffusionRun | None]:
 def ready(model_run: DiffusionRun, guide_run: DiffusionRun | None, precision: str, compile: bool):
     """The networks that sample: float8 products with ``precision`` fp8, compiled with ``compile``."""
     model, guide = model_run.model, guide_run.model if guide_run else None
-    if precision == "fp8":  # on CUDA with the casts before the blocks' products fused (fp8.fuse_casts)
+    if precision == "fp8":
         model, guide = (fp8.to_float8(m, m.per_token_linears()) if m is not None else None for m in (model, guide))
         for m in (model, guide):
-            if m is not None:
-                fp8.fuse_casts(m)
+            if m is not None and next(m.buffers()).device.type == "cuda":  # where Triton runs
+                from .models import fp8_triton
+
+                fp8_triton.enable(m)  # the casts before the blocks' float8 products as one-pass kernels
     if compile:
         model = torch.compile(model)
         guide = torch.compile(guide) if guide is not None else None

@@ -23,7 +23,7 @@ FLOORS = [
 # Wings that must not import each other.
 APART: list[tuple[str, str]] = []
 NETWORKS = ("stages.models.dit", "stages.models.decoder", "stages.models.discriminator", "stages.models.pos_embed",
-            "stages.models.fp8", "stages.models.imagenet")
+            "stages.models.fp8", "stages.models.fp8_triton", "stages.models.adaln_triton", "stages.models.imagenet")
 
 
 def _name(path: Path) -> str:

@@ -14,9 +14,9 @@ capability 8.9 or later: Ada, Hopper); on the CPU it runs too (slowly: it is how
 Dimensions that are not multiples of 16 (DiT^DH's 5,461-wide head MLP) are zero-padded, which leaves
 the product unchanged.
 
-On CUDA, ``fuse_casts`` makes the casts before the blocks' products one-pass Triton kernels
-(``stages.models.fp8_triton``): RMSNorm + modulation + cast before ``qkv`` and ``w12``, SiLU-gate + cast
-before ``w3``. They hand the layer a ``Float8Input``, an activation already in float8 with its row scales.
+On CUDA, ``stages.models.fp8_triton.enable`` makes the casts before the blocks' products one-pass Triton
+kernels: RMSNorm + modulation + cast before ``qkv`` and ``w12``, SiLU-gate + cast before ``w3``. They hand
+the layer a ``Float8Input``, an activation already in float8 with its row scales.
 """
 from __future__ import annotations
 
@@ -121,17 +121,6 @@ def to_float8(model: nn.Module, names: list[str], scaling: str = "row",
             raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
         setattr(parent, child, Float8Linear(linear, scaling, out_dtype))
     return model
-
-
-def fuse_casts(model: nn.Module) -> int:
-    """For a model on CUDA (where Triton runs) after ``to_float8``: the blocks' casts into float8 as one-pass
-    kernels (``stages.models.fp8_triton.enable``); returns how many blocks, 0 on another device."""
-    tensor = next(model.buffers(), None)
-    if tensor is None or tensor.device.type != "cuda":
-        return 0
-    from . import fp8_triton
-
-    return fp8_triton.enable(model)
 
 
 def float8_supported(device: torch.device) -> str | None:
