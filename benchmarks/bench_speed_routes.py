@@ -349,19 +349,14 @@ def part_sample(args, device, card):
             ips, note = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         rows.append((kind, b, ips, note))
         print(rows[-1], flush=True)
-    drifts = {}  # each kind against bf16, from the same noise and labels
-    for kind, (x_k, img_k) in first.items():
-        if kind != "bf16" and "bf16" in first:
-            x16, img16 = first["bf16"]
-            diff = abs(img_k.astype(int) - img16.astype(int))
-            drifts[kind] = (((x_k.float() - x16.float()).norm() / x16.float().norm()).item(), int(diff.max()),
-                            float(diff.mean()))
-    if "fp8" in first and "fp8-unfused" in first:  # the fused casts against Inductor's, same noise
-        x_u, img_u = first["fp8-unfused"]
-        x_f, img_f = first["fp8"]
-        diff = abs(img_f.astype(int) - img_u.astype(int))
-        drifts["fp8 vs fp8-unfused"] = (((x_f.float() - x_u.float()).norm() / x_u.float().norm()).item(),
-                                        int(diff.max()), float(diff.mean()))
+    def drift(kind, base):  # kind's first batch against base's, same noise and labels: sample rel. L2, uint8 max, mean
+        (x_k, img_k), (x_b, img_b) = first[kind], first[base]
+        diff = abs(img_k.astype(int) - img_b.astype(int))
+        return ((x_k.float() - x_b.float()).norm() / x_b.float().norm()).item(), int(diff.max()), float(diff.mean())
+
+    drifts = {kind: drift(kind, "bf16") for kind in first if kind != "bf16" and "bf16" in first}
+    if "fp8" in first and "fp8-unfused" in first:  # the fused casts against Inductor's
+        drifts["fp8 vs fp8-unfused"] = drift("fp8", "fp8-unfused")
     base = next((ips for k, b, ips, _ in rows if k == "bf16" and ips), None)
     print(f"\n## AutoGuidance sampling (DiT^DH-XL + DiT^DH-S, 50 points) + ViT-XL decode + uint8, {card}, "
           f"models compiled, {n} images per row after a compiling batch")
@@ -613,7 +608,6 @@ def part_casts(args, device, card):
     b, t = (2, 4) if args.smoke else (args.batches[0], 256)
     compile_ = (lambda f: f) if args.smoke else torch.compile
     bf16 = torch.bfloat16
-    ceil16 = lambda n: -(-n // 16) * 16  # noqa: E731
 
     def norm_case(name, d, x_dtype, per_token):
         norm = RMSNorm(d).to(device)
@@ -621,7 +615,7 @@ def part_casts(args, device, card):
             norm.weight.normal_(1.0, 0.1)
         x = torch.randn(b, t, d, device=device).to(x_dtype)
         shift, scale = torch.randn(b, t if per_token else 1, 6 * d, device=device, dtype=bf16)[..., :2 * d].chunk(2, -1)
-        width = ceil16(d)
+        width = fp8._ceil(d)
         fused = lambda: fp8_triton.norm_modulate_float8(x, norm.weight, shift, scale, norm.eps, width)  # noqa: E731
         maths = lambda: fp8.quantize(F.pad(modulate(norm(x), shift, scale).reshape(-1, d), (0, width - d)), "row")  # noqa: E731
         q, s, _ = fused()
@@ -631,9 +625,9 @@ def part_casts(args, device, card):
 
     def gate_case(name, h, aligned=False):
         # as the float8 w12 hands it on: its padded output's first 2H columns, or (aligned) [a, 0, b, 0]
-        wide = torch.randn(b * t, 2 * ceil16(h) if aligned else ceil16(2 * h), device=device, dtype=bf16) * 2
+        wide = torch.randn(b * t, 2 * fp8._ceil(h) if aligned else fp8._ceil(2 * h), device=device, dtype=bf16) * 2
         h12 = wide if aligned else wide[:, :2 * h]
-        width = ceil16(h)
+        width = fp8._ceil(h)
         fused = lambda: fp8_triton.swiglu_float8(h12, width)  # noqa: E731
 
         def maths():

@@ -3,8 +3,8 @@
 A per-row ``Float8Linear`` casts its input to e4m3 with one scale per row: the row's max |x| first, then the
 cast. Compiled, Inductor fuses that with the elementwise work before it, but as a looped reduction that reads
 the input rows twice, once for the maximum and once for the cast (three times after an RMSNorm, whose own
-reduction comes first). Here one program per row holds the whole row in registers (DiT^DH-XL's rows are
-1,152 to 5,472 wide) and reads it once:
+reduction comes first). Here each program holds whole rows in registers (DiT^DH-XL's rows are 1,152 to
+5,472 wide; ``_config``) and reads them once:
 
 - ``norm_modulate_float8``: ``modulate(RMSNorm(x), shift, scale)``, then the row's scale and the cast, the
   input of ``attn.qkv`` and of the MLP's first Linear. The norm and modulation are
@@ -201,7 +201,7 @@ def _align_halves(w12: fp8.Float8Linear, hidden: int) -> None:
     starts 16-byte aligned in every row of its output: at the head's 5,461, b would start at an odd element
     and the gate kernel would load it one element at a time. The zero rows give a = b = 0 there, and
     silu(0) * 0 = 0: the gate's padded columns, which ``w3`` multiplies by its own zero columns."""
-    half = -(-hidden // 16) * 16
+    half = fp8._ceil(hidden)
     if half == hidden:
         return
 
